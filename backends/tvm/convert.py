@@ -1,0 +1,273 @@
+"""Conversion table: fx nodes the TVM importer lacks or gets wrong, as Relax.
+
+Each converter has the importer's custom-op signature ``conv(node, importer) -> relax.Expr``.
+The importer keys its table by ``node.target.__name__`` ("rms_norm.default"), so the same entry
+serves ``aten.rms_norm`` and ``fxopt.rms_norm``; both mean the same function.
+
+Numerics contract (why these exist at all, not only for missing ops):
+  * norms reduce in float32 whatever the input dtype (fp16 sums of squares overflow at 65504);
+  * GEMMs accumulate in float32 and round once to the input dtype, as cuBLAS does for torch;
+  * attention takes its softmax in float32, and never forms ``-inf - -inf``.
+With ``extern=True`` GEMMs and attention become ``call_dps_packed`` calls to functions that the
+runtime registers at load time (``runtime.register_torch_externs``); TVM generates everything else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from tvm import relax, tirx
+
+Converter = Callable[[Any, Any], relax.Expr]
+
+EXTERN_LINEAR = "fxopt.linear"        # (x2d, w[N,K], [bias]) -> x2d @ w.T + bias
+EXTERN_ADDMM = "fxopt.addmm"          # (bias, x2d, w[K,N]) -> bias + x2d @ w
+EXTERN_MATMUL = "fxopt.matmul"        # (a, b) -> a @ b (batched, broadcast)
+EXTERN_SDPA = "fxopt.sdpa"            # (q, k, v, [mask], scale, is_causal) -> attention
+
+
+def _emit(imp: Any, expr: relax.Expr) -> relax.Var:
+    return imp.block_builder.emit(expr)
+
+
+def _arg(node: Any, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _val(imp: Any, a: Any) -> Any:
+    return imp.env[a] if a is not None and hasattr(a, "op") else a
+
+
+def _dtype(e: relax.Expr) -> str:
+    return str(e.ty.dtype)
+
+
+def _cast(imp: Any, e: relax.Expr, dtype: str) -> relax.Expr:
+    return e if _dtype(e) == dtype else _emit(imp, relax.op.astype(e, dtype))
+
+
+def _promote(a: str, b: str) -> str:
+    order = ["bool", "int8", "int32", "int64", "bfloat16", "float16", "float32", "float64"]
+    if {a, b} == {"bfloat16", "float16"}:
+        return "float32"
+    return max(a, b, key=order.index)
+
+
+def _shape(e: relax.Expr) -> list[Any]:
+    return list(e.ty.shape.values)
+
+
+# ---- reductions and norms --------------------------------------------------------------------
+
+def amax(node: Any, imp: Any) -> relax.Expr:
+    x = imp.env[node.args[0]]
+    dims = _arg(node, 1, "dim", [])
+    keep = bool(_arg(node, 2, "keepdim", False))
+    axes = None if not dims else [int(d) for d in (dims if isinstance(dims, list | tuple) else [dims])]
+    return _emit(imp, relax.op.max(x, axes, keep))
+
+
+def cumsum(node: Any, imp: Any) -> relax.Expr:
+    """torch sums bool/int inputs in int64; Relax would keep bool (and LLVM cannot add bools)."""
+    x = imp.env[node.args[0]]
+    dim = int(_arg(node, 1, "dim"))
+    dtype = node.kwargs.get("dtype")
+    out = imp._convert_data_type(dtype) if dtype is not None else (
+        "int64" if _dtype(x) in ("bool", "int8", "int16", "int32", "uint8") else _dtype(x))
+    return _emit(imp, relax.op.cumsum(_cast(imp, x, out), axis=dim, dtype=out))
+
+
+def pow_scalar(node: Any, imp: Any) -> relax.Expr:
+    """x ** n for small integer n as products: CUDA fast-math pow is exp2(n*log2(x)), NaN for x < 0
+    (GPT-2's gelu_new computes pow(x, 3.0); this was the source of its fp16 NaN logits)."""
+    x, n = imp.env[node.args[0]], node.args[1]
+    if float(n) != int(n) or not 1 <= int(n) <= 4:
+        return _emit(imp, relax.op.power(x, relax.const(n, _dtype(x))))
+    y = x
+    for _ in range(int(n) - 1):
+        y = _emit(imp, relax.op.multiply(y, x))
+    return y
+
+
+def _rms(imp: Any, x: relax.Expr, nshape: list[int], weight: Any, eps: float) -> relax.Expr:
+    in_dtype = _dtype(x)
+    axes = list(range(-len(nshape), 0))
+    xf = _cast(imp, x, "float32")
+    ms = _emit(imp, relax.op.mean(relax.op.multiply(xf, xf), axes, keepdims=True))
+    inv = _emit(imp, relax.op.rsqrt(relax.op.add(ms, relax.const(eps, "float32"))))
+    y = _cast(imp, _emit(imp, relax.op.multiply(xf, inv)), in_dtype)
+    if weight is None:
+        return y
+    out = _promote(in_dtype, _dtype(weight))
+    return _emit(imp, relax.op.multiply(_cast(imp, weight, out), _cast(imp, y, out)))
+
+
+def _layer_norm(imp: Any, x: relax.Expr, nshape: list[int], w: Any, b: Any, eps: float) -> relax.Expr:
+    in_dtype = _dtype(x)
+    axes = list(range(-len(nshape), 0))
+    xf = _cast(imp, x, "float32")
+    gamma = _cast(imp, w, "float32") if w is not None else relax.const(1.0, "float32")
+    beta = _cast(imp, b, "float32") if b is not None else relax.const(0.0, "float32")
+    if w is None or b is None:  # relax layer_norm wants tensors of the normalized shape
+        full = [int(s) for s in nshape]
+        gamma = gamma if w is not None else relax.const(np.ones(full, "float32"))
+        beta = beta if b is not None else relax.const(np.zeros(full, "float32"))
+    y = _emit(imp, relax.op.nn.layer_norm(xf, gamma, beta, axes, eps))
+    return _cast(imp, y, in_dtype)
+
+
+def rms_norm(node: Any, imp: Any) -> relax.Expr:
+    x = imp.env[node.args[0]]
+    return _rms(imp, x, list(node.args[1]), _val(imp, _arg(node, 2, "weight")),
+                float(_arg(node, 3, "eps") or 1e-6))
+
+
+def add_rms_norm(node: Any, imp: Any) -> relax.Expr:
+    s = _emit(imp, relax.op.add(imp.env[node.args[0]], imp.env[node.args[1]]))
+    out = _rms(imp, s, list(node.args[2]), _val(imp, _arg(node, 3, "weight")), float(_arg(node, 4, "eps")))
+    return _emit(imp, relax.Tuple([out, s]))
+
+
+def layer_norm(node: Any, imp: Any) -> relax.Expr:
+    x = imp.env[node.args[0]]
+    return _layer_norm(imp, x, list(node.args[1]), _val(imp, _arg(node, 2, "weight")),
+                       _val(imp, _arg(node, 3, "bias")), float(_arg(node, 4, "eps", 1e-5)))
+
+
+def add_layer_norm(node: Any, imp: Any) -> relax.Expr:
+    s = _emit(imp, relax.op.add(imp.env[node.args[0]], imp.env[node.args[1]]))
+    out = _layer_norm(imp, s, list(node.args[2]), _val(imp, _arg(node, 3, "weight")),
+                      _val(imp, _arg(node, 4, "bias")), float(_arg(node, 5, "eps")))
+    return _emit(imp, relax.Tuple([out, s]))
+
+
+# ---- GEMMs -----------------------------------------------------------------------------------
+
+def _tvm_matmul(imp: Any, a: relax.Expr, b: relax.Expr, bias: Any = None) -> relax.Expr:
+    dtype = _dtype(a)
+    acc = "float32" if dtype in ("float16", "bfloat16") else dtype
+    y = _emit(imp, relax.op.matmul(a, b, out_dtype=acc))
+    if bias is not None:
+        y = _emit(imp, relax.op.add(y, _cast(imp, bias, acc)))
+    return _cast(imp, y, dtype)
+
+
+def _extern(imp: Any, name: str, args: list[relax.Expr], shape: list[Any], dtype: str) -> relax.Expr:
+    return _emit(imp, relax.op.call_dps_packed(name, relax.Tuple(args), relax.TensorType(shape, dtype)))
+
+
+def _flatten2d(imp: Any, x: relax.Expr) -> tuple[relax.Expr, list[Any]]:
+    shape = _shape(x)
+    if len(shape) == 2:
+        return x, shape
+    rows = shape[0]
+    for s in shape[1:-1]:
+        rows = rows * s
+    return _emit(imp, relax.op.reshape(x, [rows, shape[-1]])), shape
+
+
+def make_linear(extern: bool) -> Converter:
+    def linear(node: Any, imp: Any) -> relax.Expr:
+        x, w = imp.env[node.args[0]], imp.env[node.args[1]]
+        bias = _val(imp, _arg(node, 2, "bias"))
+        n = _shape(w)[0]
+        if not extern:
+            return _tvm_matmul(imp, x, _emit(imp, relax.op.permute_dims(w, [1, 0])), bias)
+        x2, shape = _flatten2d(imp, x)
+        args = [x2, w] + ([bias] if bias is not None else [])
+        y = _extern(imp, EXTERN_LINEAR, args, [_shape(x2)[0], n], _dtype(x))
+        return y if len(shape) == 2 else _emit(imp, relax.op.reshape(y, shape[:-1] + [n]))
+    return linear
+
+
+def make_addmm(extern: bool) -> Converter:
+    def addmm(node: Any, imp: Any) -> relax.Expr:
+        bias, x, w = (imp.env[a] for a in node.args[:3])
+        beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+        if beta != 1 or alpha != 1 or not extern:
+            y = _tvm_matmul(imp, x, w)
+            if alpha != 1:
+                y = _emit(imp, relax.op.multiply(y, relax.const(alpha, _dtype(y))))
+            b = bias if beta == 1 else _emit(imp, relax.op.multiply(bias, relax.const(beta, _dtype(bias))))
+            return _emit(imp, relax.op.add(y, b)) if beta != 0 else y
+        return _extern(imp, EXTERN_ADDMM, [bias, x, w], [_shape(x)[0], _shape(w)[1]], _dtype(x))
+    return addmm
+
+
+def make_matmul(extern: bool) -> Converter:
+    def matmul(node: Any, imp: Any) -> relax.Expr:
+        a, b = imp.env[node.args[0]], imp.env[node.args[1]]
+        if not extern or len(_shape(a)) < 2 or len(_shape(b)) < 2:
+            return _tvm_matmul(imp, a, b)
+        out = _emit(imp, relax.op.matmul(a, b))  # only to get the broadcast output shape
+        return _extern(imp, EXTERN_MATMUL, [a, b], _shape(out), _dtype(a))
+    return matmul
+
+
+# ---- attention -------------------------------------------------------------------------------
+
+def _tvm_sdpa(imp: Any, q: relax.Expr, k: relax.Expr, v: relax.Expr, mask: Any, causal: bool,
+              scale: float) -> relax.Expr:
+    dtype = _dtype(q)
+    hq, hk = _shape(q)[-3], _shape(k)[-3]
+    if isinstance(hq, int) and isinstance(hk, int) and hq != hk:  # GQA: repeat kv heads
+        k = _emit(imp, relax.op.repeat(k, hq // hk, axis=-3))
+        v = _emit(imp, relax.op.repeat(v, hq // hk, axis=-3))
+    qf, kf = _cast(imp, q, "float32"), _cast(imp, k, "float32")
+    kt = _emit(imp, relax.op.permute_dims(kf, list(range(len(_shape(k)) - 2)) + [-1, -2]))
+    s = _emit(imp, relax.op.multiply(relax.op.matmul(qf, kt), relax.const(scale, "float32")))
+    lq, lk = _shape(q)[-2], _shape(k)[-2]
+    neg = relax.const(-1e30, "float32")  # finite: a fully masked row softmaxes to uniform, not NaN
+    if causal:
+        ones = _emit(imp, relax.op.ones(relax.ShapeExpr([lq, lk]), "bool"))
+        s = _emit(imp, relax.op.where(relax.op.tril(ones, 0), s, neg))
+    if mask is not None:
+        if _dtype(mask) == "bool":
+            s = _emit(imp, relax.op.where(mask, s, neg))
+        else:
+            s = _emit(imp, relax.op.add(s, _cast(imp, mask, "float32")))
+    p = _emit(imp, relax.op.nn.softmax(s, axis=-1))
+    o = _emit(imp, relax.op.matmul(p, _cast(imp, v, "float32")))
+    return _cast(imp, o, dtype)
+
+
+def make_sdpa(extern: bool) -> Converter:
+    def sdpa(node: Any, imp: Any) -> relax.Expr:
+        q, k, v = (imp.env[a] for a in node.args[:3])
+        mask = _val(imp, _arg(node, 3, "attn_mask"))
+        if _arg(node, 4, "dropout_p", 0.0):
+            raise ValueError("scaled_dot_product_attention with dropout_p > 0 is training-only")
+        causal = bool(_arg(node, 5, "is_causal", False))
+        scale = _arg(node, 6, "scale")
+        scale = float(scale) if scale is not None else 1.0 / math.sqrt(int(_shape(q)[-1]))
+        if not extern:
+            return _tvm_sdpa(imp, q, k, v, mask, causal, scale)
+        args = [q, k, v] + ([mask] if mask is not None else [])
+        args += [relax.PrimValue(tirx.FloatImm("float64", scale)), relax.PrimValue(int(causal))]
+        out_shape = _shape(q)[:-1] + [_shape(v)[-1]]
+        return _extern(imp, EXTERN_SDPA, args, out_shape, _dtype(q))
+    return sdpa
+
+
+def conversion_table(extern: bool = False) -> dict[str, Converter]:
+    """The table passed to ``from_exported_program(custom_convert_map=...)``."""
+    return {
+        "amax.default": amax,
+        "cumsum.default": cumsum,
+        "pow.Tensor_Scalar": pow_scalar,
+        "rms_norm.default": rms_norm,
+        "add_rms_norm.default": add_rms_norm,
+        "layer_norm.default": layer_norm,
+        "add_layer_norm.default": add_layer_norm,
+        "linear.default": make_linear(extern),
+        "addmm.default": make_addmm(extern),
+        "mm.default": make_matmul(extern),
+        "bmm.default": make_matmul(extern),
+        "matmul.default": make_matmul(extern),
+        "scaled_dot_product_attention.default": make_sdpa(extern),
+    }

@@ -1,0 +1,118 @@
+"""torch.export graph -> Relax IRModule, with parameters kept as function inputs.
+
+The ExportedProgram is decomposed to core ATen *except* for the ops that ``convert.py`` lowers
+whole (linear, layer_norm, scaled_dot_product_attention, fxopt's fused norms): keeping them whole
+lets the CUDA build hand GEMMs and attention to a library and keeps norm numerics in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from .convert import conversion_table
+
+log = logging.getLogger(__name__)
+
+_KEEP_WHOLE = (
+    "aten.linear.default",
+    "aten.layer_norm.default",
+    "aten.rms_norm.default",
+    "aten.scaled_dot_product_attention.default",
+    "aten.matmul.default",
+)
+
+
+class UnsupportedOpError(NotImplementedError):
+    """The graph holds nodes that the TVM backend cannot lower; ``.nodes`` lists them."""
+
+    def __init__(self, nodes: list[str]) -> None:
+        self.nodes = nodes
+        super().__init__("TVM backend cannot lower: " + ", ".join(nodes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowered:
+    """A Relax module plus what the runtime needs to call it with torch inputs."""
+
+    mod: Any                         # tvm.IRModule; main(*user_inputs, *params)
+    input_names: list[str]           # user tensor inputs, in flat pytree order
+    input_positions: list[int]       # their positions in the flat (args, kwargs) leaves
+    param_names: list[str]           # state_dict keys, in the order main takes them
+    params: dict[str, torch.Tensor]
+    in_spec: Any                     # pytree spec of (args, kwargs)
+    out_spec: Any                    # pytree spec of the model's output
+
+
+def decompose(ep: ExportedProgram) -> ExportedProgram:
+    """Core-ATen decomposition that leaves the ops of ``_KEEP_WHOLE`` intact."""
+    table = torch.export.default_decompositions()
+    for name in _KEEP_WHOLE:
+        ns, op, overload = name.split(".")
+        table.pop(getattr(getattr(getattr(torch.ops, ns), op), overload), None)
+    return ep.run_decompositions(table)
+
+
+def _importer() -> Any:
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    return ExportedProgramImporter()
+
+
+def unsupported_nodes(ep: ExportedProgram, *, decomposed: bool = False) -> list[str]:
+    """Names (``node: target``) of call_function nodes with no conversion, in graph order."""
+    ep = ep if decomposed else decompose(ep)
+    known = set(_importer().convert_map) | set(conversion_table())
+    return [f"{n.name}: {n.target}" for n in ep.graph.nodes
+            if n.op == "call_function" and getattr(n.target, "__name__", str(n.target)) not in known]
+
+
+def _drop_constant_inputs(ep: ExportedProgram) -> tuple[ExportedProgram, list[int], list[str]]:
+    """Positions/names of user inputs that are tensors; non-tensor inputs (use_cache=False) were
+    specialized by torch.export and only need removing from the placeholder list."""
+    positions, names = [], []
+    user = [s for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    gm = ep.graph_module
+    kept = []
+    for i, spec in enumerate(user):
+        node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == spec.arg.name)
+        if isinstance(node.meta.get("val"), torch.Tensor):
+            positions.append(i)
+            names.append(spec.arg.name)
+            kept.append(spec)
+        elif not node.users:
+            gm.graph.erase_node(node)
+        else:
+            raise UnsupportedOpError([f"{node.name}: non-tensor input used in the graph"])
+    specs = [s for s in ep.graph_signature.input_specs if s.kind != InputKind.USER_INPUT or s in kept]
+    ep.graph_signature.input_specs[:] = specs
+    gm.recompile()
+    return ep, positions, names
+
+
+def to_relax(ep: ExportedProgram, *, extern: bool = False) -> Lowered:
+    """Decompose, check and import ``ep``. ``extern`` routes GEMMs and attention to
+    runtime-registered packed functions (``convert.EXTERN_*``)."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    in_spec, out_spec = ep.call_spec.in_spec, ep.call_spec.out_spec
+    ep = decompose(ep)
+    missing = unsupported_nodes(ep, decomposed=True)
+    if missing:
+        raise UnsupportedOpError(missing)
+    ep, positions, names = _drop_constant_inputs(ep)
+    mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
+                                custom_convert_map=conversion_table(extern))
+    mod["main"] = mod["main"].without_attr("params")  # the weights live in our params file
+    by_arg = {s.arg.name: s.target for s in ep.graph_signature.input_specs if s.kind == InputKind.PARAMETER}
+    num_input = int(mod["main"].attrs["num_input"])
+    param_names = [by_arg[p.name] for p in mod["main"].params[num_input:]]
+    state = ep.state_dict
+    log.info("imported %d user inputs, %d params", num_input, len(param_names))
+    return Lowered(mod, names, positions, param_names, {k: state[k] for k in param_names},
+                   in_spec, out_spec)

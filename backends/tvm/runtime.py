@@ -1,0 +1,142 @@
+"""Run a compiled fxopt TVM module: needs only the TVM *runtime* (and torch, for torch I/O and the
+library GEMM/attention functions). This file is copied into every exported artifact as
+``loader.py`` and must not import fxopt or the TVM compiler.
+
+    import loader                                  # from the artifact directory
+    run = loader.load(".", device="cuda")           # or params={name: tensor} to supply weights
+    logits = run(input_ids)                         # torch tensors in, torch tensors out
+
+Library functions (``fxopt.linear`` ...) are registered with the TVM runtime at load time; each
+receives TVM tensors, views them as torch tensors through DLPack (no copy) and writes its result
+into the output buffer the VM allocated, so GEMMs run in cuBLAS and attention in torch's fused
+(flash / memory-efficient) kernels, on the stream TVM is launching on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MANIFEST, LIBRARY, PARAMS = "manifest.json", "model.so", "params.bin"
+
+
+def import_tvm_runtime(cuda: bool) -> Any:
+    """Import tvm, runtime-only when the compiler is not already loaded, plus the CUDA module."""
+    if "tvm" not in sys.modules:
+        os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+    import tvm
+    import tvm.runtime.vm  # noqa: F401  (not imported by tvm in runtime-only mode)
+    import tvm_ffi
+
+    if cuda and tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
+        from tvm.base import _LOADED_LIBS
+        from tvm_ffi.libinfo import load_lib_ctypes
+
+        libdir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[libdir], mode="RTLD_LOCAL")
+    return tvm
+
+
+def register_torch_externs() -> None:
+    """Register the ``fxopt.*`` packed functions that ``convert.py`` emits with ``extern=True``."""
+    import torch
+    import torch.nn.functional as F
+    import tvm_ffi
+
+    T = torch.from_dlpack
+
+    def linear(x: Any, w: Any, *rest: Any) -> None:
+        out = T(rest[-1])
+        if len(rest) == 2:
+            torch.addmm(T(rest[0]), T(x), T(w).t(), out=out)
+        else:
+            torch.mm(T(x), T(w).t(), out=out)
+
+    def addmm(bias: Any, x: Any, w: Any, out: Any) -> None:
+        torch.addmm(T(bias), T(x), T(w), out=T(out))
+
+    def matmul(a: Any, b: Any, out: Any) -> None:
+        torch.matmul(T(a), T(b), out=T(out))
+
+    def sdpa(q: Any, k: Any, v: Any, *rest: Any) -> None:
+        mask = T(rest[0]) if len(rest) == 4 else None
+        scale, causal, out = rest[-3], bool(rest[-2]), T(rest[-1])
+        q, k, v = T(q), T(k), T(v)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                           enable_gqa=q.shape[-3] != k.shape[-3])
+        out.copy_(o)
+
+    for name, fn in {"linear": linear, "addmm": addmm, "matmul": matmul, "sdpa": sdpa}.items():
+        tvm_ffi.register_global_func(f"fxopt.{name}", fn, override=True)
+
+
+class Module:
+    """A loaded VM callable with the model's (args, kwargs) and returning its output structure."""
+
+    def __init__(self, tvm: Any, library: Any, device: str, params: list[Any], manifest: dict[str, Any],
+                 out_spec: Any = None) -> None:
+        self.tvm, self.device, self.manifest = tvm, device, manifest
+        self.dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+        self.vm = tvm.runtime.vm.VirtualMachine(library, self.dev)
+        self.main = self.vm["main"]
+        self.params = params
+        self.out_spec = out_spec
+        self.positions: list[int] = manifest["input_positions"]
+
+    def _flat_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        from torch.utils._pytree import tree_flatten
+
+        keys = self.manifest.get("kwarg_keys") or []
+        if kwargs:  # torch.export flattens kwargs in the order they had at export
+            kwargs = {k: kwargs[k] for k in keys if k in kwargs} | {k: kwargs[k] for k in kwargs if k not in keys}
+        leaves, _ = tree_flatten((tuple(args), dict(kwargs)))
+        return [leaves[i] for i in self.positions]
+
+    def run_flat(self, inputs: list[Any]) -> list[Any]:
+        import torch
+
+        tv = [self.tvm.runtime.from_dlpack(t.contiguous()) for t in inputs]
+        out = self.main(*tv, *self.params)
+        outs = list(out) if not hasattr(out, "__dlpack__") else [out]
+        return [torch.from_dlpack(o) for o in outs]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat = self.run_flat(self._flat_inputs(args, kwargs))
+        if self.out_spec is None:
+            return flat[0] if len(flat) == 1 else tuple(flat)
+        from torch.utils._pytree import tree_unflatten
+
+        return tree_unflatten(flat, self.out_spec)
+
+
+def load(path: str | Path = ".", device: str | None = None, params: dict[str, Any] | None = None) -> Module:
+    """Load an artifact directory written by ``fxopt.export_tvm``. ``params`` (name -> tensor)
+    replaces the stored weights, e.g. with a torch model's state_dict on the target device."""
+    path = Path(path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    device = device or manifest["device"]
+    tvm = import_tvm_runtime(device == "cuda")
+    if manifest.get("extern"):
+        register_torch_externs()
+    library = tvm.runtime.load_module(str(path / LIBRARY))
+    dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+    if params is None:
+        stored = tvm.runtime.load_param_dict_from_file(str(path / PARAMS))
+        plist = [tvm.runtime.tensor(stored[n].numpy(), dev) for n in manifest["param_names"]]
+    else:
+        plist = [tvm.runtime.from_dlpack(params[n].detach().contiguous()) for n in manifest["param_names"]]
+    out_spec = None
+    try:
+        from torch.utils._pytree import treespec_loads
+
+        out_spec = treespec_loads(manifest["out_spec"]) if manifest.get("out_spec") else None
+    except Exception as err:  # the output type may not be importable here: return a flat tuple
+        log.warning("output structure not restored (%s); returning flat outputs", err)
+    return Module(tvm, library, device, plist, manifest, out_spec)

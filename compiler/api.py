@@ -1,0 +1,110 @@
+"""Public entry points: optimize, export_onnx, export_tvm, compile."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import fx, nn
+
+from .capture import capture, export_graph_module
+from .errors import MissingInputsError, PassOptionError
+from .pass_base import Pass, PassContext
+from .pipeline import run_pipeline
+from .report import Report
+
+log = logging.getLogger(__name__)
+
+
+class OptimizedModule(nn.Module):
+    """Runs like the original model (same signature, same output structure), on the optimized graph."""
+
+    def __init__(self, graph_module: fx.GraphModule, report: Report, example_args: tuple,
+                 example_kwargs: dict, dynamic_shapes: dict | None):
+        super().__init__()
+        self.graph_module = graph_module
+        self.report = report
+        self.example_inputs = example_args
+        self.example_kwargs = example_kwargs
+        self.dynamic_shapes = dynamic_shapes
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.graph_module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "OptimizedModule":
+        if mode:
+            raise RuntimeError("an fxopt OptimizedModule is an inference graph; it has no training mode")
+        self.training = False
+        return self
+
+    def exported_program(self) -> torch.export.ExportedProgram:
+        """The optimized graph re-exported (for backends), with the capture's dynamic batch/seq dims."""
+        return export_graph_module(self.graph_module, self.example_inputs, self.example_kwargs,
+                                   self.dynamic_shapes)
+
+
+def optimize(model: nn.Module, example_inputs: Any = None, passes: Sequence[str | Pass] = (), *,
+             example_kwargs: Mapping[str, Any] | None = None, calibration: Iterable | None = None,
+             check_numerics: bool = True) -> OptimizedModule:
+    """Capture `model` on the example inputs, run `passes` in order, and return the optimized module.
+
+    After every pass the graph is verified and its outputs are compared with the graph before it on the
+    example inputs, using that pass's declared tolerance; the report records every step.
+    """
+    from fxopt import passes as registry
+
+    if example_inputs is None and not example_kwargs:
+        raise MissingInputsError("fxopt.optimize needs example inputs: example_inputs=(tensor, ...) "
+                                 "and/or example_kwargs={...}")
+    args = example_inputs if isinstance(example_inputs, tuple) else (
+        () if example_inputs is None else tuple(example_inputs) if isinstance(example_inputs, list)
+        else (example_inputs,))
+    kwargs = dict(example_kwargs or {})
+    if isinstance(passes, (str, Pass)):
+        passes = [passes]
+    resolved = [registry.get(p) if isinstance(p, str) else p for p in passes]
+    for p in resolved:
+        if not isinstance(p, Pass):
+            raise PassOptionError("optimize", "passes", f"must hold pass names or Pass instances, got {p!r}")
+    calib = list(calibration) if calibration is not None else None
+    ctx = PassContext(args, kwargs, calib)
+    from .pipeline import check_requirements
+
+    check_requirements(resolved, ctx)  # refuse before the (slow) capture
+    gm, info, dynamic_shapes = capture(model, args, kwargs)
+    gm, pass_reports = run_pipeline(gm, resolved, ctx, check_numerics=check_numerics)
+    report = Report(info, pass_reports)
+    log.info("fxopt report\n%s", report)
+    return OptimizedModule(gm, report, args, kwargs, dynamic_shapes)
+
+
+def export_onnx(opt: OptimizedModule, path: str | Path, **options: Any) -> Path:
+    from fxopt.backends import onnxruntime as ort_backend
+
+    return ort_backend.export(opt, path, **options)
+
+
+def export_tvm(opt: OptimizedModule, path: str | Path, target: str = "cpu", **options: Any) -> Path:
+    from fxopt.backends import tvm as tvm_backend
+
+    return tvm_backend.export(opt, path, target=target, **options)
+
+
+_BACKENDS = ("onnxruntime", "tvm")
+
+
+def compile(opt: OptimizedModule, backend: str = "onnxruntime", target: str = "cpu", **options: Any):  # noqa: A001
+    """A callable running `opt` on `backend` for `target`, taking and returning torch tensors."""
+    if backend not in _BACKENDS:
+        raise PassOptionError("compile", "backend", f"must be one of {_BACKENDS}, got {backend!r}")
+    if target not in ("cpu", "cuda"):
+        raise PassOptionError("compile", "target", f"must be 'cpu' or 'cuda', got {target!r}")
+    if backend == "onnxruntime":
+        from fxopt.backends import onnxruntime as ort_backend
+
+        return ort_backend.compile(opt, target=target, **options)
+    from fxopt.backends import tvm as tvm_backend
+
+    return tvm_backend.compile(opt, target=target, **options)

@@ -1,0 +1,222 @@
+"""Canonical forms, so that patterns name one spelling of each computation.
+
+Every rule is exact or exact up to float rounding, and local:
+
+    to(x, x.dtype)                         => x                      (no-op cast)
+    dropout(x, p, train=False)             => x
+    f(a..) , f(a..)                        => one node                (CSE of pure ops)
+    square(x), mul(x, x)                   => pow(x, 2)
+    pow(v, 0.5)                            => sqrt(v)
+    pow(v, -0.5), reciprocal(sqrt(v))      => rsqrt(v)
+    div(a, sqrt(v))                        => mul(a, rsqrt(v))
+    div(sum(x, dims, k), N), N = |dims|    => mean(x, dims, k)
+    mul(a, reciprocal(b))                  => div(a, b)
+    mul(mul(k, a), b), k a constant        => mul(mul(a, b), k)      (constant factors applied last)
+    _assert_tensor_metadata(x, ...)        => (dropped: node.meta["val"] already records the dtype)
+    var(x, dims, correction=0, keepdim)    => mean(pow(x - mean(x, dims, True), 2), dims, keepdim)
+    var_mean(x, dims, correction=0, k)     => (that variance, mean(x, dims, k))
+    std(x, dims, correction=0, keepdim)    => sqrt(that variance)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import fx
+
+from .pattern import CAST_TARGETS, node_args
+from .rewrite import Rewriter, is_impure
+
+aten = torch.ops.aten
+Rule = Callable[[fx.Node, Rewriter], bool]
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+def drop_noop_cast(n: fx.Node, rw: Rewriter) -> bool:
+    if n.target not in CAST_TARGETS:
+        return False
+    src, out = _val(n.args[0]), _val(n)
+    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)):
+        return False
+    if src.dtype != out.dtype or src.device != out.device or n.kwargs.get("memory_format") is not None:
+        return False
+    rw.replace(n, n.args[0], "drop_noop_cast")
+    return True
+
+
+def drop_eval_dropout(n: fx.Node, rw: Rewriter) -> bool:
+    if n.target in (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default):
+        x, p, train = node_args(n)[:3]
+        if not train or p == 0:
+            rw.replace(n, x, "drop_eval_dropout")
+            return True
+    return False
+
+
+def pow_forms(n: fx.Node, rw: Rewriter) -> bool:
+    t, a = n.target, n.args
+    if t == aten.square.default or (t == aten.mul.Tensor and a[0] is a[1] and isinstance(a[0], fx.Node)):
+        rw.replace(n, rw.call(aten.pow.Tensor_Scalar, (a[0], 2.0), before=n, like=n), "square_to_pow")
+        return True
+    if t == aten.pow.Tensor_Scalar and a[1] in (0.5, -0.5):
+        op = aten.sqrt.default if a[1] == 0.5 else aten.rsqrt.default
+        rw.replace(n, rw.call(op, (a[0],), before=n, like=n), "pow_to_root")
+        return True
+    if t == aten.reciprocal.default and _is(a[0], aten.sqrt.default):
+        rw.replace(n, rw.call(aten.rsqrt.default, (a[0].args[0],), before=n, like=n), "reciprocal_sqrt")
+        return True
+    if t == aten.div.Tensor and _is(a[1], aten.sqrt.default) and not n.kwargs:
+        inv = rw.call(aten.rsqrt.default, (a[1].args[0],), before=n, like=a[1])
+        rw.replace(n, rw.call(aten.mul.Tensor, (a[0], inv), before=n, like=n), "div_sqrt_to_mul_rsqrt")
+        return True
+    return False
+
+
+def sum_div_to_mean(n: fx.Node, rw: Rewriter) -> bool:
+    if n.target != aten.div.Tensor or n.kwargs or not _is(n.args[0], aten.sum.dim_IntList):
+        return False
+    total, count = n.args
+    x, dims, keepdim = node_args(total)[:3]
+    shape = _val(x).shape if isinstance(_val(x), torch.Tensor) else None
+    if shape is None or not dims or not isinstance(count, (int, float)):
+        return False
+    try:
+        size = math.prod(int(shape[d]) for d in dims)
+    except (TypeError, ValueError):  # a dynamic reduced dim: the count is not a constant
+        return False
+    if size != count or total.kwargs.get("dtype") is not None:
+        return False
+    rw.replace(n, rw.call(aten.mean.dim, (x, list(dims), keepdim), before=n, like=n), "sum_div_to_mean")
+    return True
+
+
+def population_moments(n: fx.Node, rw: Rewriter) -> bool:
+    if n.target not in (aten.var.correction, aten.var_mean.correction, aten.std.correction):
+        return False
+    x, dims = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    correction, keepdim = n.kwargs.get("correction", 1), n.kwargs.get("keepdim", False)
+    if correction not in (0, 0.0) or dims is None:
+        return False  # the unbiased estimator is a different function; left for passes to report
+    dims = list(dims)
+    mean_k = rw.call(aten.mean.dim, (x, dims, True), before=n, like=n)
+    centered = rw.call(aten.sub.Tensor, (x, mean_k), before=n, like=n)
+    sq = rw.call(aten.pow.Tensor_Scalar, (centered, 2.0), before=n, like=n)
+    var = rw.call(aten.mean.dim, (sq, dims, keepdim), before=n, like=n)
+    if n.target == aten.var.correction:
+        rw.replace(n, var, "population_var")
+    elif n.target == aten.std.correction:
+        rw.replace(n, rw.call(aten.sqrt.default, (var,), before=n, like=n), "population_std")
+    else:
+        mean = mean_k if keepdim else rw.call(aten.mean.dim, (x, dims, False), before=n, like=n)
+        for user in list(n.users):
+            if user.target.__name__ == "getitem":
+                rw.replace(user, (var, mean)[user.args[1]])
+        rw.counts["population_var_mean"] += 1
+    return True
+
+
+_NOT_CSE = ("rand", "dropout", "bernoulli", "normal", "empty", "uniform", "multinomial", "assert", "sym_")
+
+
+def cse(graph: fx.Graph, rw: Rewriter) -> None:
+    seen: dict = {}
+    for n in list(graph.nodes):
+        if n.op != "call_function":
+            continue
+        if not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        schema = n.target._schema
+        if schema.is_mutable or any(w in schema.name for w in _NOT_CSE):
+            continue
+        try:
+            key = (n.target, _key(n.args), _key(n.kwargs))
+            hash(key)
+        except TypeError:
+            continue
+        if key in seen:
+            rw.replace(n, seen[key], "cse")
+        else:
+            seen[key] = n
+
+
+def _key(a):
+    if isinstance(a, (list, tuple)):
+        return tuple(_key(x) for x in a)
+    if isinstance(a, dict):
+        return tuple(sorted((k, _key(v)) for k, v in a.items()))
+    if isinstance(a, torch.Tensor):
+        raise TypeError
+    return a
+
+
+def _is(a, target) -> bool:
+    return isinstance(a, fx.Node) and a.op == "call_function" and a.target == target
+
+
+DEFAULT_RULES: tuple[Rule, ...] = (drop_noop_cast, drop_eval_dropout, population_moments, pow_forms,
+                                   sum_div_to_mean)
+
+
+def canonicalize(rw: Rewriter, rules: tuple[Rule, ...] | None = None, max_rounds: int = 8) -> None:
+    """Apply `rules` to a fixed point (at most `max_rounds` sweeps), with CSE between sweeps."""
+    graph, rules = rw.graph, DEFAULT_RULES if rules is None else rules
+    for _ in range(max_rounds):
+        before = sum(rw.counts.values())
+        cse(graph, rw)
+        for n in list(graph.nodes):
+            if n.op == "call_function" and (n.users or n.target == aten._assert_tensor_metadata.default):
+                for rule in rules:
+                    if rule(n, rw):
+                        break
+        graph.eliminate_dead_code(is_impure_node=is_impure)
+        if sum(rw.counts.values()) == before:
+            return
+    raise RuntimeError(f"canonicalization did not reach a fixed point in {max_rounds} sweeps")
+
+
+def mul_reciprocal_to_div(n: fx.Node, rw: Rewriter) -> bool:
+    """mul(a, reciprocal(b)) => div(a, b)"""
+    if n.target != aten.mul.Tensor:
+        return False
+    for a, b in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
+        if _is(b, aten.reciprocal.default) and not _is(b.args[0], aten.sqrt.default):
+            rw.replace(n, rw.call(aten.div.Tensor, (a, b.args[0]), before=n, like=n), "mul_reciprocal_to_div")
+            return True
+    return False
+
+
+def is_constant(n) -> bool:
+    return isinstance(n, fx.Node) and (n.op == "get_attr" or (n.target in CAST_TARGETS and is_constant(n.args[0])))
+
+
+def constants_last(n: fx.Node, rw: Rewriter) -> bool:
+    if n.target != aten.mul.Tensor or n.kwargs:
+        return False
+    for inner, other in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
+        if not (_is(inner, aten.mul.Tensor) and len(inner.users) == 1 and isinstance(other, fx.Node)
+                and not is_constant(other)):
+            continue
+        k, a = inner.args[:2]
+        if not is_constant(k):
+            k, a = a, k
+        if is_constant(k) and isinstance(a, fx.Node) and not is_constant(a):
+            prod = rw.call(aten.mul.Tensor, (a, other), before=n, like=n)
+            rw.replace(n, rw.call(aten.mul.Tensor, (prod, k), before=n, like=n), "constants_last")
+            return True
+    return False
+
+
+def drop_metadata_assert(n: fx.Node, rw: Rewriter) -> bool:
+    if n.target == aten._assert_tensor_metadata.default:
+        rw.graph.erase_node(n)
+        rw.counts["drop_metadata_assert"] += 1
+        return True
+    return False
+
+
+DEFAULT_RULES = (drop_metadata_assert,) + DEFAULT_RULES + (mul_reciprocal_to_div, constants_last)

@@ -1,0 +1,132 @@
+"""Capture: nn.Module + example inputs -> an ATen-level torch.fx.GraphModule with shape metadata.
+
+Tried in order, each failure recorded for the error message:
+  1. torch.export (non-strict) with batch and sequence dims (dims 0 and 1 of every input tensor) marked
+     `Dim.AUTO`: dynamic unless the model forces them static;
+  2. torch.export (non-strict), all dims static;
+  3. torch.fx.symbolic_trace, then torch.export of the traced module (for modules export cannot take).
+The result is `ExportedProgram.module()`: parameters are get_attr nodes, the forward has the model's own
+signature and returns the model's own output structure (ModelOutput, tuple, dict).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from .errors import CaptureError, MissingInputsError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptureInfo:
+    method: str
+    seconds: float = 0.0
+    dynamic_dims: dict[str, list[int]] = field(default_factory=dict)
+    static_dims: dict[str, list[int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    failed_attempts: list[tuple[str, str]] = field(default_factory=list)
+
+
+def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
+    """Dim.AUTO on dims 0 and 1 of every tensor input, keyed the way torch.export expects."""
+    def spec(value: Any) -> Any:
+        return pytree.tree_map(
+            lambda v: {d: Dim.AUTO for d in range(min(v.dim(), 2))} if isinstance(v, torch.Tensor) else None,
+            value)
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None
+    shapes: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = inspect.signature(model.forward).parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            shapes.update({k: spec(v) for k, v in value.items()})
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple(spec(v) for v in value)
+        else:
+            shapes[name] = spec(value)
+    return shapes
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, CaptureInfo, dict | None]:
+    import time
+
+    if not isinstance(model, nn.Module):
+        raise CaptureError(type(model).__name__, [("type check", "fxopt.optimize takes a torch.nn.Module")])
+    if not args and not kwargs:
+        raise MissingInputsError(
+            "example inputs are required: pass example_inputs=(tensor, ...) and/or example_kwargs={...}")
+    name = type(model).__name__
+    modes = {m: m.training for m in model.modules()}
+    attempts: list[tuple[str, str]] = []
+    start = time.perf_counter()
+    try:
+        model.eval()  # inference capture; the flags are restored below
+        dyn = dynamic_shapes_for(model, args, kwargs)
+        tries = [("torch.export(strict=False, dynamic batch/seq)", lambda: _export(model, args, kwargs, dyn)),
+                 ("torch.export(strict=False, static shapes)", lambda: _export(model, args, kwargs, None)),
+                 ("torch.fx.symbolic_trace + torch.export", lambda: _export_traced(model, args, kwargs))]
+        if dyn is None:
+            attempts.append(("dynamic shapes", "could not bind the example inputs to forward's signature"))
+            tries = tries[1:]
+        for how, fn in tries:
+            try:
+                ep = fn()
+            except Exception as e:  # noqa: BLE001 - every failure is reported
+                log.debug("capture attempt %s failed", how, exc_info=True)
+                attempts.append((how, _first_line(e)))
+                continue
+            info = CaptureInfo(method=how, failed_attempts=attempts)
+            gm = ep.module()
+            _describe_dims(gm, info, dynamic_requested="dynamic" in how)
+            info.seconds = time.perf_counter() - start
+            return gm, info, dyn if "dynamic" in how else None
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    raise CaptureError(name, attempts)
+
+
+def _export(model, args, kwargs, dynamic_shapes):
+    return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def _export_traced(model, args, kwargs):
+    traced = torch.fx.symbolic_trace(model)
+    return torch.export.export(traced, args, kwargs, strict=False)
+
+
+def _describe_dims(gm: fx.GraphModule, info: CaptureInfo, dynamic_requested: bool) -> None:
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        dyn = [d for d, s in enumerate(val.shape) if isinstance(s, torch.SymInt)]
+        static = [d for d in range(min(val.dim(), 2)) if d not in dyn]
+        info.dynamic_dims[node.name] = dyn
+        if static:
+            info.static_dims[node.name] = static
+            why = ("the model forces them or their example size is 0 or 1" if dynamic_requested
+                   else "dynamic capture failed")
+            info.notes.append(f"input {node.name!r}: dims {static} are static ({why})")
+
+
+def export_graph_module(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic_shapes: dict | None):
+    """Re-export an optimized graph (for the backends), with the capture's dynamic dims."""
+    return torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)

@@ -1,0 +1,69 @@
+"""Typed errors. Every message names the node, pass or option at fault."""
+
+from __future__ import annotations
+
+
+class FxoptError(Exception):
+    """Base class of every error fxopt raises on purpose."""
+
+
+class CaptureError(FxoptError):
+    """The model could not be captured as a graph; lists each method tried and why it failed."""
+
+    def __init__(self, model_name: str, attempts: list[tuple[str, str]]):
+        self.attempts = attempts
+        lines = [f"could not capture {model_name} as a torch.fx graph; tried:"]
+        lines += [f"  - {how}: {why}" for how, why in attempts]
+        super().__init__("\n".join(lines))
+
+
+class MissingInputsError(FxoptError, ValueError):
+    """Example inputs are required (capture, shape propagation and numerics checks run on them)."""
+
+
+class UnknownPassError(FxoptError, KeyError):
+    def __init__(self, name: str, known: list[str]):
+        self.name, self.known = name, known
+        super().__init__(f"unknown pass {name!r}; known passes: {', '.join(sorted(known))}")
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return self.args[0]
+
+
+class PassOptionError(FxoptError, ValueError):
+    def __init__(self, pass_name: str, option: str, problem: str):
+        self.pass_name, self.option = pass_name, option
+        super().__init__(f"pass {pass_name!r}: option {option!r} {problem}")
+
+
+class RequirementError(FxoptError):
+    """A pass requires something (calibration data, example inputs) that the pipeline cannot provide."""
+
+
+class PassError(FxoptError):
+    """A pass raised; names the pass and those that ran before it."""
+
+    def __init__(self, pass_name: str, before: list[str], cause: BaseException):
+        self.pass_name, self.before = pass_name, before
+        ran = ", ".join(before) if before else "none"
+        super().__init__(f"pass {pass_name!r} failed (passes run before it: {ran}): "
+                         f"{type(cause).__name__}: {cause}")
+
+
+class VerificationError(FxoptError):
+    """The graph after a pass is malformed (lint, missing or changed shape/dtype metadata)."""
+
+
+class NumericsError(FxoptError):
+    """A pass broke its declared numerical contract on the example inputs."""
+
+
+class UnsupportedOpError(FxoptError):
+    """A backend has no translation for some nodes; lists every one of them."""
+
+    def __init__(self, backend: str, nodes: list[str], origin: dict[str, str] | None = None):
+        self.backend, self.nodes = backend, nodes
+        origin = origin or {}
+        listed = "\n".join(f"  - {n}" + (f" (introduced by pass {origin[n]!r})" if n in origin else "")
+                           for n in nodes)
+        super().__init__(f"{backend}: {len(nodes)} node(s) have no translation:\n{listed}")

@@ -1,0 +1,68 @@
+"""Numerics: compare a graph's outputs with those of the graph before a pass, by the pass's own tolerance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .pass_base import Tolerance
+
+
+@dataclass(frozen=True)
+class Numerics:
+    max_abs: float
+    max_rel: float  # max_abs / max|before|
+    cosine: float  # worst over outputs
+    bound: float  # the worst allowed max_abs (atol + rtol * max|before|) of the worst output
+    nonfinite_before: int  # positions excluded because the graph before the pass was inf/NaN there
+    ok: bool
+    detail: str = ""
+
+
+def run_graph(gm: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    with torch.no_grad():
+        return gm(*args, **kwargs)
+
+
+def compare(before: Any, after: Any, tol: Tolerance) -> Numerics:
+    leaves_b, spec_b = pytree.tree_flatten(before)
+    leaves_a, spec_a = pytree.tree_flatten(after)
+    if spec_b != spec_a:
+        return Numerics(float("inf"), float("inf"), -1.0, 0.0, 0, False, "output structure changed")
+    worst_abs, worst_rel, worst_cos, worst_bound, excluded, failures = 0.0, 0.0, 1.0, 0.0, 0, []
+    for i, (b, a) in enumerate(zip(leaves_b, leaves_a)):
+        if not isinstance(b, torch.Tensor):
+            if b != a:
+                failures.append(f"output {i}: {a!r} != {b!r}")
+            continue
+        if a.shape != b.shape or a.dtype != b.dtype:
+            failures.append(f"output {i}: {tuple(a.shape)}/{a.dtype} != {tuple(b.shape)}/{b.dtype}")
+            continue
+        if not b.is_floating_point():
+            if not torch.equal(a, b):
+                failures.append(f"output {i}: integer output differs")
+            continue
+        finite = torch.isfinite(b)
+        excluded += int((~finite).sum())
+        b64, a64 = b.double()[finite], a.double()[finite]
+        if b64.numel() == 0:
+            continue
+        err = (a64 - b64).abs().max().item() if a64.numel() else 0.0
+        if not torch.isfinite(a64).all():
+            err = float("inf")
+        scale = b64.abs().max().item()
+        bound = tol.atol + tol.relative(b.dtype) * scale
+        cos = torch.nn.functional.cosine_similarity(a64.flatten(), b64.flatten(), dim=0, eps=1e-30).item()
+        rel = err / scale if scale > 0 else err
+        if err > bound:
+            failures.append(f"output {i}: max|err| {err:.3g} > {bound:.3g} (atol {tol.atol:g} + rtol "
+                            f"{tol.relative(b.dtype):g} x max|ref| {scale:.3g})")
+        if tol.min_cosine is not None and cos < tol.min_cosine:
+            failures.append(f"output {i}: cosine {cos:.6f} < {tol.min_cosine}")
+        if err >= worst_abs:
+            worst_abs, worst_bound = err, bound
+        worst_rel, worst_cos = max(worst_rel, rel), min(worst_cos, cos)
+    return Numerics(worst_abs, worst_rel, worst_cos, worst_bound, excluded, not failures, "; ".join(failures))

@@ -1,0 +1,101 @@
+"""The pass contract: options as dataclass fields, declared requirements and exactness, one `run`."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+from torch import fx
+
+from .errors import PassOptionError
+
+
+class Requirement(enum.Enum):
+    EXAMPLE_INPUTS = "example inputs"
+    SHAPES = "shape/dtype metadata (node.meta['val'])"
+    CALIBRATION = "calibration data"
+
+
+class Exactness(enum.Enum):
+    EXACT = "exact up to float rounding"
+    APPROXIMATE = "approximate within a declared error metric"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """max|after - before| <= atol + rtol * max|before|, per output, where `before` is finite.
+
+    `rtol` is given per dtype: rounding differences scale with the dtype's epsilon and with depth.
+    `min_cosine` is checked too when set (approximate passes).
+    """
+
+    rtol: Mapping[torch.dtype, float]
+    atol: float = 0.0
+    min_cosine: float | None = None
+
+    def relative(self, dtype: torch.dtype) -> float:
+        return self.rtol.get(dtype, self.rtol.get(torch.float32, 1e-4))
+
+
+# Reassociated float ops (a fused reduction instead of a decomposed one) differ by a few ulps per op; over
+# a few dozen layers that stays within ~1e3 eps of the output scale.
+ROUNDING = Tolerance(rtol={torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2,
+                           torch.bfloat16: 5e-2}, atol=1e-6)
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What a pass may read besides the graph. Passed explicitly; never global."""
+
+    example_args: tuple = ()
+    example_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    calibration: Sequence | None = None
+
+
+@dataclass(frozen=True)
+class PassResult:
+    graph_module: fx.GraphModule
+    modified: bool
+    stats: Mapping[str, int] = field(default_factory=dict)
+    # why nothing (or not everything) was rewritten: "node: reason" lines, deterministic order
+    reasons: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base of every pass. Subclasses are frozen dataclasses whose fields are their options."""
+
+    name: ClassVar[str]
+    requires: ClassVar[frozenset[Requirement]] = frozenset({Requirement.SHAPES})
+    exactness: ClassVar[Exactness] = Exactness.EXACT
+    tolerance: ClassVar[Tolerance] = ROUNDING
+    # options validated by __post_init__: field name -> (predicate, "what it must be")
+    option_checks: ClassVar[Mapping[str, tuple[Any, str]]] = {}
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            check = self.option_checks.get(f.name)
+            if check is not None and not check[0](value):
+                raise PassOptionError(self.name, f.name, f"must be {check[1]}, got {value!r}")
+
+    @classmethod
+    def configure(cls, **options: Any) -> "Pass":
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in options:
+            if key not in known:
+                raise PassOptionError(cls.name, key, f"is unknown; options are {sorted(known) or 'none'}")
+        return cls(**options)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
+        return self.run(gm, ctx or PassContext())
+
+
+def is_bool(v: Any) -> bool:
+    return isinstance(v, bool)

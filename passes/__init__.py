@@ -1,0 +1,26 @@
+"""The pass registry: an explicit table of name -> pass class (nothing registers itself at import)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fxopt.errors import UnknownPassError
+from fxopt.pass_base import Pass
+
+from .fuse_layernorm import FuseLayerNorm
+from .stabilize_softmax import StabilizeSoftmax
+
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (FuseLayerNorm, StabilizeSoftmax)}
+
+# the passes that keep the function exactly (up to float rounding), in a sensible order
+EXACT_PIPELINE: tuple[str, ...] = ("stabilize_softmax", "fuse_layernorm")
+
+
+def get(name: str, **options: Any) -> Pass:
+    """A configured pass: `get("fuse_layernorm", fuse_residual_add=False)`."""
+    if name not in PASSES:
+        raise UnknownPassError(name, list(PASSES))
+    return PASSES[name].configure(**options)
+
+
+__all__ = ["PASSES", "EXACT_PIPELINE", "get", "FuseLayerNorm", "StabilizeSoftmax"]

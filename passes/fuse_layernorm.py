@@ -1,0 +1,237 @@
+"""Fuse decomposed LayerNorm and RMSNorm into one op each, and a residual add into the norm after it.
+
+    (x - mean(x)) * rsqrt(mean((x - mean(x))²) + eps) [* γ] [+ β]  =>  layer_norm(x, shape, γ, β, eps)
+    x * rsqrt(mean(x²) + eps) [* γ]                                =>  fxopt.rms_norm(x, shape, γ, eps)
+    norm(a + b)                                                    =>  out, s = fxopt.add_<norm>(a, b, ...)
+                                                                       (s = a + b replaces the add's other uses)
+
+The means run over the trailing dims (`shape` = those dims of x); γ and β are constants of exactly that
+shape; eps is a Python number. Spellings (div by sqrt, var_mean with correction=0, x*x, commuted operands,
+Llama's fp32 casts, eval dropout) are canonicalized first (compiler/canonicalize.py).
+
+Near-misses left unchanged, each with its reason: unbiased variance, eps outside the root, reduction not over
+the trailing dims, γ/β not of the normalized shape, an intermediate used elsewhere, an add with a constant
+or broadcasting operand.
+
+Requires: SHAPES.  Exactness: exact up to float rounding (tolerance ROUNDING). The residual fusion is
+bit-exact; the norms differ from their decompositions only by reduction order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import fx
+
+from fxopt import ops
+from fxopt.canonicalize import canonicalize, is_constant as _is_constant
+from fxopt.pass_base import Pass, PassContext, PassResult, is_bool
+from fxopt.pattern import Cast, Const, Op, Var, is_cast, match, node_args, users_outside
+from fxopt.rewrite import Rewriter
+
+aten = torch.ops.aten
+_ADD = (aten.add.Tensor, aten.add.Scalar)
+
+
+def _mean(v, dims: str):
+    return Op(aten.mean.dim, v, Var(dims), True)
+
+
+def _inv_root(v):
+    return Op(aten.rsqrt.default, Op(_ADD, v, Const("eps"), 1, commutative=True), name="inv")
+
+
+_CENTERED = Op(aten.sub.Tensor, Var("x"), _mean(Var("x"), "dims"), 1, name="centered")
+LAYER_NORM = Op(aten.mul.Tensor, _CENTERED,
+                _inv_root(_mean(Op(aten.pow.Tensor_Scalar, _CENTERED, 2.0), "var_dims")),
+                commutative=True, name="normed")
+RMS_NORM = Op(aten.mul.Tensor, Var("x"), _inv_root(_mean(Op(aten.pow.Tensor_Scalar, Var("x"), 2.0), "dims")),
+              commutative=True, name="normed")
+
+
+@dataclass
+class _Norm:
+    kind: str  # "layer" | "rms"
+    x: fx.Node
+    shape: list[int]
+    eps: float
+    root: fx.Node  # the node the fused op replaces
+    inner: list[fx.Node]
+    weight: fx.Node | None = None
+    bias: fx.Node | None = None
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+def _trailing_shape(x: fx.Node, *dim_lists) -> list[int] | str:
+    val = _val(x)
+    normalized = [sorted(d % val.dim() for d in dims) for dims in dim_lists]
+    if any(d != normalized[0] for d in normalized):
+        return f"the two reductions run over different dims {list(dim_lists)}"
+    dims = normalized[0]
+    if dims != list(range(val.dim() - len(dims), val.dim())):
+        return f"reduction over dims {dims} of a {val.dim()}-d input, not over its trailing dims"
+    shape = list(val.shape[dims[0]:])
+    if not all(isinstance(s, int) for s in shape):
+        return f"normalized dims {shape} are dynamic"
+    return shape
+
+
+def _match_core(inv: fx.Node) -> _Norm | str | None:
+    """The normalization around one rsqrt node, or the reason it is not one (None: not a candidate)."""
+    for user in inv.users:
+        for kind, pattern in (("layer", LAYER_NORM), ("rms", RMS_NORM)):
+            m = match(pattern, user)
+            if m is None or m["inv"] is not inv:
+                continue
+            dims = (m["dims"], m["var_dims"]) if kind == "layer" else (m["dims"],)
+            shape = _trailing_shape(m["x"], *dims)
+            if isinstance(shape, str):
+                return f"{user.name}: {shape}"
+            return _Norm(kind, m["x"], shape, float(m["eps"]), m["normed"], list(m.nodes))
+    return _explain_root(inv.args[0], inv)
+
+
+def _explain_root(arg, inv: fx.Node) -> str | None:
+    if not (isinstance(arg, fx.Node) and arg.target in _ADD):
+        return None
+    var, eps = arg.args[0], arg.args[1]
+    if isinstance(var, fx.Node) and var.target in (aten.var.correction, aten.std.correction):
+        c = var.kwargs.get("correction", 1)
+        return f"{inv.name}: unbiased variance (correction={c}) is not LayerNorm's population variance"
+    if isinstance(eps, fx.Node) or isinstance(var, (int, float)):
+        return f"{inv.name}: eps is a tensor, not a constant"
+    return f"{inv.name}: rsqrt(v + eps) where v is not a mean of squares over the normalized dims"
+
+
+def _explain_div(div: fx.Node) -> str | None:
+    """(x - μ) / (σ + eps): eps outside the root is a different function."""
+    den = div.args[1] if len(div.args) > 1 else None
+    if isinstance(den, fx.Node) and den.target in _ADD and isinstance(den.args[0], fx.Node) and \
+            den.args[0].target in (aten.sqrt.default, aten.std.correction):
+        return f"{div.name}: eps is added outside the square root ((x-μ)/(σ+eps) is not LayerNorm)"
+    return None
+
+
+def _take_affine(norm: _Norm) -> str | None:
+    """Extend the match over a trailing cast, `* γ` and `+ β` where they are constants; reason if malformed."""
+    def only_user(n):
+        return next(iter(n.users)) if len(n.users) == 1 else None
+
+    x_dtype = _val(norm.x).dtype
+    user = only_user(norm.root)
+    if norm.kind == "rms" and is_cast(norm.x) and user is not None and is_cast(user) \
+            and _val(user).dtype == _val(norm.x.args[0]).dtype:
+        norm.inner += [norm.root, norm.x]
+        norm.x, norm.root, user = norm.x.args[0], user, only_user(user)  # Llama: fp32 stats, cast back
+        x_dtype = _val(norm.x).dtype
+    for role, target in (("weight", aten.mul.Tensor), ("bias", aten.add.Tensor)):
+        if role == "bias" and norm.kind == "rms":
+            break
+        if user is None or user.target != target or (target == aten.add.Tensor and node_args(user)[2] != 1):
+            break
+        other = user.args[1] if user.args[0] is norm.root else user.args[0]
+        if not _is_constant(other):
+            break
+        if list(_val(other).shape) != norm.shape:
+            return (f"{user.name}: {'γ' if role == 'weight' else 'β'} has shape {list(_val(other).shape)}, "
+                    f"not the normalized shape {norm.shape}")
+        if norm.kind == "layer" and _val(other).dtype != x_dtype:
+            return f"{user.name}: {'γ' if role == 'weight' else 'β'} dtype {_val(other).dtype} != input {x_dtype}"
+        norm.inner.append(norm.root)
+        setattr(norm, role, other)
+        norm.root, user = user, only_user(user)
+    return None
+
+
+def _fuse_norm(rw: Rewriter, norm: _Norm) -> None:
+    if norm.kind == "layer":
+        fused = rw.call(aten.layer_norm.default, (norm.x, norm.shape, norm.weight, norm.bias, norm.eps),
+                        before=norm.root, like=norm.root)
+    else:
+        fused = rw.call(ops.rms_norm, (norm.x, norm.shape, norm.weight, norm.eps), before=norm.root,
+                        like=norm.root)
+    rw.replace(norm.root, fused, f"{norm.kind}_norm")
+    rw.erase_dead([norm.root, *reversed(norm.inner)])
+
+
+_RESIDUAL = {aten.layer_norm.default: (ops.add_layer_norm, "add_layer_norm"),
+             ops.rms_norm: (ops.add_rms_norm, "add_rms_norm")}
+
+
+def _fuse_residual(rw: Rewriter, norm: fx.Node) -> str | None:
+    add = norm.args[0]
+    if not (isinstance(add, fx.Node) and add.target == aten.add.Tensor):
+        return None
+    a, b = add.args[:2]
+    if node_args(add)[2] != 1 or not all(isinstance(t, fx.Node) and not _is_constant(t) for t in (a, b)):
+        return f"{add.name}: the add before {norm.name} has a constant or scaled operand"
+    va, vb = _val(a), _val(b)
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)) or \
+            va.shape != vb.shape or va.dtype != vb.dtype:
+        return f"{add.name}: the add before {norm.name} broadcasts or mixes dtypes"
+    fused_op, rule = _RESIDUAL[norm.target]
+    rest = node_args(norm)[1:len(fused_op._schema.arguments) - 1]
+    order = {n: i for i, n in enumerate(rw.graph.nodes)}
+    if any(isinstance(r, fx.Node) and order[r] > order[add] for r in rest):
+        return f"{add.name}: γ/β of {norm.name} are computed after the residual add"
+    # right after the add, so that the add's earlier users can read the fused op's sum
+    fused = rw.call(fused_op, (a, b, *rest), before=add.next, like=norm)
+    rw.replace(norm, rw.getitem(fused, 0, before=fused.next), rule)
+    if len(add.users) > 1:  # the residual stream goes on: its users read the fused op's sum
+        rw.replace(add, rw.getitem(fused, 1, before=fused.next.next), keep=[norm])
+    rw.erase_dead([norm, add])
+    return None
+
+
+@dataclass(frozen=True)
+class FuseLayerNorm(Pass):
+    """Decomposed LayerNorm/RMSNorm -> one op; residual add + norm -> one fused add+norm op."""
+
+    fuse_residual_add: bool = True
+    rms_norm: bool = True
+
+    name: ClassVar[str] = "fuse_layernorm"
+    option_checks: ClassVar = {"fuse_residual_add": (is_bool, "a bool"), "rms_norm": (is_bool, "a bool")}
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        rw = Rewriter(gm, self.name)
+        canonicalize(rw)
+        reasons: list[str] = []
+        for node in list(gm.graph.nodes):
+            if node.graph is not gm.graph:
+                continue  # erased by an earlier fusion
+            if node.target == aten.div.Tensor and (why := _explain_div(node)):
+                reasons.append(why)
+            if node.target != aten.rsqrt.default:
+                continue
+            norm = _match_core(node)
+            if norm is None or isinstance(norm, str):
+                reasons += [norm] if norm else []
+                continue
+            if norm.kind == "rms" and not self.rms_norm:
+                continue
+            why = _take_affine(norm) or _check_private(norm)
+            if why:
+                reasons.append(why)
+                continue
+            _fuse_norm(rw, norm)
+        if self.fuse_residual_add:
+            for node in list(gm.graph.nodes):
+                if node.target in _RESIDUAL and (why := _fuse_residual(rw, node)):
+                    reasons.append(why)
+        fused = {k: v for k, v in rw.counts.items() if k.endswith("norm")}
+        stats = dict(rw.counts)
+        rw.finish()
+        return PassResult(gm, bool(fused), stats, reasons)
+
+
+def _check_private(norm: _Norm) -> str | None:
+    leaked = users_outside(norm.inner, [norm.root, norm.x])
+    if leaked:
+        return f"{leaked[0].name}: intermediate of the norm at {norm.root.name} is used elsewhere"
+    return None
