@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -33,7 +34,7 @@ class OptimizedModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.graph_module(*args, **kwargs)
 
-    def train(self, mode: bool = True) -> "OptimizedModule":
+    def train(self, mode: bool = True) -> OptimizedModule:
         if mode:
             raise RuntimeError("an fxopt OptimizedModule is an inference graph; it has no training mode")
         self.training = False
@@ -95,7 +96,7 @@ def export_tvm(opt: OptimizedModule, path: str | Path, target: str = "cpu", **op
 _BACKENDS = ("onnxruntime", "tvm")
 
 
-def compile(opt: OptimizedModule, backend: str = "onnxruntime", target: str = "cpu", **options: Any):  # noqa: A001
+def compile(opt: OptimizedModule, backend: str = "onnxruntime", target: str = "cpu", **options: Any):
     """A callable running `opt` on `backend` for `target`, taking and returning torch tensors."""
     if backend not in _BACKENDS:
         raise PassOptionError("compile", "backend", f"must be one of {_BACKENDS}, got {backend!r}")

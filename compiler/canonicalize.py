@@ -12,6 +12,7 @@ Every rule is exact or exact up to float rounding, and local:
     div(sum(x, dims, k), N), N = |dims|    => mean(x, dims, k)
     mul(a, reciprocal(b))                  => div(a, b)
     mul(mul(k, a), b), k a constant        => mul(mul(a, b), k)      (constant factors applied last)
+    mul(x, 1), div(x, 1), add(x, 0)        => x                      (when dtype and shape are unchanged)
     _assert_tensor_metadata(x, ...)        => (dropped: node.meta["val"] already records the dtype)
     var(x, dims, correction=0, keepdim)    => mean(pow(x - mean(x, dims, True), 2), dims, keepdim)
     var_mean(x, dims, correction=0, k)     => (that variance, mean(x, dims, k))
@@ -21,7 +22,7 @@ Every rule is exact or exact up to float rounding, and local:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import fx
@@ -95,21 +96,35 @@ def sum_div_to_mean(n: fx.Node, rw: Rewriter) -> bool:
     return True
 
 
+_MOMENTS = {aten.var.correction: "var", aten.var.dim: "var", aten.var_mean.correction: "var_mean",
+            aten.var_mean.dim: "var_mean", aten.std.correction: "std", aten.std.dim: "std"}
+
+
+def moment_correction(n: fx.Node) -> float:
+    """The Bessel correction of a var/std/var_mean node (1 = unbiased, 0 = population)."""
+    names = [a.name for a in n.target._schema.arguments]
+    args = dict(zip(names, node_args(n)))
+    if "unbiased" in args:
+        return 1 if args["unbiased"] in (True, None) else 0
+    return 1 if args.get("correction") is None else args["correction"]
+
+
 def population_moments(n: fx.Node, rw: Rewriter) -> bool:
-    if n.target not in (aten.var.correction, aten.var_mean.correction, aten.std.correction):
+    kind = _MOMENTS.get(n.target)
+    if kind is None:
         return False
-    x, dims = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-    correction, keepdim = n.kwargs.get("correction", 1), n.kwargs.get("keepdim", False)
-    if correction not in (0, 0.0) or dims is None:
+    args = dict(zip([a.name for a in n.target._schema.arguments], node_args(n)))
+    x, dims, keepdim = args["self"], args["dim"], bool(args["keepdim"])
+    if moment_correction(n) != 0 or not dims:
         return False  # the unbiased estimator is a different function; left for passes to report
     dims = list(dims)
     mean_k = rw.call(aten.mean.dim, (x, dims, True), before=n, like=n)
     centered = rw.call(aten.sub.Tensor, (x, mean_k), before=n, like=n)
     sq = rw.call(aten.pow.Tensor_Scalar, (centered, 2.0), before=n, like=n)
     var = rw.call(aten.mean.dim, (sq, dims, keepdim), before=n, like=n)
-    if n.target == aten.var.correction:
+    if kind == "var":
         rw.replace(n, var, "population_var")
-    elif n.target == aten.std.correction:
+    elif kind == "std":
         rw.replace(n, rw.call(aten.sqrt.default, (var,), before=n, like=n), "population_std")
     else:
         mean = mean_k if keepdim else rw.call(aten.mean.dim, (x, dims, False), before=n, like=n)
@@ -211,6 +226,25 @@ def constants_last(n: fx.Node, rw: Rewriter) -> bool:
     return False
 
 
+_IDENTITY = {aten.mul.Tensor: 1, aten.div.Tensor: 1, aten.add.Tensor: 0, aten.sub.Tensor: 0}
+
+
+def drop_identity_arithmetic(n: fx.Node, rw: Rewriter) -> bool:
+    unit = _IDENTITY.get(n.target)
+    if unit is None or n.kwargs or len(n.args) != 2:
+        return False
+    x, c = n.args
+    if n.target in (aten.mul.Tensor, aten.add.Tensor) and not isinstance(x, fx.Node):
+        x, c = c, x
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or c != unit or not isinstance(x, fx.Node):
+        return False
+    vx, vn = _val(x), _val(n)
+    if not (isinstance(vx, torch.Tensor) and vx.dtype == vn.dtype and vx.shape == vn.shape):
+        return False
+    rw.replace(n, x, "drop_identity_arithmetic")
+    return True
+
+
 def drop_metadata_assert(n: fx.Node, rw: Rewriter) -> bool:
     if n.target == aten._assert_tensor_metadata.default:
         rw.graph.erase_node(n)
@@ -219,4 +253,5 @@ def drop_metadata_assert(n: fx.Node, rw: Rewriter) -> bool:
     return False
 
 
-DEFAULT_RULES = (drop_metadata_assert,) + DEFAULT_RULES + (mul_reciprocal_to_div, constants_last)
+DEFAULT_RULES = (drop_metadata_assert, drop_identity_arithmetic) + DEFAULT_RULES + (mul_reciprocal_to_div,
+                                                                                 constants_last)

@@ -88,7 +88,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule
         for how, fn in tries:
             try:
                 ep = fn()
-            except Exception as e:  # noqa: BLE001 - every failure is reported
+            except Exception as e:
                 log.debug("capture attempt %s failed", how, exc_info=True)
                 attempts.append((how, _first_line(e)))
                 continue

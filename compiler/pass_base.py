@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import fx
@@ -29,12 +30,15 @@ class Tolerance:
     """max|after - before| <= atol + rtol * max|before|, per output, where `before` is finite.
 
     `rtol` is given per dtype: rounding differences scale with the dtype's epsilon and with depth.
-    `min_cosine` is checked too when set (approximate passes).
+    `min_cosine` is checked too when set (approximate passes). With `whole_output_if_nonfinite`, an output
+    where `before` has any inf/NaN is excluded entirely (a softmax row that overflowed is wrong everywhere,
+    not only where it is inf).
     """
 
     rtol: Mapping[torch.dtype, float]
     atol: float = 0.0
     min_cosine: float | None = None
+    whole_output_if_nonfinite: bool = False
 
     def relative(self, dtype: torch.dtype) -> float:
         return self.rtol.get(dtype, self.rtol.get(torch.float32, 1e-4))
@@ -83,7 +87,7 @@ class Pass:
                 raise PassOptionError(self.name, f.name, f"must be {check[1]}, got {value!r}")
 
     @classmethod
-    def configure(cls, **options: Any) -> "Pass":
+    def configure(cls, **options: Any) -> Pass:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in options:
             if key not in known:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import fx
@@ -68,7 +69,7 @@ class Match:
         return self.bindings.get(key, default)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _schema_defaults(target) -> tuple[list[str], list[Any]]:
     schema = getattr(target, "_schema", None)
     if schema is None:

@@ -7,7 +7,7 @@ import copy
 import itertools
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import fx
 
@@ -50,7 +50,7 @@ def run_pipeline(gm: fx.GraphModule, passes: Sequence[Pass], ctx: PassContext, *
         start = time.perf_counter()
         try:
             result = p.run(clone_graph_module(gm), ctx)
-        except Exception as e:  # noqa: BLE001 - re-raised with the pass named
+        except Exception as e:
             raise PassError(p.name, ran_before, e) from e
         seconds = time.perf_counter() - start
         if not result.modified:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 from .capture import CaptureInfo
 from .numerics import Numerics
@@ -42,7 +42,7 @@ class Report:
             num = p.numerics
             err = f"{num.max_abs:10.3g} {num.max_rel:10.3g}" if num else f"{'-':>10} {'-':>10}"
             stats = ", ".join(f"{k}={v}" for k, v in sorted(p.stats.items()) if v)
-            lines.append(f"{p.name:<20} {str(p.applied):<8} {p.seconds:8.3f} {err}  "
+            lines.append(f"{p.name:<20} {p.applied!s:<8} {p.seconds:8.3f} {err}  "
                          + (stats if p.applied else f"not applied: {p.why_not}"))
             lines += [f"    near-miss: {r}" for r in p.reasons]
         return "\n".join(lines)

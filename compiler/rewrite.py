@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import operator
 from collections import Counter
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import fx

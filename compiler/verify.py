@@ -20,7 +20,7 @@ def output_signature(gm: fx.GraphModule) -> list[str]:
 def verify_graph(gm: fx.GraphModule, expected_outputs: list[str], pass_name: str) -> None:
     try:
         gm.graph.lint()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise VerificationError(f"after pass {pass_name!r}: graph lint failed: {e}") from e
     for node in gm.graph.nodes:
         if node.op == "call_function" and "fxopt_pass" in node.meta and "val" not in node.meta:

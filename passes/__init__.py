@@ -23,4 +23,4 @@ def get(name: str, **options: Any) -> Pass:
     return PASSES[name].configure(**options)
 
 
-__all__ = ["PASSES", "EXACT_PIPELINE", "get", "FuseLayerNorm", "StabilizeSoftmax"]
+__all__ = ["EXACT_PIPELINE", "PASSES", "FuseLayerNorm", "StabilizeSoftmax", "get"]

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import fx
-
 from fxopt import ops
-from fxopt.canonicalize import canonicalize, is_constant as _is_constant
+from fxopt.canonicalize import _MOMENTS as MOMENT_OPS
+from fxopt.canonicalize import canonicalize, moment_correction
+from fxopt.canonicalize import is_constant as _is_constant
 from fxopt.pass_base import Pass, PassContext, PassResult, is_bool
-from fxopt.pattern import Cast, Const, Op, Var, is_cast, match, node_args, users_outside
+from fxopt.pattern import Const, Op, Var, is_cast, match, node_args, users_outside
 from fxopt.rewrite import Rewriter
+from torch import fx
 
 aten = torch.ops.aten
 _ADD = (aten.add.Tensor, aten.add.Scalar)
@@ -75,10 +76,7 @@ def _trailing_shape(x: fx.Node, *dim_lists) -> list[int] | str:
     dims = normalized[0]
     if dims != list(range(val.dim() - len(dims), val.dim())):
         return f"reduction over dims {dims} of a {val.dim()}-d input, not over its trailing dims"
-    shape = list(val.shape[dims[0]:])
-    if not all(isinstance(s, int) for s in shape):
-        return f"normalized dims {shape} are dynamic"
-    return shape
+    return list(val.shape[dims[0]:])  # may hold SymInts: the fused op takes them from sym_size nodes
 
 
 def _match_core(inv: fx.Node) -> _Norm | str | None:
@@ -100,8 +98,8 @@ def _explain_root(arg, inv: fx.Node) -> str | None:
     if not (isinstance(arg, fx.Node) and arg.target in _ADD):
         return None
     var, eps = arg.args[0], arg.args[1]
-    if isinstance(var, fx.Node) and var.target in (aten.var.correction, aten.std.correction):
-        c = var.kwargs.get("correction", 1)
+    if isinstance(var, fx.Node) and var.target in MOMENT_OPS:
+        c = moment_correction(var)
         return f"{inv.name}: unbiased variance (correction={c}) is not LayerNorm's population variance"
     if isinstance(eps, fx.Node) or isinstance(var, (int, float)):
         return f"{inv.name}: eps is a tensor, not a constant"
@@ -112,7 +110,7 @@ def _explain_div(div: fx.Node) -> str | None:
     """(x - μ) / (σ + eps): eps outside the root is a different function."""
     den = div.args[1] if len(div.args) > 1 else None
     if isinstance(den, fx.Node) and den.target in _ADD and isinstance(den.args[0], fx.Node) and \
-            den.args[0].target in (aten.sqrt.default, aten.std.correction):
+            (den.args[0].target == aten.sqrt.default or den.args[0].target in MOMENT_OPS):
         return f"{div.name}: eps is added outside the square root ((x-μ)/(σ+eps) is not LayerNorm)"
     return None
 
@@ -149,12 +147,14 @@ def _take_affine(norm: _Norm) -> str | None:
 
 
 def _fuse_norm(rw: Rewriter, norm: _Norm) -> None:
+    first = _val(norm.x).dim() - len(norm.shape)
+    shape = [s if isinstance(s, int) else rw.call(aten.sym_size.int, (norm.x, first + i), before=norm.root)
+             for i, s in enumerate(norm.shape)]
     if norm.kind == "layer":
-        fused = rw.call(aten.layer_norm.default, (norm.x, norm.shape, norm.weight, norm.bias, norm.eps),
+        fused = rw.call(aten.layer_norm.default, (norm.x, shape, norm.weight, norm.bias, norm.eps),
                         before=norm.root, like=norm.root)
     else:
-        fused = rw.call(ops.rms_norm, (norm.x, norm.shape, norm.weight, norm.eps), before=norm.root,
-                        like=norm.root)
+        fused = rw.call(ops.rms_norm, (norm.x, shape, norm.weight, norm.eps), before=norm.root, like=norm.root)
     rw.replace(norm.root, fused, f"{norm.kind}_norm")
     rw.erase_dead([norm.root, *reversed(norm.inner)])
 

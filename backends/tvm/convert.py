@@ -62,6 +62,64 @@ def _shape(e: relax.Expr) -> list[Any]:
     return list(e.ty.shape.values)
 
 
+# ---- dynamic shapes --------------------------------------------------------------------------
+
+def _tir_of(expr: Any, syms: dict[str, Any]) -> Any:
+    """A torch symbolic size (int, SymInt or sympy expression) as a TIR expression, or None."""
+    import sympy
+
+    e = getattr(getattr(expr, "node", None), "expr", expr)
+    if isinstance(e, int | sympy.Integer):
+        return tirx.IntImm("int64", int(e))
+    if isinstance(e, sympy.Symbol):
+        return syms.get(str(e))
+    args = [_tir_of(a, syms) for a in getattr(e, "args", ())]
+    if not args or any(a is None for a in args):
+        return None
+    name = type(e).__name__
+    ops = {"Add": lambda a, b: a + b, "Mul": lambda a, b: a * b, "Min": tirx.min, "Max": tirx.max,
+           "FloorDiv": tirx.floordiv, "Mod": tirx.floormod, "PythonMod": tirx.floormod}
+    if name not in ops:
+        return None
+    out = args[0]
+    for a in args[1:]:
+        out = ops[name](out, a)
+    return out
+
+
+def _symbols(imp: Any) -> dict[str, Any]:
+    syms: dict[str, Any] = {}
+    for v in imp.env.values():
+        shape = getattr(getattr(v, "ty", None), "shape", None)
+        for d in getattr(shape, "values", None) or []:
+            if isinstance(d, tirx.Var):
+                syms[d.name] = d
+    return syms
+
+
+def slice_tensor(node: Any, imp: Any) -> relax.Expr:
+    """``x[start:end:step]`` along ``dim`` with the output length that torch proved (meta["val"]).
+
+    The importer's version keeps ``min(end, dim)`` unsimplified for symbolic dims (TVM does not
+    know the export's lower bounds), so two slices of one tensor stop broadcasting together (HF's
+    packed-sequence check), and it passes negative axes that dynamic legalization rejects."""
+    x = imp.env[node.args[0]]
+    ndim = len(_shape(x))
+    dim = int(_arg(node, 1, "dim", 0)) % ndim
+    start, step = _arg(node, 2, "start"), _arg(node, 4, "step", 1)
+    val = node.meta.get("val")
+    length = _tir_of(val.shape[dim], _symbols(imp)) if val is not None else None
+    if length is None or not isinstance(start, int | type(None)) or not isinstance(step, int):
+        return type(imp)._slice(imp, node)
+    size = _shape(x)[dim]
+    begin = tirx.IntImm("int64", start or 0) if (start or 0) >= 0 else tirx.max(size + start, 0)
+    if isinstance(length, tirx.IntImm) and isinstance(size, tirx.IntImm) and length.value == size.value:
+        if step == 1 and (start or 0) == 0:
+            return x
+    end = begin + length * step
+    return _emit(imp, relax.op.strided_slice(x, [dim], [begin], [end], [step], assume_inbound=True))
+
+
 # ---- reductions and norms --------------------------------------------------------------------
 
 def amax(node: Any, imp: Any) -> relax.Expr:
@@ -259,6 +317,7 @@ def conversion_table(extern: bool = False) -> dict[str, Converter]:
     return {
         "amax.default": amax,
         "cumsum.default": cumsum,
+        "slice.Tensor": slice_tensor,
         "pow.Tensor_Scalar": pow_scalar,
         "rms_norm.default": rms_norm,
         "add_rms_norm.default": add_rms_norm,

@@ -15,6 +15,8 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
+from fxopt.errors import UnsupportedOpError
+
 from .convert import conversion_table
 
 log = logging.getLogger(__name__)
@@ -26,14 +28,6 @@ _KEEP_WHOLE = (
     "aten.scaled_dot_product_attention.default",
     "aten.matmul.default",
 )
-
-
-class UnsupportedOpError(NotImplementedError):
-    """The graph holds nodes that the TVM backend cannot lower; ``.nodes`` lists them."""
-
-    def __init__(self, nodes: list[str]) -> None:
-        self.nodes = nodes
-        super().__init__("TVM backend cannot lower: " + ", ".join(nodes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +82,7 @@ def _drop_constant_inputs(ep: ExportedProgram) -> tuple[ExportedProgram, list[in
         elif not node.users:
             gm.graph.erase_node(node)
         else:
-            raise UnsupportedOpError([f"{node.name}: non-tensor input used in the graph"])
+            raise UnsupportedOpError("tvm", [f"{node.name}: non-tensor input used in the graph"])
     specs = [s for s in ep.graph_signature.input_specs if s.kind != InputKind.USER_INPUT or s in kept]
     ep.graph_signature.input_specs[:] = specs
     gm.recompile()
@@ -104,7 +98,7 @@ def to_relax(ep: ExportedProgram, *, extern: bool = False) -> Lowered:
     ep = decompose(ep)
     missing = unsupported_nodes(ep, decomposed=True)
     if missing:
-        raise UnsupportedOpError(missing)
+        raise UnsupportedOpError("tvm", missing)
     ep, positions, names = _drop_constant_inputs(ep)
     mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
                                 custom_convert_map=conversion_table(extern))

@@ -1,0 +1,122 @@
+"""Apache TVM backend: lower an optimized fxopt graph to CPU (llvm) or CUDA (sm_90) code.
+
+    run = compile(opt, target="cpu")            # callable: torch tensors in, model outputs out
+    path = export(opt, "out_dir", target="cuda")  # model.so + params.bin + manifest.json + loader.py
+    legalize(opt.exported_program())            # [] or raises UnsupportedOpError listing the nodes
+
+For CUDA, GEMMs and attention go by default to library functions registered at load time
+(``extern=True``; see runtime.py) and TVM generates the fused kernels for everything else;
+``extern=False`` keeps every kernel TVM-generated (dlight schedules). Weights are never compiled
+into the library.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import runtime
+from fxopt.errors import UnsupportedOpError
+
+from .lower import Lowered, to_relax, unsupported_nodes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["compile", "export", "legalize", "UnsupportedOpError"]
+
+
+def _exported_program(opt: Any) -> torch.export.ExportedProgram:
+    if isinstance(opt, torch.export.ExportedProgram):
+        return opt
+    if hasattr(opt, "exported_program"):
+        return opt.exported_program()
+    raise TypeError(f"expected an fxopt OptimizedModule or an ExportedProgram, not {type(opt).__name__}")
+
+
+def legalize(program: Any) -> list[str]:
+    """Check that every node has a conversion; raise ``UnsupportedOpError`` naming those that don't.
+    Accepts an ExportedProgram, an OptimizedModule, or a GraphModule from ``ep.module()``."""
+    if isinstance(program, torch.fx.GraphModule) and not isinstance(program, torch.export.ExportedProgram):
+        args = tuple(n.meta["val"] for n in program.graph.nodes if n.op == "placeholder" and "val" in n.meta)
+        program = torch.export.export(program, args, strict=False) if args else program
+    missing = unsupported_nodes(_exported_program(program))
+    if missing:
+        raise UnsupportedOpError("tvm", missing)
+    return missing
+
+
+def _kwarg_keys(in_spec: Any) -> list[str]:
+    try:
+        return list(in_spec.child(1).context or [])
+    except (AttributeError, IndexError):
+        return []
+
+
+def _out_spec_str(spec: Any) -> str | None:
+    from torch.utils._pytree import treespec_dumps
+
+    try:
+        return treespec_dumps(spec)
+    except Exception:  # output types without a serialized name (some ModelOutputs)
+        return None
+
+
+def _lower_and_build(opt: Any, target: str, extern: bool | None, **build_opts: Any) -> tuple[Lowered, Any]:
+    from .build import build
+
+    extern = (target == "cuda") if extern is None else extern
+    lowered = to_relax(_exported_program(opt), extern=extern)
+    return lowered, build(lowered.mod, target, **build_opts)
+
+
+def _manifest(lowered: Lowered, target: str, extern: bool) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "device": target if target == "cuda" else "cpu",
+        "extern": extern,
+        "input_names": lowered.input_names,
+        "input_positions": lowered.input_positions,
+        "kwarg_keys": _kwarg_keys(lowered.in_spec),
+        "param_names": lowered.param_names,
+        "out_spec": _out_spec_str(lowered.out_spec),
+    }
+
+
+def compile(opt: Any, target: str = "cpu", *, extern: bool | None = None, **build_opts: Any) -> runtime.Module:
+    """Compile ``opt`` for ``target`` and return a callable taking the model's own arguments."""
+    lowered, ex = _lower_and_build(opt, target, extern, **build_opts)
+    manifest = _manifest(lowered, target, (target == "cuda") if extern is None else extern)
+    tvm = runtime.import_tvm_runtime(target == "cuda")
+    if manifest["extern"]:
+        runtime.register_torch_externs()
+    dev = "cuda" if target == "cuda" else "cpu"
+    params = [tvm.runtime.from_dlpack(lowered.params[n].detach().to(dev).contiguous())
+              for n in lowered.param_names]
+    return runtime.Module(tvm, ex, dev, params, manifest, lowered.out_spec)
+
+
+def export(opt: Any, path: str | Path, target: str = "cpu", *, extern: bool | None = None,
+           **build_opts: Any) -> Path:
+    """Write a deployable directory: ``model.so`` (kernels, no weights), ``params.bin``,
+    ``manifest.json`` and ``loader.py`` (needs the TVM runtime only)."""
+    import tvm
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    lowered, ex = _lower_and_build(opt, target, extern, **build_opts)
+    ex.export_library(str(path / runtime.LIBRARY))
+    params = {n: tvm.runtime.tensor(lowered.params[n].detach().cpu().contiguous().numpy())
+              for n in lowered.param_names if lowered.params[n].dtype != torch.bfloat16}
+    params |= {n: tvm.runtime.from_dlpack(lowered.params[n].detach().cpu().contiguous())
+               for n in lowered.param_names if lowered.params[n].dtype == torch.bfloat16}
+    tvm.runtime.save_param_dict_to_file(params, str(path / runtime.PARAMS))
+    manifest = _manifest(lowered, target, (target == "cuda") if extern is None else extern)
+    (path / runtime.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    shutil.copyfile(Path(runtime.__file__), path / "loader.py")
+    log.info("exported %s (%s, %d params)", path, target, len(lowered.param_names))
+    return path
