@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, MissingInputsError
@@ -117,7 +118,7 @@ def _describe_dims(gm: fx.GraphModule, info: CaptureInfo, dynamic_requested: boo
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
             continue
-        dyn = [d for d, s in enumerate(val.shape) if isinstance(s, torch.SymInt)]
+        dyn = [d for d, s in enumerate(val.shape) if not is_concrete_int(s)]
         static = [d for d in range(min(val.dim(), 2)) if d not in dyn]
         info.dynamic_dims[node.name] = dyn
         if static:

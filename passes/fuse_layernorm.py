@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
 from fxopt import ops
 from fxopt.canonicalize import _MOMENTS as MOMENT_OPS
 from fxopt.canonicalize import canonicalize, moment_correction
@@ -30,7 +33,6 @@ from fxopt.canonicalize import is_constant as _is_constant
 from fxopt.pass_base import Pass, PassContext, PassResult, is_bool
 from fxopt.pattern import Const, Op, Var, is_cast, match, node_args, users_outside
 from fxopt.rewrite import Rewriter
-from torch import fx
 
 aten = torch.ops.aten
 _ADD = (aten.add.Tensor, aten.add.Scalar)
@@ -76,7 +78,8 @@ def _trailing_shape(x: fx.Node, *dim_lists) -> list[int] | str:
     dims = normalized[0]
     if dims != list(range(val.dim() - len(dims), val.dim())):
         return f"reduction over dims {dims} of a {val.dim()}-d input, not over its trailing dims"
-    return list(val.shape[dims[0]:])  # may hold SymInts: the fused op takes them from sym_size nodes
+    # dynamic dims stay SymInts: the fused op reads them from sym_size nodes
+    return [int(s) if is_concrete_int(s) else s for s in val.shape[dims[0]:]]
 
 
 def _match_core(inv: fx.Node) -> _Norm | str | None:

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import fx
+
 from fxopt.canonicalize import canonicalize
 from fxopt.pass_base import ROUNDING, Pass, PassContext, PassResult
 from fxopt.pattern import Op, Var, match, users_outside
 from fxopt.rewrite import Rewriter
-from torch import fx
 
 aten = torch.ops.aten
 

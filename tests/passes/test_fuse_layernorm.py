@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from fxopt.passes import FuseLayerNorm
-from fxopt.testing import assert_pass_contract, capture_graph, count_ops, run_pass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from fxopt.passes import FuseLayerNorm
+from fxopt.testing import assert_pass_contract, capture_graph, count_ops, run_pass
 from tests.models import toy
 
 NORM_OPS = ("aten.mean", "aten.rsqrt", "aten.sqrt", "aten.pow", "aten.var_mean", "aten.div")

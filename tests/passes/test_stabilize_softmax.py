@@ -1,14 +1,14 @@
 """stabilize_softmax: exp(x)/sum(exp(x)) -> a max-subtracted softmax."""
 
-import fxopt
 import pytest
 import torch
-from fxopt.passes import StabilizeSoftmax
-from fxopt.testing import assert_pass_contract, capture_graph, count_ops, run_pass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import fxopt
+from fxopt.passes import StabilizeSoftmax
+from fxopt.testing import assert_pass_contract, capture_graph, count_ops, run_pass
 from tests.models import toy
 
 
