@@ -166,7 +166,27 @@ _RESIDUAL = {aten.layer_norm.default: (ops.add_layer_norm, "add_layer_norm"),
              ops.rms_norm: (ops.add_rms_norm, "add_rms_norm")}
 
 
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _sink_reshape_into_add(rw: Rewriter, norm: fx.Node) -> None:
+    """norm(reshape(a + b)) => norm(reshape(a) + reshape(b)): the add is elementwise (OPT flattens tokens
+    between the residual add and its final_layer_norm)."""
+    view = norm.args[0]
+    if not (isinstance(view, fx.Node) and view.target in _VIEWS and isinstance(view.args[0], fx.Node)):
+        return
+    add = view.args[0]
+    if add.target != aten.add.Tensor or len(add.users) != 1 or node_args(add)[2] != 1:
+        return
+    a, b = add.args[:2]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and _val(a).shape == _val(b).shape):
+        return
+    ra, rb = (rw.call(aten.reshape.default, (t, view.args[1]), before=view, like=view) for t in (a, b))
+    rw.replace(view, rw.call(aten.add.Tensor, (ra, rb), before=view, like=add), "sink_reshape_into_add")
+
+
 def _fuse_residual(rw: Rewriter, norm: fx.Node) -> str | None:
+    _sink_reshape_into_add(rw, norm)
     add = norm.args[0]
     if not (isinstance(add, fx.Node) and add.target == aten.add.Tensor):
         return None

@@ -198,3 +198,5 @@ def test_fused_norm_equals_the_decomposition(shape, k, eps, rms, affine, scale):
     ops = count_ops(result.graph_module)
     assert ops["fxopt.rms_norm" if rms else "aten.layer_norm"] == 1, ops
     assert_pass_contract(FuseLayerNorm(), gm, result.graph_module, x)
+    assert run_pass(FuseLayerNorm(), gm, x).graph_module.code == result.graph_module.code  # deterministic
+    assert not run_pass(FuseLayerNorm(), result.graph_module, x).modified  # idempotent
