@@ -121,7 +121,7 @@ def load_variant(path: Path, model: torch.nn.Module) -> Any:
     return loader, loader.load(path, device="cuda", params=dict(model.state_dict()))
 
 
-def kernel_breakdown(fn: Callable[[], Any], top: int = 12) -> list[dict[str, Any]]:
+def kernel_breakdown(fn: Callable[[], Any]) -> list[dict[str, Any]]:
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -133,12 +133,12 @@ def kernel_breakdown(fn: Callable[[], Any], top: int = 12) -> list[dict[str, Any
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
         if t > 0 and e.count > 0:
-            rows.append({"kernel": e.key[:90], "calls": e.count, "total_ms": t / 1e3})
+            rows.append({"kernel": e.key[:120], "calls": e.count, "total_ms": t / 1e3})
     rows.sort(key=lambda r: -r["total_ms"])
     total = sum(r["total_ms"] for r in rows)
     for r in rows:
         r["share"] = r["total_ms"] / total if total else 0.0
-    return rows[:top] + [{"kernel": "(all kernels)", "calls": sum(r["calls"] for r in rows), "total_ms": total,
+    return rows + [{"kernel": "(all kernels)", "calls": sum(r["calls"] for r in rows), "total_ms": total,
                           "share": 1.0}]
 
 

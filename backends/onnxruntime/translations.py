@@ -74,19 +74,20 @@ def _contrib_form(x, residual, weight) -> bool:
     return rank in (2, 3) and (weight is None or weight.dtype == x.dtype) and residual.dtype == x.dtype
 
 
-def _rms_primitive(x, weight, axis: int, eps: float):
+def _rms_primitive(x, x_dtype, weight, axis: int, eps: float):
     x32 = op.Cast(x, to=onnx.TensorProto.FLOAT)
     mean_sq = op.ReduceMean(op.Mul(x32, x32), op.Constant(value_ints=list(range(axis, 0))), keepdims=1)
     inv = op.Reciprocal(op.Sqrt(op.Add(mean_sq, op.Constant(value_float=eps))))
     y = op.CastLike(op.Mul(x32, inv), x)
-    return y if weight is None else _mul_weight(y, weight)
+    return y if weight is None else _mul_weight(y, x_dtype, weight)
 
 
-def _mul_weight(y, weight):
-    if weight.dtype == y.dtype:
+def _mul_weight(y, y_dtype, weight):
+    """weight * y, y of dtype `y_dtype` (traced values built by CastLike carry no dtype of their own)."""
+    if weight.dtype == y_dtype:
         return op.Mul(y, weight)
     # torch promotes w * y; ONNX Mul needs one dtype: cast both to the wider one (the fake kernel's dtype)
-    wide = torch.promote_types(_torch_dtype(y.dtype), _torch_dtype(weight.dtype))
+    wide = torch.promote_types(_torch_dtype(y_dtype), _torch_dtype(weight.dtype))
     to = _onnx_dtype(wide)
     return op.Mul(op.Cast(y, to=to), op.Cast(weight, to=to))
 
@@ -101,16 +102,20 @@ def _onnx_dtype(dtype: torch.dtype) -> int:
             torch.bfloat16: onnx.TensorProto.BFLOAT16, torch.float64: onnx.TensorProto.DOUBLE}[dtype]
 
 
+def _rms(x, x_dtype, weight, axis: int, eps: float, opset: int):
+    """`x_dtype` is passed along: values made by traced ops (an Add) carry no dtype of their own."""
+    if opset < RMS_NORMALIZATION_OPSET:
+        return _rms_primitive(x, x_dtype, weight, axis, eps)
+    if weight is not None and weight.dtype == x_dtype:
+        return op23.RMSNormalization(x, weight, axis=axis, epsilon=eps, stash_type=1)
+    y = op23.RMSNormalization(x, _ones_scale(x, axis), axis=axis, epsilon=eps, stash_type=1)
+    return y if weight is None else _mul_weight(y, x_dtype, weight)
+
+
 def _make_rms_norm(opset: int) -> Callable:
     def fxopt_rms_norm(x: TFloat, normalized_shape: Sequence[int], weight: TFloat | None = None,
                        eps: float = 1e-6) -> TFloat:
-        axis = -len(normalized_shape)
-        if opset < RMS_NORMALIZATION_OPSET:
-            return _rms_primitive(x, weight, axis, eps)
-        if weight is not None and weight.dtype == x.dtype:
-            return op23.RMSNormalization(x, weight, axis=axis, epsilon=eps, stash_type=1)
-        y = op23.RMSNormalization(x, _ones_scale(x, axis), axis=axis, epsilon=eps, stash_type=1)
-        return y if weight is None else _mul_weight(y, weight)
+        return _rms(x, x.dtype, weight, -len(normalized_shape), eps, opset)
 
     return fxopt_rms_norm
 
@@ -129,8 +134,6 @@ def fxopt_add_layer_norm(x: TFloat, residual: TFloat, normalized_shape: Sequence
 
 
 def _make_add_rms_norm(opset: int) -> Callable:
-    rms_norm = _make_rms_norm(opset)
-
     def fxopt_add_rms_norm(x: TFloat, residual: TFloat, normalized_shape: Sequence[int],
                            weight: TFloat | None = None, eps: float = 1e-6) -> tuple[TFloat, TFloat]:
         if len(normalized_shape) == 1 and _contrib_form(x, residual, weight):
@@ -138,7 +141,7 @@ def _make_add_rms_norm(opset: int) -> Callable:
             out, _, _, total = SkipSimplifiedLayerNormalization(x, residual, gamma, epsilon=eps)
             return out, total
         total = op.Add(x, residual)
-        return rms_norm(total, normalized_shape, weight, eps), total
+        return _rms(total, x.dtype, weight, -len(normalized_shape), eps, opset), total
 
     return fxopt_add_rms_norm
 

@@ -101,22 +101,28 @@ def compile(opt: Any, target: str = "cpu", *, extern: bool | None = None, **buil
 
 
 def export(opt: Any, path: str | Path, target: str = "cpu", *, extern: bool | None = None,
-           **build_opts: Any) -> Path:
+           save_params: bool = True, **build_opts: Any) -> Path:
     """Write a deployable directory: ``model.so`` (kernels, no weights), ``params.bin``,
-    ``manifest.json`` and ``loader.py`` (needs the TVM runtime only)."""
-    import tvm
-
+    ``manifest.json`` and ``loader.py`` (needs the TVM runtime only). With ``save_params=False``
+    the weights are left out; ``loader.load(path, params=state_dict)`` then supplies them."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     lowered, ex = _lower_and_build(opt, target, extern, **build_opts)
     ex.export_library(str(path / runtime.LIBRARY))
-    params = {n: tvm.runtime.tensor(lowered.params[n].detach().cpu().contiguous().numpy())
-              for n in lowered.param_names if lowered.params[n].dtype != torch.bfloat16}
-    params |= {n: tvm.runtime.from_dlpack(lowered.params[n].detach().cpu().contiguous())
-               for n in lowered.param_names if lowered.params[n].dtype == torch.bfloat16}
-    tvm.runtime.save_param_dict_to_file(params, str(path / runtime.PARAMS))
+    if save_params:
+        _save_params(lowered, path / runtime.PARAMS)
     manifest = _manifest(lowered, target, (target == "cuda") if extern is None else extern)
     (path / runtime.MANIFEST).write_text(json.dumps(manifest, indent=1))
     shutil.copyfile(Path(runtime.__file__), path / "loader.py")
     log.info("exported %s (%s, %d params)", path, target, len(lowered.param_names))
     return path
+
+
+def _save_params(lowered: Lowered, file: Path) -> None:
+    import tvm
+
+    params = {n: tvm.runtime.tensor(lowered.params[n].detach().cpu().contiguous().numpy())
+              for n in lowered.param_names if lowered.params[n].dtype != torch.bfloat16}
+    params |= {n: tvm.runtime.from_dlpack(lowered.params[n].detach().cpu().contiguous())
+               for n in lowered.param_names if lowered.params[n].dtype == torch.bfloat16}
+    tvm.runtime.save_param_dict_to_file(params, str(file))

@@ -107,15 +107,16 @@ def ensure_cuda_codegen(arch: str = CUDA_ARCH, fast_math: bool = False) -> None:
 
 
 def gpu_pipeline(target: tvm.target.Target, cuda_graph: bool = False) -> tvm.transform.Pass:
-    """legalize -> fuse -> dlight GPU schedules -> VM lowering (TVM's CUDA pipeline, spelled out so
-    that the schedule rules are ours to choose)."""
+    """dispatch sort/scan -> legalize -> fuse -> dlight GPU schedules -> VM lowering (TVM's CUDA
+    pipeline, spelled out so that the schedule rules are ours to choose)."""
     from tvm.s_tir import dlight as dl
 
     backend = relax.backend.cuda.pipeline
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        passes = [
+        passes = [relax.transform.DeadCodeElimination()]  # e.g. transposes the library reads strided
+        passes += backend.library_dispatch_passes(target) + [  # sort/scan (cumsum) -> GPU kernels
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),

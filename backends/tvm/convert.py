@@ -5,7 +5,8 @@ The importer keys its table by ``node.target.__name__`` ("rms_norm.default"), so
 serves ``aten.rms_norm`` and ``fxopt.rms_norm``; both mean the same function.
 
 Numerics contract (why these exist at all, not only for missing ops):
-  * norms reduce in float32 whatever the input dtype (fp16 sums of squares overflow at 65504);
+  * norms reduce in float32 whatever the input dtype (fp16 sums of squares overflow at 65504),
+    inside one kernel (casts inline, not separate passes over memory);
   * GEMMs accumulate in float32 and round once to the input dtype, as cuBLAS does for torch;
   * attention takes its softmax in float32, and never forms ``-inf - -inf``.
 With ``extern=True`` GEMMs and attention become ``call_dps_packed`` calls to functions that the
@@ -23,10 +24,11 @@ from tvm import relax, tirx
 
 Converter = Callable[[Any, Any], relax.Expr]
 
-EXTERN_LINEAR = "fxopt.linear"        # (x2d, w[N,K], [bias]) -> x2d @ w.T + bias
+EXTERN_LINEAR = "fxopt.linear"        # (x[..., K], w[N,K], [bias]) -> x @ w.T + bias
 EXTERN_ADDMM = "fxopt.addmm"          # (bias, x2d, w[K,N]) -> bias + x2d @ w
 EXTERN_MATMUL = "fxopt.matmul"        # (a, b) -> a @ b (batched, broadcast)
-EXTERN_SDPA = "fxopt.sdpa"            # (q, k, v, [mask], scale, is_causal) -> attention
+EXTERN_SDPA = "fxopt.sdpa"            # (q, k, v, [mask], scale, is_causal, layout) -> attention
+# layout bits: 1 q, 2 k, 4 v are given [B, S, H, D] (else [B, H, S, D]); 8 output is [B, S, H, D]
 
 
 def _emit(imp: Any, expr: relax.Expr) -> relax.Var:
@@ -152,31 +154,42 @@ def pow_scalar(node: Any, imp: Any) -> relax.Expr:
     return y
 
 
+def _rms_te(x: Any, w: Any, naxes: int, eps: float, out_dtype: str) -> Any:
+    """One TE stage graph (so one fused kernel): float32 mean of squares, rsqrt, round to x's
+    dtype, then ``weight * y`` in the promoted dtype, as torch's RMSNorm does."""
+    from tvm import te, topi
+
+    nd, in_dtype = len(x.shape), x.dtype
+    red = list(range(nd - naxes, nd))
+    sq = te.compute(x.shape, lambda *i: x(*i).astype("float32") * x(*i).astype("float32"), name="sq")
+    ss = topi.sum(sq, axis=red, keepdims=True)
+    n = 1.0
+    for d in red:
+        n = n * x.shape[d]
+
+    def f(*i: Any) -> Any:
+        j = [i[k] if k < nd - naxes else 0 for k in range(nd)]
+        y = (x(*i).astype("float32") * te.rsqrt(ss(*j) / n.astype("float32") + eps)).astype(in_dtype)
+        if w is None:
+            return y
+        return w(*i[nd - len(w.shape):]).astype(out_dtype) * y.astype(out_dtype)
+
+    return te.compute(x.shape, f, name="rms_norm")
+
+
 def _rms(imp: Any, x: relax.Expr, nshape: list[int], weight: Any, eps: float) -> relax.Expr:
-    in_dtype = _dtype(x)
-    axes = list(range(-len(nshape), 0))
-    xf = _cast(imp, x, "float32")
-    ms = _emit(imp, relax.op.mean(relax.op.multiply(xf, xf), axes, keepdims=True))
-    inv = _emit(imp, relax.op.rsqrt(relax.op.add(ms, relax.const(eps, "float32"))))
-    y = _cast(imp, _emit(imp, relax.op.multiply(xf, inv)), in_dtype)
-    if weight is None:
-        return y
-    out = _promote(in_dtype, _dtype(weight))
-    return _emit(imp, relax.op.multiply(_cast(imp, weight, out), _cast(imp, y, out)))
+    out = _dtype(x) if weight is None else _promote(_dtype(x), _dtype(weight))
+    return imp.block_builder.emit_te(_rms_te, x, weight, len(nshape), eps, out, primfunc_name_hint="rms_norm")
 
 
 def _layer_norm(imp: Any, x: relax.Expr, nshape: list[int], w: Any, b: Any, eps: float) -> relax.Expr:
-    in_dtype = _dtype(x)
+    """TVM's layer_norm keeps its statistics in float32 for fp16/bf16 input (two-pass variance)."""
+    dtype = _dtype(x)
     axes = list(range(-len(nshape), 0))
-    xf = _cast(imp, x, "float32")
-    gamma = _cast(imp, w, "float32") if w is not None else relax.const(1.0, "float32")
-    beta = _cast(imp, b, "float32") if b is not None else relax.const(0.0, "float32")
-    if w is None or b is None:  # relax layer_norm wants tensors of the normalized shape
-        full = [int(s) for s in nshape]
-        gamma = gamma if w is not None else relax.const(np.ones(full, "float32"))
-        beta = beta if b is not None else relax.const(np.zeros(full, "float32"))
-    y = _emit(imp, relax.op.nn.layer_norm(xf, gamma, beta, axes, eps))
-    return _cast(imp, y, in_dtype)
+    full = [int(s) for s in nshape]
+    gamma = _cast(imp, w, dtype) if w is not None else relax.const(np.ones(full, dtype))
+    beta = _cast(imp, b, dtype) if b is not None else relax.const(np.zeros(full, dtype))
+    return _emit(imp, relax.op.nn.layer_norm(x, gamma, beta, axes, eps))
 
 
 def rms_norm(node: Any, imp: Any) -> relax.Expr:
@@ -219,27 +232,16 @@ def _extern(imp: Any, name: str, args: list[relax.Expr], shape: list[Any], dtype
     return _emit(imp, relax.op.call_dps_packed(name, relax.Tuple(args), relax.TensorType(shape, dtype)))
 
 
-def _flatten2d(imp: Any, x: relax.Expr) -> tuple[relax.Expr, list[Any]]:
-    shape = _shape(x)
-    if len(shape) == 2:
-        return x, shape
-    rows = shape[0]
-    for s in shape[1:-1]:
-        rows = rows * s
-    return _emit(imp, relax.op.reshape(x, [rows, shape[-1]])), shape
-
-
 def make_linear(extern: bool) -> Converter:
     def linear(node: Any, imp: Any) -> relax.Expr:
         x, w = imp.env[node.args[0]], imp.env[node.args[1]]
         bias = _val(imp, _arg(node, 2, "bias"))
-        n = _shape(w)[0]
         if not extern:
             return _tvm_matmul(imp, x, _emit(imp, relax.op.permute_dims(w, [1, 0])), bias)
-        x2, shape = _flatten2d(imp, x)
-        args = [x2, w] + ([bias] if bias is not None else [])
-        y = _extern(imp, EXTERN_LINEAR, args, [_shape(x2)[0], n], _dtype(x))
-        return y if len(shape) == 2 else _emit(imp, relax.op.reshape(y, shape[:-1] + [n]))
+        # N-D in and out: the library flattens the leading dims as a free view (a reshape here
+        # could become a copy kernel)
+        args = [x, w] + ([bias] if bias is not None else [])
+        return _extern(imp, EXTERN_LINEAR, args, _shape(x)[:-1] + [_shape(w)[0]], _dtype(x))
     return linear
 
 
@@ -294,6 +296,39 @@ def _tvm_sdpa(imp: Any, q: relax.Expr, k: relax.Expr, v: relax.Expr, mask: Any, 
     return _cast(imp, o, dtype)
 
 
+_BHSD_SWAP = [0, 2, 1, 3]
+
+
+def _bshd_source(node: Any, imp: Any) -> Any:
+    """The [B, S, H, D] tensor that ``node`` (a q/k/v argument) permutes to [B, H, S, D], if any."""
+    if getattr(node, "op", None) == "call_function" and getattr(node.target, "__name__", "") == "permute.default" \
+            and list(node.args[1]) == _BHSD_SWAP:
+        return imp.env[node.args[0]]
+    return None
+
+
+def _bshd_marks(imp: Any) -> dict[Any, relax.Expr]:
+    return imp.__dict__.setdefault("_fxopt_bshd", {})
+
+
+def view_passthrough(node: Any, imp: Any) -> relax.Expr:
+    """``view``, remembering identity views of a [B, S, H, D]-producing attention (see permute)."""
+    src = node.args[0]
+    marks = _bshd_marks(imp)
+    val = node.meta.get("val")
+    if src in marks and val is not None and tuple(val.shape) == tuple(src.meta["val"].shape):
+        marks[node] = marks[src]
+    return type(imp)._reshape(imp, node)
+
+
+def permute_passthrough(node: Any, imp: Any) -> relax.Expr:
+    """``permute(attention_out, [0, 2, 1, 3])`` is the [B, S, H, D] tensor the library wrote."""
+    marks = _bshd_marks(imp)
+    if node.args[0] in marks and list(node.args[1]) == _BHSD_SWAP:
+        return marks[node.args[0]]
+    return type(imp)._permute(imp, node)
+
+
 def make_sdpa(extern: bool) -> Converter:
     def sdpa(node: Any, imp: Any) -> relax.Expr:
         q, k, v = (imp.env[a] for a in node.args[:3])
@@ -305,10 +340,23 @@ def make_sdpa(extern: bool) -> Converter:
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(int(_shape(q)[-1]))
         if not extern:
             return _tvm_sdpa(imp, q, k, v, mask, causal, scale)
-        args = [q, k, v] + ([mask] if mask is not None else [])
-        args += [relax.PrimValue(tirx.FloatImm("float64", scale)), relax.PrimValue(int(causal))]
-        out_shape = _shape(q)[:-1] + [_shape(v)[-1]]
-        return _extern(imp, EXTERN_SDPA, args, out_shape, _dtype(q))
+        # Heads-major q/k/v and output are usually transposes of [B, S, H, D] tensors: hand the
+        # library those (it takes strided views) instead of materializing each transpose.
+        layout, qkv = 0, []
+        for bit, (arg, val) in enumerate(zip(node.args[:3], (q, k, v))):
+            src = _bshd_source(arg, imp) if len(_shape(val)) == 4 else None
+            layout |= (1 << bit) if src is not None else 0
+            qkv.append(src if src is not None else val)
+        args = qkv + ([mask] if mask is not None else [])
+        args += [relax.prim_value(tirx.FloatImm("float64", scale)), relax.prim_value(int(causal))]
+        qs, vs = _shape(q), _shape(v)
+        if len(qs) != 4:
+            return _extern(imp, EXTERN_SDPA, args + [relax.prim_value(layout)], qs[:-1] + [vs[-1]], _dtype(q))
+        layout |= 1 << 3  # output written as [B, S, H, D]
+        out = _extern(imp, EXTERN_SDPA, args + [relax.prim_value(layout)], [qs[0], qs[2], qs[1], vs[-1]],
+                      _dtype(q))
+        _bshd_marks(imp)[node] = out
+        return _emit(imp, relax.op.permute_dims(out, _BHSD_SWAP))
     return sdpa
 
 
@@ -329,4 +377,5 @@ def conversion_table(extern: bool = False) -> dict[str, Converter]:
         "bmm.default": make_matmul(extern),
         "matmul.default": make_matmul(extern),
         "scaled_dot_product_attention.default": make_sdpa(extern),
+        **({"view.default": view_passthrough, "permute.default": permute_passthrough} if extern else {}),
     }

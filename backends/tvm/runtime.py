@@ -53,11 +53,12 @@ def register_torch_externs() -> None:
     T = torch.from_dlpack
 
     def linear(x: Any, w: Any, *rest: Any) -> None:
-        out = T(rest[-1])
+        X, W, out = T(x), T(w), T(rest[-1])
+        X2, out2 = X.reshape(-1, X.shape[-1]), out.view(-1, out.shape[-1])
         if len(rest) == 2:
-            torch.addmm(T(rest[0]), T(x), T(w).t(), out=out)
+            torch.addmm(T(rest[0]), X2, W.t(), out=out2)
         else:
-            torch.mm(T(x), T(w).t(), out=out)
+            torch.mm(X2, W.t(), out=out2)
 
     def addmm(bias: Any, x: Any, w: Any, out: Any) -> None:
         torch.addmm(T(bias), T(x), T(w), out=T(out))
@@ -66,12 +67,12 @@ def register_torch_externs() -> None:
         torch.matmul(T(a), T(b), out=T(out))
 
     def sdpa(q: Any, k: Any, v: Any, *rest: Any) -> None:
-        mask = T(rest[0]) if len(rest) == 4 else None
-        scale, causal, out = rest[-3], bool(rest[-2]), T(rest[-1])
-        q, k, v = T(q), T(k), T(v)
+        mask = T(rest[0]) if len(rest) == 5 else None
+        scale, causal, layout, out = rest[-4], bool(rest[-3]), int(rest[-2]), T(rest[-1])
+        q, k, v = (T(t).transpose(1, 2) if layout & (1 << i) else T(t) for i, t in enumerate((q, k, v)))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                            enable_gqa=q.shape[-3] != k.shape[-3])
-        out.copy_(o)
+        (out.transpose(1, 2) if layout & 8 else out).copy_(o)
 
     for name, fn in {"linear": linear, "addmm": addmm, "matmul": matmul, "sdpa": sdpa}.items():
         tvm_ffi.register_global_func(f"fxopt.{name}", fn, override=True)
@@ -108,12 +109,52 @@ class Module:
         return [torch.from_dlpack(o) for o in outs]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        flat = self.run_flat(self._flat_inputs(args, kwargs))
+        return self.structure(self.run_flat(self._flat_inputs(args, kwargs)))
+
+    def structure(self, flat: list[Any]) -> Any:
         if self.out_spec is None:
             return flat[0] if len(flat) == 1 else tuple(flat)
         from torch.utils._pytree import tree_unflatten
 
         return tree_unflatten(flat, self.out_spec)
+
+
+class CUDAGraphed:
+    """Replays a CUDA graph of one whole VM call per input signature (shapes, dtypes): TVM kernels
+    and the library calls inside it are all captured, on torch's capture stream (the TVM runtime is
+    pointed at it). Like torch.compile's "reduce-overhead", outputs are static buffers that the
+    next call overwrites. Needs torch with CUDA."""
+
+    def __init__(self, module: Module, warmup: int = 2) -> None:
+        self.module, self.warmup = module, warmup
+        self.graphs: dict[tuple[Any, ...], tuple[Any, list[Any], list[Any]]] = {}
+
+    def _capture(self, flat: list[Any]) -> tuple[Any, list[Any], list[Any]]:
+        import torch
+        import tvm_ffi
+
+        static_in = [t.clone() for t in flat]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with tvm_ffi.use_torch_stream(torch.cuda.stream(side)):
+            for _ in range(self.warmup):  # warms the VM's memory pool: no cudaMalloc while capturing
+                self.module.run_flat(static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
+            static_out = self.module.run_flat(static_in)
+        return graph, static_in, static_out
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat = self.module._flat_inputs(args, kwargs)
+        key = tuple((tuple(t.shape), t.dtype) for t in flat)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(flat)
+        graph, static_in, static_out = self.graphs[key]
+        for dst, src in zip(static_in, flat):
+            dst.copy_(src)
+        graph.replay()
+        return self.module.structure(static_out)
 
 
 def load(path: str | Path = ".", device: str | None = None, params: dict[str, Any] | None = None) -> Module:
