@@ -3,6 +3,7 @@
 Every rule is exact or exact up to float rounding, and local:
 
     to(x, x.dtype)                         => x                      (no-op cast)
+    clone(x), no memory_format             => x                      (captured graphs are functional)
     dropout(x, p, train=False)             => x
     f(a..) , f(a..)                        => one node                (CSE of pure ops)
     square(x), mul(x, x)                   => pow(x, 2)
@@ -21,16 +22,19 @@ Every rule is exact or exact up to float rounding, and local:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .pattern import CAST_TARGETS, node_args
 from .rewrite import Rewriter, is_impure
 
 aten = torch.ops.aten
+log = logging.getLogger(__name__)
 Rule = Callable[[fx.Node, Rewriter], bool]
 
 
@@ -50,6 +54,13 @@ def drop_noop_cast(n: fx.Node, rw: Rewriter) -> bool:
     return True
 
 
+def drop_clone(n: fx.Node, rw: Rewriter) -> bool:
+    if n.target == aten.clone.default and n.kwargs.get("memory_format") is None:  # strides preserved
+        rw.replace(n, n.args[0], "drop_clone")
+        return True
+    return False
+
+
 def drop_eval_dropout(n: fx.Node, rw: Rewriter) -> bool:
     if n.target in (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default):
         x, p, train = node_args(n)[:3]
@@ -61,6 +72,8 @@ def drop_eval_dropout(n: fx.Node, rw: Rewriter) -> bool:
 
 def pow_forms(n: fx.Node, rw: Rewriter) -> bool:
     t, a = n.target, n.args
+    if not (isinstance(_val(n), torch.Tensor) and _val(n).is_floating_point()):
+        return False
     if t == aten.square.default or (t == aten.mul.Tensor and a[0] is a[1] and isinstance(a[0], fx.Node)):
         rw.replace(n, rw.call(aten.pow.Tensor_Scalar, (a[0], 2.0), before=n, like=n), "square_to_pow")
         return True
@@ -83,13 +96,14 @@ def sum_div_to_mean(n: fx.Node, rw: Rewriter) -> bool:
         return False
     total, count = n.args
     x, dims, keepdim = node_args(total)[:3]
-    shape = _val(x).shape if isinstance(_val(x), torch.Tensor) else None
-    if shape is None or not dims or not isinstance(count, (int, float)):
+    vx = _val(x)
+    if not (isinstance(vx, torch.Tensor) and vx.is_floating_point()) or not dims or isinstance(count, bool) \
+            or not isinstance(count, (int, float)):
         return False
-    try:
-        size = math.prod(int(shape[d]) for d in dims)
-    except (TypeError, ValueError):  # a dynamic reduced dim: the count is not a constant
+    reduced = [vx.shape[d] for d in dims]
+    if not all(is_concrete_int(s) for s in reduced):  # a dynamic reduced dim: the count is not a constant
         return False
+    size = math.prod(int(s) for s in reduced)
     if size != count or total.kwargs.get("dtype") is not None:
         return False
     rw.replace(n, rw.call(aten.mean.dim, (x, list(dims), keepdim), before=n, like=n), "sum_div_to_mean")
@@ -117,6 +131,8 @@ def population_moments(n: fx.Node, rw: Rewriter) -> bool:
     x, dims, keepdim = args["self"], args["dim"], bool(args["keepdim"])
     if moment_correction(n) != 0 or not dims:
         return False  # the unbiased estimator is a different function; left for passes to report
+    if _val(x).dtype not in (torch.float32, torch.float64):
+        return False  # torch accumulates half-precision moments in fp32; the decomposition would overflow
     dims = list(dims)
     mean_k = rw.call(aten.mean.dim, (x, dims, True), before=n, like=n)
     centered = rw.call(aten.sub.Tensor, (x, mean_k), before=n, like=n)
@@ -153,7 +169,7 @@ def cse(graph: fx.Graph, rw: Rewriter) -> None:
             hash(key)
         except TypeError:
             continue
-        if key in seen:
+        if key in seen and _same_meta(seen[key], n):
             rw.replace(n, seen[key], "cse")
         else:
             seen[key] = n
@@ -166,19 +182,27 @@ def _key(a):
         return tuple(sorted((k, _key(v)) for k, v in a.items()))
     if isinstance(a, torch.Tensor):
         raise TypeError
-    return a
+    return (type(a), a) if isinstance(a, (bool, int, float, complex)) else a
+
+
+def _same_meta(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = _val(a), _val(b)
+    if isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor):
+        return va.dtype == vb.dtype and va.device == vb.device
+    return type(va) is type(vb)
 
 
 def _is(a, target) -> bool:
     return isinstance(a, fx.Node) and a.op == "call_function" and a.target == target
 
 
-DEFAULT_RULES: tuple[Rule, ...] = (drop_noop_cast, drop_eval_dropout, population_moments, pow_forms,
+DEFAULT_RULES: tuple[Rule, ...] = (drop_noop_cast, drop_clone, drop_eval_dropout, population_moments, pow_forms,
                                    sum_div_to_mean)
 
 
-def canonicalize(rw: Rewriter, rules: tuple[Rule, ...] | None = None, max_rounds: int = 8) -> None:
-    """Apply `rules` to a fixed point (at most `max_rounds` sweeps), with CSE between sweeps."""
+def canonicalize(rw: Rewriter, rules: tuple[Rule, ...] | None = None, max_rounds: int = 32) -> None:
+    """Apply `rules` to a fixed point, with CSE between sweeps. Every sweep leaves a correct graph, so after
+    `max_rounds` sweeps it stops where it is (logged): matching then sees a partly canonical graph."""
     graph, rules = rw.graph, DEFAULT_RULES if rules is None else rules
     for _ in range(max_rounds):
         before = sum(rw.counts.values())
@@ -191,7 +215,7 @@ def canonicalize(rw: Rewriter, rules: tuple[Rule, ...] | None = None, max_rounds
         graph.eliminate_dead_code(is_impure_node=is_impure)
         if sum(rw.counts.values()) == before:
             return
-    raise RuntimeError(f"canonicalization did not reach a fixed point in {max_rounds} sweeps")
+    log.warning("canonicalization stopped after %d sweeps without reaching a fixed point", max_rounds)
 
 
 def mul_reciprocal_to_div(n: fx.Node, rw: Rewriter) -> bool:
@@ -219,7 +243,8 @@ def constants_last(n: fx.Node, rw: Rewriter) -> bool:
         k, a = inner.args[:2]
         if not is_constant(k):
             k, a = a, k
-        if is_constant(k) and isinstance(a, fx.Node) and not is_constant(a):
+        dtypes = {getattr(_val(t), "dtype", None) for t in (k, a, other)}
+        if is_constant(k) and isinstance(a, fx.Node) and not is_constant(a) and len(dtypes) == 1:
             prod = rw.call(aten.mul.Tensor, (a, other), before=n, like=n)
             rw.replace(n, rw.call(aten.mul.Tensor, (prod, k), before=n, like=n), "constants_last")
             return True

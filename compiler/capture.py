@@ -5,8 +5,10 @@ Tried in order, each failure recorded for the error message:
      `Dim.AUTO`: dynamic unless the model forces them static;
   2. torch.export (non-strict), all dims static;
   3. torch.fx.symbolic_trace, then torch.export of the traced module (for modules export cannot take).
-The result is `ExportedProgram.module()`: parameters are get_attr nodes, the forward has the model's own
-signature and returns the model's own output structure (ModelOutput, tuple, dict).
+The program is then functionalized (`run_decompositions({})`: in-place ops become out-of-place, nothing is
+decomposed), so that passes may assume pure nodes. The result is `ExportedProgram.module()`: parameters are
+get_attr nodes, the forward has the model's own signature and returns the model's own output structure
+(ModelOutput, tuple, dict).
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule
                 attempts.append((how, _first_line(e)))
                 continue
             info = CaptureInfo(method=how, failed_attempts=attempts)
-            gm = ep.module()
+            gm = ep.run_decompositions({}).module()
             _describe_dims(gm, info, dynamic_requested="dynamic" in how)
             info.seconds = time.perf_counter() - start
             return gm, info, dyn if "dynamic" in how else None

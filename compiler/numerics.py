@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
@@ -25,6 +25,27 @@ class Numerics:
 def run_graph(gm: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     with torch.no_grad():
         return gm(*args, **kwargs)
+
+
+def overflowed(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, names: Sequence[str]) -> list[str]:
+    """Those of the named nodes whose value on these inputs is non-finite or below the smallest normal."""
+    watched = set(names)
+    found: list[str] = []
+
+    class Probe(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in watched and isinstance(out, torch.Tensor) and out.is_floating_point():
+                tiny = torch.finfo(out.dtype).tiny
+                if not torch.isfinite(out).all() or bool((out.abs() < tiny).any()):
+                    found.append(n.name)
+            return out
+
+    flat = pytree.tree_leaves((args, kwargs)) if not hasattr(gm, "_in_spec") else \
+        torch.fx._pytree.tree_flatten_spec((args, kwargs), gm._in_spec)
+    with torch.no_grad():
+        Probe(gm).run(*flat)
+    return found
 
 
 def compare(before: Any, after: Any, tol: Tolerance) -> Numerics:

@@ -9,7 +9,7 @@ the op overloads listed in `FUSED_OPS`.
     add_rms_norm(x, r, shape, w, eps)      = (rms_norm(x + r, shape, w, eps), x + r)
 
 The sum output gives SkipLayerNormalization semantics: the residual stream stays available to later users.
-RMSNorm statistics are computed in fp32 whatever the input dtype (as Llama-style implementations do).
+RMSNorm statistics are computed in fp32 (fp64 for fp64 inputs), as Llama-style implementations do.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ _lib.define("add_rms_norm(Tensor x, Tensor residual, SymInt[] normalized_shape, 
 
 def _rms_norm_ref(x: torch.Tensor, normalized_shape, weight, eps: float) -> torch.Tensor:
     dims = tuple(range(-len(normalized_shape), 0))
-    x32 = x.to(torch.float32)
-    y = (x32 * torch.rsqrt(x32.pow(2).mean(dims, keepdim=True) + eps)).to(x.dtype)
+    xc = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 statistics, or fp64 for fp64
+    y = (xc * torch.rsqrt(xc.pow(2).mean(dims, keepdim=True) + eps)).to(x.dtype)
     return y if weight is None else weight * y
 
 

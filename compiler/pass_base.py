@@ -66,6 +66,10 @@ class PassResult:
     stats: Mapping[str, int] = field(default_factory=dict)
     # why nothing (or not everything) was rewritten: "node: reason" lines, deterministic order
     reasons: Sequence[str] = ()
+    # names of nodes of the graph *before* the pass whose values decide whether the exactness contract
+    # applies: if one is inf/NaN or below the dtype's smallest normal on the example inputs, the original
+    # overflowed or underflowed there, and outputs are not compared (e.g. a naive softmax's denominators)
+    overflow_watch: Sequence[str] = ()
 
 
 @dataclass(frozen=True)

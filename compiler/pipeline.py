@@ -4,6 +4,7 @@ structural verification and a numerics check against the graph before it (the pa
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import logging
 import time
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from torch import fx
 
 from .errors import NumericsError, PassError, RequirementError
-from .numerics import compare, run_graph
+from .numerics import compare, overflowed, run_graph
 from .pass_base import Pass, PassContext, Requirement
 from .report import PassReport
 from .verify import output_signature, verify_graph
@@ -58,14 +59,22 @@ def run_pipeline(gm: fx.GraphModule, passes: Sequence[Pass], ctx: PassContext, *
                 f"no candidate matched ({len(result.reasons)} near-misses)" if result.reasons
                 else "no candidate pattern in the graph")
             log.info("pass %s did not apply: %s", p.name, why)
-            reports.append(PassReport(p.name, False, p.exactness.value, seconds, dict(result.stats), why,
-                                      tuple(result.reasons)))
+            reports.append(PassReport(p.name, False, p.exactness.value, seconds, {}, why, tuple(result.reasons)))
             continue
         verify_graph(result.graph_module, signature, p.name)
         numerics = None
         if check_numerics:
-            after = run_graph(result.graph_module, ctx.example_args, dict(ctx.example_kwargs))
+            try:
+                after = run_graph(result.graph_module, ctx.example_args, dict(ctx.example_kwargs))
+                blown = overflowed(gm, ctx.example_args, dict(ctx.example_kwargs), result.overflow_watch) \
+                    if result.overflow_watch else []
+            except Exception as e:  # noqa: BLE001 - the rewritten graph does not run: the pass is at fault
+                raise PassError(p.name, ran_before, e) from e
             numerics = compare(before, after, p.tolerance)
+            if blown:
+                numerics = dataclasses.replace(
+                    numerics, ok=True, detail=f"not compared: the graph before the pass overflowed or underflowed "
+                    f"at {', '.join(blown)} on the example inputs")
             if not numerics.ok:
                 raise NumericsError(f"pass {p.name!r} ({p.exactness.value}) broke its numerical contract "
                                     f"on the example inputs: {numerics.detail}")

@@ -90,7 +90,7 @@ class Rewriter:
         while changed:
             changed = False
             for n in list(pending):
-                if n.graph is self.graph and not n.users and n.op == "call_function":
+                if not getattr(n, "_erased", False) and not n.users and n.op == "call_function":
                     self.graph.erase_node(n)
                     pending.remove(n)
                     changed = True

@@ -25,13 +25,14 @@ from typing import ClassVar
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.utils._pytree import tree_leaves
 
 from fxopt import ops
 from fxopt.canonicalize import _MOMENTS as MOMENT_OPS
 from fxopt.canonicalize import canonicalize, moment_correction
 from fxopt.canonicalize import is_constant as _is_constant
 from fxopt.pass_base import Pass, PassContext, PassResult, is_bool
-from fxopt.pattern import Const, Op, Var, is_cast, match, node_args, users_outside
+from fxopt.pattern import Cast, Const, Op, Var, is_cast, match, node_args
 from fxopt.rewrite import Rewriter
 
 aten = torch.ops.aten
@@ -39,7 +40,7 @@ _ADD = (aten.add.Tensor, aten.add.Scalar)
 
 
 def _mean(v, dims: str):
-    return Op(aten.mean.dim, v, Var(dims), True)
+    return Op(aten.mean.dim, v, Var(dims), True, None)
 
 
 def _inv_root(v):
@@ -50,15 +51,17 @@ _CENTERED = Op(aten.sub.Tensor, Var("x"), _mean(Var("x"), "dims"), 1, name="cent
 LAYER_NORM = Op(aten.mul.Tensor, _CENTERED,
                 _inv_root(_mean(Op(aten.pow.Tensor_Scalar, _CENTERED, 2.0), "var_dims")),
                 commutative=True, name="normed")
-RMS_NORM = Op(aten.mul.Tensor, Var("x"), _inv_root(_mean(Op(aten.pow.Tensor_Scalar, Var("x"), 2.0), "dims")),
+# Llama casts x to fp32 for both the statistics and the product; T5 only for the statistics
+RMS_NORM = Op(aten.mul.Tensor, Cast(Var("x"), name="x_mul"),
+              _inv_root(_mean(Op(aten.pow.Tensor_Scalar, Cast(Var("x"), name="x_pow"), 2.0), "dims")),
               commutative=True, name="normed")
 
 
 @dataclass
 class _Norm:
     kind: str  # "layer" | "rms"
-    x: fx.Node
-    shape: list[int]
+    x: fx.Node  # the input of the fused op
+    shape: list
     eps: float
     root: fx.Node  # the node the fused op replaces
     inner: list[fx.Node]
@@ -90,11 +93,29 @@ def _match_core(inv: fx.Node) -> _Norm | str | None:
             if m is None or m["inv"] is not inv:
                 continue
             dims = (m["dims"], m["var_dims"]) if kind == "layer" else (m["dims"],)
-            shape = _trailing_shape(m["x"], *dims)
+            x = _rms_input(m) if kind == "rms" else m["x"]
+            if isinstance(x, str):
+                return f"{user.name}: {x}"
+            shape = _trailing_shape(x, *dims)
             if isinstance(shape, str):
                 return f"{user.name}: {shape}"
-            return _Norm(kind, m["x"], shape, float(m["eps"]), m["normed"], list(m.nodes))
+            return _Norm(kind, x, shape, float(m["eps"]), m["normed"], list(m.nodes))
     return _explain_root(inv.args[0], inv)
+
+
+def _widens(cast: fx.Node) -> bool:
+    src, dst = _val(cast.args[0]), _val(cast)
+    return src.is_floating_point() and dst.is_floating_point() and dst.dtype.itemsize > src.dtype.itemsize
+
+
+def _rms_input(m) -> fx.Node | str:
+    """The fused op's input: x, or the widening cast of x its statistics are computed on."""
+    x_pow, x_mul = m.get("x_pow"), m.get("x_mul")
+    if x_pow is None:
+        return m["x"] if x_mul is None else "statistics in x's own precision, product in a wider one"
+    if not _widens(x_pow) or (x_mul is not None and _val(x_mul).dtype != _val(x_pow).dtype):
+        return f"the cast {x_pow.name} before the statistics narrows or disagrees with the product's"
+    return x_pow  # x * r with x narrow and r wide is computed in the wide type: the same values
 
 
 def _explain_root(arg, inv: fx.Node) -> str | None:
@@ -125,7 +146,7 @@ def _take_affine(norm: _Norm) -> str | None:
 
     x_dtype = _val(norm.x).dtype
     user = only_user(norm.root)
-    if norm.kind == "rms" and is_cast(norm.x) and user is not None and is_cast(user) \
+    if norm.kind == "rms" and is_cast(norm.x) and _widens(norm.x) and user is not None and is_cast(user) \
             and _val(user).dtype == _val(norm.x.args[0]).dtype:
         norm.inner += [norm.root, norm.x]
         norm.x, norm.root, user = norm.x.args[0], user, only_user(user)  # Llama: fp32 stats, cast back
@@ -134,12 +155,14 @@ def _take_affine(norm: _Norm) -> str | None:
         if role == "bias" and norm.kind == "rms":
             break
         if user is None or user.target != target or (target == aten.add.Tensor and node_args(user)[2] != 1):
-            break
+            continue
         other = user.args[1] if user.args[0] is norm.root else user.args[0]
         if not _is_constant(other):
-            break
-        if list(_val(other).shape) != norm.shape:
-            return (f"{user.name}: {'γ' if role == 'weight' else 'β'} has shape {list(_val(other).shape)}, "
+            continue
+        shape = list(_val(other).shape)
+        if shape != norm.shape and not (len(shape) >= len(norm.shape) and shape[-len(norm.shape):] == norm.shape
+                                        and all(s == 1 for s in shape[:-len(norm.shape)])):
+            return (f"{user.name}: {'γ' if role == 'weight' else 'β'} has shape {shape}, "
                     f"not the normalized shape {norm.shape}")
         if norm.kind == "layer" and _val(other).dtype != x_dtype:
             return f"{user.name}: {'γ' if role == 'weight' else 'β'} dtype {_val(other).dtype} != input {x_dtype}"
@@ -149,15 +172,27 @@ def _take_affine(norm: _Norm) -> str | None:
     return None
 
 
+def _check_precision(norm: _Norm) -> str | None:
+    """An RMSNorm written in fp16/bf16 without casts computes its statistics in that type, the fused op in
+    fp32. That is within the rounding of the output when the output is as narrow; not when the weight widens it."""
+    x, out = _val(norm.x).dtype, _val(norm.root).dtype
+    if norm.kind == "rms" and x in (torch.float16, torch.bfloat16) and out != x:
+        return (f"{norm.root.name}: RMSNorm statistics in {x} with a {out} output: the fused op's fp32 statistics "
+                f"would differ by more than {out} rounding")
+    return None
+
+
 def _fuse_norm(rw: Rewriter, norm: _Norm) -> None:
     first = _val(norm.x).dim() - len(norm.shape)
     shape = [s if isinstance(s, int) else rw.call(aten.sym_size.int, (norm.x, first + i), before=norm.root)
              for i, s in enumerate(norm.shape)]
+    weight, bias = (p if p is None or list(_val(p).shape) == norm.shape else
+                    rw.call(aten.view.default, (p, norm.shape), before=norm.root) for p in (norm.weight, norm.bias))
     if norm.kind == "layer":
-        fused = rw.call(aten.layer_norm.default, (norm.x, shape, norm.weight, norm.bias, norm.eps),
+        fused = rw.call(aten.layer_norm.default, (norm.x, shape, weight, bias, norm.eps),
                         before=norm.root, like=norm.root)
     else:
-        fused = rw.call(ops.rms_norm, (norm.x, shape, norm.weight, norm.eps), before=norm.root, like=norm.root)
+        fused = rw.call(ops.rms_norm, (norm.x, shape, weight, norm.eps), before=norm.root, like=norm.root)
     rw.replace(norm.root, fused, f"{norm.kind}_norm")
     rw.erase_dead([norm.root, *reversed(norm.inner)])
 
@@ -200,7 +235,7 @@ def _fuse_residual(rw: Rewriter, norm: fx.Node) -> str | None:
     fused_op, rule = _RESIDUAL[norm.target]
     rest = node_args(norm)[1:len(fused_op._schema.arguments) - 1]
     order = {n: i for i, n in enumerate(rw.graph.nodes)}
-    if any(isinstance(r, fx.Node) and order[r] > order[add] for r in rest):
+    if any(isinstance(r, fx.Node) and order[r] > order[add] for r in tree_leaves(rest)):
         return f"{add.name}: γ/β of {norm.name} are computed after the residual add"
     # right after the add, so that the add's earlier users can read the fused op's sum
     fused = rw.call(fused_op, (a, b, *rest), before=add.next, like=norm)
@@ -225,9 +260,8 @@ class FuseLayerNorm(Pass):
         rw = Rewriter(gm, self.name)
         canonicalize(rw)
         reasons: list[str] = []
+        candidates: list[_Norm] = []
         for node in list(gm.graph.nodes):
-            if node.graph is not gm.graph:
-                continue  # erased by an earlier fusion
             if node.target == aten.div.Tensor and (why := _explain_div(node)):
                 reasons.append(why)
             if node.target != aten.rsqrt.default:
@@ -235,14 +269,18 @@ class FuseLayerNorm(Pass):
             norm = _match_core(node)
             if norm is None or isinstance(norm, str):
                 reasons += [norm] if norm else []
-                continue
-            if norm.kind == "rms" and not self.rms_norm:
-                continue
-            why = _take_affine(norm) or _check_private(norm)
-            if why:
-                reasons.append(why)
-                continue
-            _fuse_norm(rw, norm)
+            elif norm.kind == "layer" or self.rms_norm:
+                why = _take_affine(norm) or _check_precision(norm)
+                reasons += [why] if why else []
+                candidates += [] if why else [norm]
+        # norms may share statistics (CSE); an intermediate used only by other norms is not a reason to stop
+        in_norms = {n for norm in candidates for n in (*norm.inner, norm.root)}
+        for norm in candidates:
+            leaked = [n for n in norm.inner if n not in (norm.root, norm.x) and any(u not in in_norms for u in n.users)]
+            if leaked:
+                reasons.append(f"{leaked[0].name}: intermediate of the norm at {norm.root.name} is used elsewhere")
+            else:
+                _fuse_norm(rw, norm)
         if self.fuse_residual_add:
             for node in list(gm.graph.nodes):
                 if node.target in _RESIDUAL and (why := _fuse_residual(rw, node)):
@@ -252,9 +290,3 @@ class FuseLayerNorm(Pass):
         rw.finish()
         return PassResult(gm, bool(fused), stats, reasons)
 
-
-def _check_private(norm: _Norm) -> str | None:
-    leaked = users_outside(norm.inner, [norm.root, norm.x])
-    if leaked:
-        return f"{leaked[0].name}: intermediate of the norm at {norm.root.name} is used elsewhere"
-    return None
