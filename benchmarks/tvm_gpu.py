@@ -1,11 +1,13 @@
 """fxopt's TVM CUDA backend against torch on an H100/H200: numerics and latency.
 
-Two steps, on two machines (the GPU machine has no TVM compiler and no network):
+Two machines (the GPU machine has no TVM compiler and no network):
 
-  # 1. here (TVM compiler + nvcc, no GPU needed): compile the kernels, no weights
+  # 1. here (TVM compiler + nvcc, no GPU needed): compile the kernels (no weights), and a
+  #    runtime-only TVM for the GPU machine's Python (tvm_ffi wheel from `pip download`)
   python benchmarks/tvm_gpu.py build --out artifacts/tvm_gpu
-  # 2. on the GPU machine, with a TVM runtime bundle on PYTHONPATH (see benchmarks/results/tvm_gpu.md)
-  python benchmarks/tvm_gpu.py run --artifacts artifacts/tvm_gpu --out results_dir
+  python benchmarks/tvm_gpu.py bundle --out .tvmrt --ffi-wheel .whl/apache_tvm_ffi-0.1.14.post1-cp312-*.whl
+  # 2. on the GPU machine
+  PYTHONPATH=.tvmrt python benchmarks/tvm_gpu.py run --artifacts artifacts/tvm_gpu --out results_dir
 
 Both steps build the same Hugging Face models from configs with seed 0 (random weights, fp16,
 sdpa attention); step 2 feeds the GPU model's own weights to the TVM module, so TVM and torch
@@ -20,8 +22,9 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -94,6 +97,27 @@ def build(out: Path, cases: list[str], variants: list[str]) -> None:
             log.info("%s/%s: built in %.1f s, model.so %.2f MB", name, v, time.time() - t0, size)
 
 
+def bundle(out: Path, ffi_wheel: Path) -> None:
+    """A runtime-only TVM (about 23 MB): the installed ``tvm`` package without its compiler
+    library and sources, plus ``tvm_ffi`` from a wheel built for the GPU machine's Python."""
+    import shutil
+    import zipfile
+
+    import tvm
+
+    src = Path(tvm.__file__).parent
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src, out / "tvm", ignore=shutil.ignore_patterns("__pycache__", "libtvm_compiler.so"))
+    for sub in ("3rdparty", "src", "include", "web"):
+        shutil.rmtree(out / "tvm" / sub, ignore_errors=True)
+    with zipfile.ZipFile(ffi_wheel) as whl:
+        for name in whl.namelist():
+            if not name.startswith(("tvm_ffi/include/", "tvm_ffi/3rdparty/")):
+                whl.extract(name, out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
+    log.info("runtime bundle %s: %.1f MB", out, size)
+
+
 # ---- step 2: run on the GPU ------------------------------------------------------------------
 
 def cuda_time(fn: Callable[[], Any], reps: int, warmup: int = 5) -> float:
@@ -157,7 +181,7 @@ def run_case(name: str, art: Path, reps: int, variants: list[str], modes: list[s
             try:
                 torch._dynamo.reset()
                 cm = torch.compile(model, mode=mode)
-                res[f"compile_{mode}_ms"] = cuda_time(lambda: cm(*args, **kwargs), reps, warmup=10)
+                res[f"compile_{mode}_ms"] = cuda_time(lambda cm=cm: cm(*args, **kwargs), reps, warmup=10)
             except Exception as err:  # keep going: a failed peer is recorded, not fatal
                 res["errors"][f"compile_{mode}"] = repr(err)[:300]
         for v in variants:
@@ -167,18 +191,16 @@ def run_case(name: str, art: Path, reps: int, variants: list[str], modes: list[s
                 res[f"{v}_nan"] = bool(torch.isnan(out).any())
                 res[f"{v}_vs_fp32"] = (out - ref32).abs().max().item()
                 res[f"{v}_vs_torch16"] = (out - ref16).abs().max().item()
-                res[f"{v}_vm_ms"] = cuda_time(lambda: mod(*args, **kwargs), reps)
+                res[f"{v}_vm_ms"] = cuda_time(lambda mod=mod: mod(*args, **kwargs), reps)
                 graphed = loader.CUDAGraphed(mod)
                 gout = output_tensor(graphed(*args, **kwargs)).float()
                 res[f"{v}_graph_vs_fp32"] = (gout - ref32).abs().max().item()
-                res[f"{v}_graph_ms"] = cuda_time(lambda: graphed(*args, **kwargs), reps)
+                res[f"{v}_graph_ms"] = cuda_time(lambda g=graphed: g(*args, **kwargs), reps)
                 if v == "lib":
-                    res["kernels"] = kernel_breakdown(lambda: mod(*args, **kwargs))
+                    res["kernels"] = kernel_breakdown(lambda mod=mod: mod(*args, **kwargs))
             except Exception as err:
                 log.exception("%s/%s failed", name, v)
                 res["errors"][v] = repr(err)[:300]
-    del model
-    torch.cuda.empty_cache()
     return res
 
 
@@ -206,6 +228,7 @@ def run(art: Path, out: Path, cases: list[str], reps: int, variants: list[str], 
     for name in cases:
         t0 = time.time()
         results.append(run_case(name, art, reps, variants, modes))
+        torch.cuda.empty_cache()
         log.info("%s done in %.0f s: %s", name, time.time() - t0,
                  {k: v for k, v in results[-1].items() if k != "kernels"})
         (out / "tvm_gpu.json").write_text(json.dumps(results, indent=1))
@@ -217,7 +240,8 @@ def run(art: Path, out: Path, cases: list[str], reps: int, variants: list[str], 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["build", "run"])
+    p.add_argument("step", choices=["build", "bundle", "run"])
+    p.add_argument("--ffi-wheel", type=Path, help="bundle: the apache-tvm-ffi wheel for the GPU machine")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--artifacts", type=Path, default=Path("artifacts/tvm_gpu"))
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -228,6 +252,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.step == "build":
         build(a.out, a.cases, a.variants)
+    elif a.step == "bundle":
+        bundle(a.out, a.ffi_wheel)
     else:
         run(a.artifacts, a.out, a.cases, a.reps, a.variants, a.modes)
 

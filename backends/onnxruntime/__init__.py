@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from .export import (DEFAULT_OPSET, ExportResult, OnnxExportError, default_opset, export_file, legalize,
-                     op_counts)
+from .export import DEFAULT_OPSET, ExportResult, OnnxExportError, default_opset, export_file, legalize, op_counts
 from .runtime import InputMismatchError, OrtModule, RuntimeUnavailableError, session_options
-from .translations import EXPECTED_ONNX_OPS, translation_table
+from .translations import translation_table
 
 log = logging.getLogger(__name__)
 
 __all__ = ["export", "export_file", "compile", "legalize", "op_counts", "translation_table", "OrtModule",
            "ExportResult", "OnnxExportError", "RuntimeUnavailableError", "InputMismatchError",
-           "EXPECTED_ONNX_OPS", "DEFAULT_OPSET", "default_opset"]
+           "DEFAULT_OPSET", "default_opset", "session_options"]
 
 
 def export(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int | None = None,

@@ -18,8 +18,9 @@ import logging
 import operator
 import re
 from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import fx
@@ -57,6 +58,7 @@ class ExportResult:
     fusion_counts: Mapping[str, int] | None = None
     external_data: bool = False
     io: IOSignature | None = None  # how the model's inputs/outputs map onto the file's
+    fusion_error: str | None = None  # why onnxscript's ORT fusions were dropped (ORT rejected their graph)
 
 
 # -- legalize ----------------------------------------------------------------------------------------------
@@ -289,7 +291,6 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
                 external_data: bool | None = None, ort_fusions: bool = False, optimize: bool = True,
                 check: bool = True, extra_translations: Mapping[Any, Callable] | None = None) -> ExportResult:
     """Write `opt` (an fxopt OptimizedModule) as an ONNX file; see `export` in __init__ for the options."""
-    import onnx
     import onnxscript.optimizer
 
     path = Path(path)
@@ -310,25 +311,50 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
     program = _translate(ep, gm, opset, table)
     if optimize:
         onnxscript.optimizer.optimize_ir(program.model)
-    fusion_counts = None
-    if ort_fusions:
-        from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
-        program.model, counts = optimize_for_ort(program.model)
-        fusion_counts = {k: v for k, v in counts.items() if v}
-        log.info("onnxscript ORT fusions: %s", fusion_counts or "none applied")
     if external_data is None:
         external_data = _param_bytes(gm) > EXTERNAL_DATA_THRESHOLD
     path.parent.mkdir(parents=True, exist_ok=True)
+    fusion_counts, fusion_error = None, None
+    if ort_fusions:
+        fusion_counts, fusion_error = _fuse_for_ort(program, path, external_data)
+    else:
+        _save(program, path, external_data)
+    if check:
+        _check(path, ort_fusions and fusion_error is None)
+    counts = op_counts(path)
+    log.info("exported %s (opset %d): %s", path, opset, dict(counts))
+    return ExportResult(path, opset, dict(counts), fusion_counts, external_data, IOSignature.of(ep), fusion_error)
+
+
+def _save(program: Any, path: Path, external_data: bool) -> None:
     data_file = path.with_name(path.name + ".data")
     if data_file.exists():
         data_file.unlink()  # the exporter appends to an existing data file
     program.save(path, external_data=external_data)
-    if check:
-        _check(path, ort_fusions)
-    counts = op_counts(path)
-    log.info("exported %s (opset %d): %s", path, opset, dict(counts))
-    return ExportResult(path, opset, dict(counts), fusion_counts, external_data, IOSignature.of(ep))
+
+
+def _fuse_for_ort(program: Any, path: Path, external_data: bool) -> tuple[dict[str, int], str | None]:
+    """onnxscript's ORT fusions, kept only if ORT accepts the fused graph (onnxscript 0.7.2 leaves a Gemm
+    on a 3-d input in HF GPT-2, which ORT refuses at session creation); else the unfused export is kept."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    unfused = ir.to_proto(program.model)
+    program.model, counts = optimize_for_ort(program.model)
+    fusion_counts = {k: v for k, v in counts.items() if v}
+    _save(program, path, external_data)
+    try:  # at ORT's default (full) optimization level: with none, ORT accepts that graph
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - reported and recorded; the unfused graph is kept
+        reason = f"{type(e).__name__}: {str(e).strip()[:300]}"
+        log.warning("onnxruntime rejects the graph after onnxscript's ORT fusions (%s); keeping the export "
+                    "without them", reason)
+        program.model = ir.from_proto(unfused)
+        _save(program, path, external_data)
+        return fusion_counts, reason
+    log.info("onnxscript ORT fusions: %s", fusion_counts or "none applied")
+    return fusion_counts, None
 
 
 # ORT registers these in the ONNX domain although ONNX does not define them; onnxscript's ORT fusions emit them

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,9 +48,11 @@ class IOSignature:
     inputs: tuple[str | _Constant, ...]  # per flat input leaf: its ONNX input name, or the constant baked in
     out_spec: pytree.TreeSpec
     outputs: tuple[int | _Constant, ...]  # per flat output leaf: index into ORT's outputs, or a constant
+    # keyword arguments that were constants at export (use_cache=False): a call may leave them out
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def of(cls, ep: torch.export.ExportedProgram) -> "IOSignature":
+    def of(cls, ep: torch.export.ExportedProgram) -> IOSignature:
         from torch.export.graph_signature import ConstantArgument
 
         def entry(spec):
@@ -65,7 +68,8 @@ class IOSignature:
             else:
                 outputs.append(k)
                 k += 1
-        return cls(ep.call_spec.in_spec, inputs, ep.call_spec.out_spec, tuple(outputs))
+        return cls(ep.call_spec.in_spec, inputs, ep.call_spec.out_spec, tuple(outputs),
+                   _constant_kwargs(ep.call_spec.in_spec, inputs))
 
     def feeds(self, args: tuple, kwargs: dict, onnx_inputs: Sequence[str]) -> dict[str, np.ndarray]:
         kwargs = self._ordered(kwargs)
@@ -93,12 +97,25 @@ class IOSignature:
         if unknown:
             raise InputMismatchError(f"unexpected keyword arguments {unknown}; the graph was exported with "
                                      f"keyword arguments {keys}")
-        return {k: kwargs[k] for k in keys if k in kwargs}
+        return {k: kwargs[k] if k in kwargs else self.defaults[k] for k in keys
+                if k in kwargs or k in self.defaults}
 
     def rebuild(self, results: Sequence[np.ndarray], device: torch.device) -> Any:
         tensors = [torch.from_numpy(np.ascontiguousarray(r)).to(device) for r in results]
         leaves = [e.value if isinstance(e, _Constant) else tensors[e] for e in self.outputs]
         return pytree.tree_unflatten(leaves, self.out_spec)
+
+
+def _constant_kwargs(in_spec: pytree.TreeSpec, inputs: Sequence[str | _Constant]) -> dict[str, Any]:
+    if in_spec.num_children != 2:
+        return {}
+    args_spec, kwargs_spec = in_spec.child(0), in_spec.child(1)
+    start, defaults = args_spec.num_leaves, {}
+    for key, child in zip(kwargs_spec.context or [], kwargs_spec.children()):
+        if child.is_leaf() and isinstance(inputs[start], _Constant):
+            defaults[key] = inputs[start].value
+        start += child.num_leaves
+    return defaults
 
 
 def _to_numpy(value: Any) -> np.ndarray:

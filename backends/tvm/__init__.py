@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from . import runtime
 from fxopt.errors import UnsupportedOpError
 
+from . import runtime
 from .lower import Lowered, to_relax, unsupported_nodes
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ def _manifest(lowered: Lowered, target: str, extern: bool) -> dict[str, Any]:
         "kwarg_keys": _kwarg_keys(lowered.in_spec),
         "param_names": lowered.param_names,
         "out_spec": _out_spec_str(lowered.out_spec),
+        "narrow_outputs": {str(i): n for i, n in lowered.narrow_outputs.items()},
     }
 
 

@@ -28,6 +28,7 @@ import tvm_ffi
 from tvm import relax
 
 from . import cudastub
+from .schedules import VectorizedElementwise
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def gpu_pipeline(target: tvm.target.Target, cuda_graph: bool = False) -> tvm.tra
             relax.transform.FuseTIR(),
             dl.ApplyDefaultSchedule(
                 dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
-                dl.gpu.GeneralReduction(), dl.gpu.Transpose(), dl.gpu.Fallback()),
+                dl.gpu.GeneralReduction(), dl.gpu.Transpose(), VectorizedElementwise(), dl.gpu.Fallback()),
         ]
         passes += backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
         with target:

@@ -15,53 +15,20 @@ runtime registers at load time (``runtime.register_torch_externs``); TVM generat
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from tvm import relax, tirx
 
+from .attention import make_sdpa, permute_passthrough, view_passthrough
+from .relax_util import arg, cast, dtype_of, emit, env_or_value, extern_call, promote, shape_of
+
 Converter = Callable[[Any, Any], relax.Expr]
 
-EXTERN_LINEAR = "fxopt.linear"        # (x[..., K], w[N,K], [bias]) -> x @ w.T + bias
+EXTERN_LINEAR = "fxopt.linear"        # (x[..., K], w[N,K], [bias]) -> x @ w.T + bias (N may be padded)
 EXTERN_ADDMM = "fxopt.addmm"          # (bias, x2d, w[K,N]) -> bias + x2d @ w
 EXTERN_MATMUL = "fxopt.matmul"        # (a, b) -> a @ b (batched, broadcast)
-EXTERN_SDPA = "fxopt.sdpa"            # (q, k, v, [mask], scale, is_causal, layout) -> attention
-# layout bits: 1 q, 2 k, 4 v are given [B, S, H, D] (else [B, H, S, D]); 8 output is [B, S, H, D]
-
-
-def _emit(imp: Any, expr: relax.Expr) -> relax.Var:
-    return imp.block_builder.emit(expr)
-
-
-def _arg(node: Any, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def _val(imp: Any, a: Any) -> Any:
-    return imp.env[a] if a is not None and hasattr(a, "op") else a
-
-
-def _dtype(e: relax.Expr) -> str:
-    return str(e.ty.dtype)
-
-
-def _cast(imp: Any, e: relax.Expr, dtype: str) -> relax.Expr:
-    return e if _dtype(e) == dtype else _emit(imp, relax.op.astype(e, dtype))
-
-
-def _promote(a: str, b: str) -> str:
-    order = ["bool", "int8", "int32", "int64", "bfloat16", "float16", "float32", "float64"]
-    if {a, b} == {"bfloat16", "float16"}:
-        return "float32"
-    return max(a, b, key=order.index)
-
-
-def _shape(e: relax.Expr) -> list[Any]:
-    return list(e.ty.shape.values)
 
 
 # ---- dynamic shapes --------------------------------------------------------------------------
@@ -106,40 +73,40 @@ def slice_tensor(node: Any, imp: Any) -> relax.Expr:
     know the export's lower bounds), so two slices of one tensor stop broadcasting together (HF's
     packed-sequence check), and it passes negative axes that dynamic legalization rejects."""
     x = imp.env[node.args[0]]
-    ndim = len(_shape(x))
-    dim = int(_arg(node, 1, "dim", 0)) % ndim
-    start, step = _arg(node, 2, "start"), _arg(node, 4, "step", 1)
+    ndim = len(shape_of(x))
+    dim = int(arg(node, 1, "dim", 0)) % ndim
+    start, step = arg(node, 2, "start"), arg(node, 4, "step", 1)
     val = node.meta.get("val")
     length = _tir_of(val.shape[dim], _symbols(imp)) if val is not None else None
     if length is None or not isinstance(start, int | type(None)) or not isinstance(step, int):
         return type(imp)._slice(imp, node)
-    size = _shape(x)[dim]
+    size = shape_of(x)[dim]
     begin = tirx.IntImm("int64", start or 0) if (start or 0) >= 0 else tirx.max(size + start, 0)
     if isinstance(length, tirx.IntImm) and isinstance(size, tirx.IntImm) and length.value == size.value:
         if step == 1 and (start or 0) == 0:
             return x
     end = begin + length * step
-    return _emit(imp, relax.op.strided_slice(x, [dim], [begin], [end], [step], assume_inbound=True))
+    return emit(imp, relax.op.strided_slice(x, [dim], [begin], [end], [step], assume_inbound=True))
 
 
 # ---- reductions and norms --------------------------------------------------------------------
 
 def amax(node: Any, imp: Any) -> relax.Expr:
     x = imp.env[node.args[0]]
-    dims = _arg(node, 1, "dim", [])
-    keep = bool(_arg(node, 2, "keepdim", False))
+    dims = arg(node, 1, "dim", [])
+    keep = bool(arg(node, 2, "keepdim", False))
     axes = None if not dims else [int(d) for d in (dims if isinstance(dims, list | tuple) else [dims])]
-    return _emit(imp, relax.op.max(x, axes, keep))
+    return emit(imp, relax.op.max(x, axes, keep))
 
 
 def cumsum(node: Any, imp: Any) -> relax.Expr:
     """torch sums bool/int inputs in int64; Relax would keep bool (and LLVM cannot add bools)."""
     x = imp.env[node.args[0]]
-    dim = int(_arg(node, 1, "dim"))
+    dim = int(arg(node, 1, "dim"))
     dtype = node.kwargs.get("dtype")
     out = imp._convert_data_type(dtype) if dtype is not None else (
-        "int64" if _dtype(x) in ("bool", "int8", "int16", "int32", "uint8") else _dtype(x))
-    return _emit(imp, relax.op.cumsum(_cast(imp, x, out), axis=dim, dtype=out))
+        "int64" if dtype_of(x) in ("bool", "int8", "int16", "int32", "uint8") else dtype_of(x))
+    return emit(imp, relax.op.cumsum(cast(imp, x, out), axis=dim, dtype=out))
 
 
 def pow_scalar(node: Any, imp: Any) -> relax.Expr:
@@ -147,10 +114,10 @@ def pow_scalar(node: Any, imp: Any) -> relax.Expr:
     (GPT-2's gelu_new computes pow(x, 3.0); this was the source of its fp16 NaN logits)."""
     x, n = imp.env[node.args[0]], node.args[1]
     if float(n) != int(n) or not 1 <= int(n) <= 4:
-        return _emit(imp, relax.op.power(x, relax.const(n, _dtype(x))))
+        return emit(imp, relax.op.power(x, relax.const(n, dtype_of(x))))
     y = x
     for _ in range(int(n) - 1):
-        y = _emit(imp, relax.op.multiply(y, x))
+        y = emit(imp, relax.op.multiply(y, x))
     return y
 
 
@@ -178,70 +145,80 @@ def _rms_te(x: Any, w: Any, naxes: int, eps: float, out_dtype: str) -> Any:
 
 
 def _rms(imp: Any, x: relax.Expr, nshape: list[int], weight: Any, eps: float) -> relax.Expr:
-    out = _dtype(x) if weight is None else _promote(_dtype(x), _dtype(weight))
+    out = dtype_of(x) if weight is None else promote(dtype_of(x), dtype_of(weight))
     return imp.block_builder.emit_te(_rms_te, x, weight, len(nshape), eps, out, primfunc_name_hint="rms_norm")
 
 
 def _layer_norm(imp: Any, x: relax.Expr, nshape: list[int], w: Any, b: Any, eps: float) -> relax.Expr:
     """TVM's layer_norm keeps its statistics in float32 for fp16/bf16 input (two-pass variance)."""
-    dtype = _dtype(x)
+    dtype = dtype_of(x)
     axes = list(range(-len(nshape), 0))
     full = [int(s) for s in nshape]
-    gamma = _cast(imp, w, dtype) if w is not None else relax.const(np.ones(full, dtype))
-    beta = _cast(imp, b, dtype) if b is not None else relax.const(np.zeros(full, dtype))
-    return _emit(imp, relax.op.nn.layer_norm(x, gamma, beta, axes, eps))
+    gamma = cast(imp, w, dtype) if w is not None else relax.const(np.ones(full, dtype))
+    beta = cast(imp, b, dtype) if b is not None else relax.const(np.zeros(full, dtype))
+    return emit(imp, relax.op.nn.layer_norm(x, gamma, beta, axes, eps))
 
 
 def rms_norm(node: Any, imp: Any) -> relax.Expr:
     x = imp.env[node.args[0]]
-    return _rms(imp, x, list(node.args[1]), _val(imp, _arg(node, 2, "weight")),
-                float(_arg(node, 3, "eps") or 1e-6))
+    return _rms(imp, x, list(node.args[1]), env_or_value(imp, arg(node, 2, "weight")),
+                float(arg(node, 3, "eps") or 1e-6))
 
 
 def add_rms_norm(node: Any, imp: Any) -> relax.Expr:
-    s = _emit(imp, relax.op.add(imp.env[node.args[0]], imp.env[node.args[1]]))
-    out = _rms(imp, s, list(node.args[2]), _val(imp, _arg(node, 3, "weight")), float(_arg(node, 4, "eps")))
-    return _emit(imp, relax.Tuple([out, s]))
+    s = emit(imp, relax.op.add(imp.env[node.args[0]], imp.env[node.args[1]]))
+    out = _rms(imp, s, list(node.args[2]), env_or_value(imp, arg(node, 3, "weight")), float(arg(node, 4, "eps")))
+    return emit(imp, relax.Tuple([out, s]))
 
 
 def layer_norm(node: Any, imp: Any) -> relax.Expr:
     x = imp.env[node.args[0]]
-    return _layer_norm(imp, x, list(node.args[1]), _val(imp, _arg(node, 2, "weight")),
-                       _val(imp, _arg(node, 3, "bias")), float(_arg(node, 4, "eps", 1e-5)))
+    return _layer_norm(imp, x, list(node.args[1]), env_or_value(imp, arg(node, 2, "weight")),
+                       env_or_value(imp, arg(node, 3, "bias")), float(arg(node, 4, "eps", 1e-5)))
 
 
 def add_layer_norm(node: Any, imp: Any) -> relax.Expr:
-    s = _emit(imp, relax.op.add(imp.env[node.args[0]], imp.env[node.args[1]]))
-    out = _layer_norm(imp, s, list(node.args[2]), _val(imp, _arg(node, 3, "weight")),
-                      _val(imp, _arg(node, 4, "bias")), float(_arg(node, 5, "eps")))
-    return _emit(imp, relax.Tuple([out, s]))
+    s = emit(imp, relax.op.add(imp.env[node.args[0]], imp.env[node.args[1]]))
+    out = _layer_norm(imp, s, list(node.args[2]), env_or_value(imp, arg(node, 3, "weight")),
+                      env_or_value(imp, arg(node, 4, "bias")), float(arg(node, 5, "eps")))
+    return emit(imp, relax.Tuple([out, s]))
 
 
 # ---- GEMMs -----------------------------------------------------------------------------------
 
 def _tvm_matmul(imp: Any, a: relax.Expr, b: relax.Expr, bias: Any = None) -> relax.Expr:
-    dtype = _dtype(a)
+    dtype = dtype_of(a)
     acc = "float32" if dtype in ("float16", "bfloat16") else dtype
-    y = _emit(imp, relax.op.matmul(a, b, out_dtype=acc))
+    y = emit(imp, relax.op.matmul(a, b, out_dtype=acc))
     if bias is not None:
-        y = _emit(imp, relax.op.add(y, _cast(imp, bias, acc)))
-    return _cast(imp, y, dtype)
+        y = emit(imp, relax.op.add(y, cast(imp, bias, acc)))
+    return cast(imp, y, dtype)
 
 
-def _extern(imp: Any, name: str, args: list[relax.Expr], shape: list[Any], dtype: str) -> relax.Expr:
-    return _emit(imp, relax.op.call_dps_packed(name, relax.Tuple(args), relax.TensorType(shape, dtype)))
+def padded_output_width(node: Any) -> int | None:
+    """N for a linear whose output is a graph output and whose N is not a multiple of 8 (GPT-2's
+    50257-word head): cuBLAS then falls back to slow align-1 kernels. Such a linear is computed
+    into an [..., round_up(N, 8)] buffer and the runtime returns the ``[..., :N]`` view, as
+    Inductor's padding does; any other consumer would need a copy, so only outputs qualify."""
+    if getattr(node.target, "__name__", "") != "linear.default" or not node.users:
+        return None
+    n = int(node.args[1].meta["val"].shape[0])
+    return n if n % 8 and all(u.op == "output" for u in node.users) else None
 
 
 def make_linear(extern: bool) -> Converter:
     def linear(node: Any, imp: Any) -> relax.Expr:
         x, w = imp.env[node.args[0]], imp.env[node.args[1]]
-        bias = _val(imp, _arg(node, 2, "bias"))
+        bias = env_or_value(imp, arg(node, 2, "bias"))
         if not extern:
-            return _tvm_matmul(imp, x, _emit(imp, relax.op.permute_dims(w, [1, 0])), bias)
+            return _tvm_matmul(imp, x, emit(imp, relax.op.permute_dims(w, [1, 0])), bias)
         # N-D in and out: the library flattens the leading dims as a free view (a reshape here
         # could become a copy kernel)
         args = [x, w] + ([bias] if bias is not None else [])
-        return _extern(imp, EXTERN_LINEAR, args, _shape(x)[:-1] + [_shape(w)[0]], _dtype(x))
+        n = shape_of(w)[0]
+        if padded_output_width(node) is not None:
+            n = (int(n) + 7) // 8 * 8
+        return extern_call(imp, EXTERN_LINEAR, args, shape_of(x)[:-1] + [n], dtype_of(x))
     return linear
 
 
@@ -252,112 +229,21 @@ def make_addmm(extern: bool) -> Converter:
         if beta != 1 or alpha != 1 or not extern:
             y = _tvm_matmul(imp, x, w)
             if alpha != 1:
-                y = _emit(imp, relax.op.multiply(y, relax.const(alpha, _dtype(y))))
-            b = bias if beta == 1 else _emit(imp, relax.op.multiply(bias, relax.const(beta, _dtype(bias))))
-            return _emit(imp, relax.op.add(y, b)) if beta != 0 else y
-        return _extern(imp, EXTERN_ADDMM, [bias, x, w], [_shape(x)[0], _shape(w)[1]], _dtype(x))
+                y = emit(imp, relax.op.multiply(y, relax.const(alpha, dtype_of(y))))
+            b = bias if beta == 1 else emit(imp, relax.op.multiply(bias, relax.const(beta, dtype_of(bias))))
+            return emit(imp, relax.op.add(y, b)) if beta != 0 else y
+        return extern_call(imp, EXTERN_ADDMM, [bias, x, w], [shape_of(x)[0], shape_of(w)[1]], dtype_of(x))
     return addmm
 
 
 def make_matmul(extern: bool) -> Converter:
     def matmul(node: Any, imp: Any) -> relax.Expr:
         a, b = imp.env[node.args[0]], imp.env[node.args[1]]
-        if not extern or len(_shape(a)) < 2 or len(_shape(b)) < 2:
+        if not extern or len(shape_of(a)) < 2 or len(shape_of(b)) < 2:
             return _tvm_matmul(imp, a, b)
-        out = _emit(imp, relax.op.matmul(a, b))  # only to get the broadcast output shape
-        return _extern(imp, EXTERN_MATMUL, [a, b], _shape(out), _dtype(a))
+        out = emit(imp, relax.op.matmul(a, b))  # only to get the broadcast output shape
+        return extern_call(imp, EXTERN_MATMUL, [a, b], shape_of(out), dtype_of(a))
     return matmul
-
-
-# ---- attention -------------------------------------------------------------------------------
-
-def _tvm_sdpa(imp: Any, q: relax.Expr, k: relax.Expr, v: relax.Expr, mask: Any, causal: bool,
-              scale: float) -> relax.Expr:
-    dtype = _dtype(q)
-    hq, hk = _shape(q)[-3], _shape(k)[-3]
-    if isinstance(hq, int) and isinstance(hk, int) and hq != hk:  # GQA: repeat kv heads
-        k = _emit(imp, relax.op.repeat(k, hq // hk, axis=-3))
-        v = _emit(imp, relax.op.repeat(v, hq // hk, axis=-3))
-    qf, kf = _cast(imp, q, "float32"), _cast(imp, k, "float32")
-    kt = _emit(imp, relax.op.permute_dims(kf, list(range(len(_shape(k)) - 2)) + [-1, -2]))
-    s = _emit(imp, relax.op.multiply(relax.op.matmul(qf, kt), relax.const(scale, "float32")))
-    lq, lk = _shape(q)[-2], _shape(k)[-2]
-    neg = relax.const(-1e30, "float32")  # finite: a fully masked row softmaxes to uniform, not NaN
-    if causal:
-        ones = _emit(imp, relax.op.ones(relax.ShapeExpr([lq, lk]), "bool"))
-        s = _emit(imp, relax.op.where(relax.op.tril(ones, 0), s, neg))
-    if mask is not None:
-        if _dtype(mask) == "bool":
-            s = _emit(imp, relax.op.where(mask, s, neg))
-        else:
-            s = _emit(imp, relax.op.add(s, _cast(imp, mask, "float32")))
-    p = _emit(imp, relax.op.nn.softmax(s, axis=-1))
-    o = _emit(imp, relax.op.matmul(p, _cast(imp, v, "float32")))
-    return _cast(imp, o, dtype)
-
-
-_BHSD_SWAP = [0, 2, 1, 3]
-
-
-def _bshd_source(node: Any, imp: Any) -> Any:
-    """The [B, S, H, D] tensor that ``node`` (a q/k/v argument) permutes to [B, H, S, D], if any."""
-    if getattr(node, "op", None) == "call_function" and getattr(node.target, "__name__", "") == "permute.default" \
-            and list(node.args[1]) == _BHSD_SWAP:
-        return imp.env[node.args[0]]
-    return None
-
-
-def _bshd_marks(imp: Any) -> dict[Any, relax.Expr]:
-    return imp.__dict__.setdefault("_fxopt_bshd", {})
-
-
-def view_passthrough(node: Any, imp: Any) -> relax.Expr:
-    """``view``, remembering identity views of a [B, S, H, D]-producing attention (see permute)."""
-    src = node.args[0]
-    marks = _bshd_marks(imp)
-    val = node.meta.get("val")
-    if src in marks and val is not None and tuple(val.shape) == tuple(src.meta["val"].shape):
-        marks[node] = marks[src]
-    return type(imp)._reshape(imp, node)
-
-
-def permute_passthrough(node: Any, imp: Any) -> relax.Expr:
-    """``permute(attention_out, [0, 2, 1, 3])`` is the [B, S, H, D] tensor the library wrote."""
-    marks = _bshd_marks(imp)
-    if node.args[0] in marks and list(node.args[1]) == _BHSD_SWAP:
-        return marks[node.args[0]]
-    return type(imp)._permute(imp, node)
-
-
-def make_sdpa(extern: bool) -> Converter:
-    def sdpa(node: Any, imp: Any) -> relax.Expr:
-        q, k, v = (imp.env[a] for a in node.args[:3])
-        mask = _val(imp, _arg(node, 3, "attn_mask"))
-        if _arg(node, 4, "dropout_p", 0.0):
-            raise ValueError("scaled_dot_product_attention with dropout_p > 0 is training-only")
-        causal = bool(_arg(node, 5, "is_causal", False))
-        scale = _arg(node, 6, "scale")
-        scale = float(scale) if scale is not None else 1.0 / math.sqrt(int(_shape(q)[-1]))
-        if not extern:
-            return _tvm_sdpa(imp, q, k, v, mask, causal, scale)
-        # Heads-major q/k/v and output are usually transposes of [B, S, H, D] tensors: hand the
-        # library those (it takes strided views) instead of materializing each transpose.
-        layout, qkv = 0, []
-        for bit, (arg, val) in enumerate(zip(node.args[:3], (q, k, v))):
-            src = _bshd_source(arg, imp) if len(_shape(val)) == 4 else None
-            layout |= (1 << bit) if src is not None else 0
-            qkv.append(src if src is not None else val)
-        args = qkv + ([mask] if mask is not None else [])
-        args += [relax.prim_value(tirx.FloatImm("float64", scale)), relax.prim_value(int(causal))]
-        qs, vs = _shape(q), _shape(v)
-        if len(qs) != 4:
-            return _extern(imp, EXTERN_SDPA, args + [relax.prim_value(layout)], qs[:-1] + [vs[-1]], _dtype(q))
-        layout |= 1 << 3  # output written as [B, S, H, D]
-        out = _extern(imp, EXTERN_SDPA, args + [relax.prim_value(layout)], [qs[0], qs[2], qs[1], vs[-1]],
-                      _dtype(q))
-        _bshd_marks(imp)[node] = out
-        return _emit(imp, relax.op.permute_dims(out, _BHSD_SWAP))
-    return sdpa
 
 
 def conversion_table(extern: bool = False) -> dict[str, Converter]:

@@ -15,10 +15,16 @@ typedef int CUresult;
 
 CUresult cuGetErrorName(CUresult e, const char **s) { (void)e; *s = "CUDA_ERROR_NO_DEVICE"; return 0; }
 CUresult cuGetErrorString(CUresult e, const char **s) { (void)e; *s = "fxopt build stub: no CUDA driver"; return 0; }
-CUresult cuDeviceGetName(char *n, int len, int dev) { (void)n; (void)len; (void)dev; return CUDA_ERROR_NO_DEVICE; }
+CUresult cuDeviceGetName(char *n, int len, int dev) {
+  (void)n; (void)len; (void)dev; return CUDA_ERROR_NO_DEVICE;
+}
 CUresult cuFuncSetAttribute(void *f, int a, int v) { (void)f; (void)a; (void)v; return CUDA_ERROR_NO_DEVICE; }
-CUresult cuLaunchKernelEx(const void *c, void *f, void **p, void **e) { (void)c; (void)f; (void)p; (void)e; return CUDA_ERROR_NO_DEVICE; }
-CUresult cuModuleGetFunction(void **f, void *m, const char *n) { (void)f; (void)m; (void)n; return CUDA_ERROR_NO_DEVICE; }
+CUresult cuLaunchKernelEx(const void *c, void *f, void **p, void **e) {
+  (void)c; (void)f; (void)p; (void)e; return CUDA_ERROR_NO_DEVICE;
+}
+CUresult cuModuleGetFunction(void **f, void *m, const char *n) {
+  (void)f; (void)m; (void)n; return CUDA_ERROR_NO_DEVICE;
+}
 CUresult cuModuleLoadData(void **m, const void *img) { (void)m; (void)img; return CUDA_ERROR_NO_DEVICE; }
 CUresult cuModuleUnload(void *m) { (void)m; return CUDA_ERROR_NO_DEVICE; }
 CUresult cuTensorMapEncodeTiled(void *t, ...) { (void)t; return CUDA_ERROR_NO_DEVICE; }

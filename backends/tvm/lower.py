@@ -17,7 +17,8 @@ from torch.export.graph_signature import InputKind
 
 from fxopt.errors import UnsupportedOpError
 
-from .convert import conversion_table
+from .convert import conversion_table, padded_output_width
+from .masks import simplify_constant_masks
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Lowered:
     params: dict[str, torch.Tensor]
     in_spec: Any                     # pytree spec of (args, kwargs)
     out_spec: Any                    # pytree spec of the model's output
+    narrow_outputs: dict[int, int]   # output index -> true last-dim size (computed padded)
 
 
 def decompose(ep: ExportedProgram) -> ExportedProgram:
@@ -90,12 +92,13 @@ def _drop_constant_inputs(ep: ExportedProgram) -> tuple[ExportedProgram, list[in
 
 
 def to_relax(ep: ExportedProgram, *, extern: bool = False) -> Lowered:
-    """Decompose, check and import ``ep``. ``extern`` routes GEMMs and attention to
-    runtime-registered packed functions (``convert.EXTERN_*``)."""
+    """Decompose, fold constant attention masks (masks.py), check and import ``ep``. ``extern``
+    routes GEMMs and attention to runtime-registered packed functions (``convert.EXTERN_*``)."""
     from tvm.relax.frontend.torch import from_exported_program
 
     in_spec, out_spec = ep.call_spec.in_spec, ep.call_spec.out_spec
     ep = decompose(ep)
+    simplify_constant_masks(ep)
     missing = unsupported_nodes(ep, decomposed=True)
     if missing:
         raise UnsupportedOpError("tvm", missing)
@@ -107,6 +110,10 @@ def to_relax(ep: ExportedProgram, *, extern: bool = False) -> Lowered:
     num_input = int(mod["main"].attrs["num_input"])
     param_names = [by_arg[p.name] for p in mod["main"].params[num_input:]]
     state = ep.state_dict
+    narrow = {}
+    if extern:
+        outputs, _ = torch.utils._pytree.tree_flatten(next(iter(ep.graph.find_nodes(op="output"))).args[0])
+        narrow = {i: n for i, o in enumerate(outputs) if (n := padded_output_width(o)) is not None}
     log.info("imported %d user inputs, %d params", num_input, len(param_names))
     return Lowered(mod, names, positions, param_names, {k: state[k] for k in param_names},
-                   in_spec, out_spec)
+                   in_spec, out_spec, narrow)

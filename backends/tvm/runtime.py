@@ -52,11 +52,25 @@ def register_torch_externs() -> None:
 
     T = torch.from_dlpack
 
+    padded: dict[tuple[Any, ...], Any] = {}
+
+    def pad_rows(t: Any, rows: int) -> Any:
+        """``t`` zero-padded to ``rows`` rows, made once per weight (weights are constant)."""
+        key = (t.data_ptr(), tuple(t.shape), t.dtype, rows)
+        if key not in padded:
+            padded[key] = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            padded[key][: t.shape[0]].copy_(t)
+        return padded[key]
+
     def linear(x: Any, w: Any, *rest: Any) -> None:
         X, W, out = T(x), T(w), T(rest[-1])
         X2, out2 = X.reshape(-1, X.shape[-1]), out.view(-1, out.shape[-1])
-        if len(rest) == 2:
-            torch.addmm(T(rest[0]), X2, W.t(), out=out2)
+        bias = T(rest[0]) if len(rest) == 2 else None
+        if out2.shape[1] != W.shape[0]:  # N padded to a multiple of 8 (see convert.padded_output_width)
+            W = pad_rows(W, out2.shape[1])
+            bias = pad_rows(bias[:, None], out2.shape[1])[:, 0] if bias is not None else None
+        if bias is not None:
+            torch.addmm(bias, X2, W.t(), out=out2)
         else:
             torch.mm(X2, W.t(), out=out2)
 
@@ -66,13 +80,21 @@ def register_torch_externs() -> None:
     def matmul(a: Any, b: Any, out: Any) -> None:
         torch.matmul(T(a), T(b), out=T(out))
 
-    def sdpa(q: Any, k: Any, v: Any, *rest: Any) -> None:
-        mask = T(rest[0]) if len(rest) == 5 else None
-        scale, causal, layout, out = rest[-4], bool(rest[-3]), int(rest[-2]), T(rest[-1])
-        q, k, v = (T(t).transpose(1, 2) if layout & (1 << i) else T(t) for i, t in enumerate((q, k, v)))
+    def heads_major(t: Any, mode: int, offset: int, heads: int, width: int) -> Any:
+        if mode == 2:
+            t = t[..., offset:offset + width].unflatten(-1, (heads, width // heads))
+        return t.transpose(1, 2) if mode else t
+
+    def sdpa(q: Any, k: Any, v: Any, *rest: Any) -> Any:
+        # rest: [mask], scale, is_causal, out_bshd, 3 x (mode, offset, heads, width); returns out
+        mask = T(rest[0]) if len(rest) == 16 else None
+        scale, causal, out_bshd = rest[-15], bool(rest[-14]), bool(rest[-13])
+        specs = [rest[-12 + 4 * i:len(rest) - 8 + 4 * i] for i in range(3)]
+        q, k, v = (heads_major(T(t), *spec) for t, spec in zip((q, k, v), specs))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                            enable_gqa=q.shape[-3] != k.shape[-3])
-        (out.transpose(1, 2) if layout & 8 else out).copy_(o)
+        # fused kernels write [B, S, H, D] memory: returning that layout is free
+        return tvm_ffi.from_dlpack((o.transpose(1, 2) if out_bshd else o).contiguous())
 
     for name, fn in {"linear": linear, "addmm": addmm, "matmul": matmul, "sdpa": sdpa}.items():
         tvm_ffi.register_global_func(f"fxopt.{name}", fn, override=True)
@@ -90,6 +112,7 @@ class Module:
         self.params = params
         self.out_spec = out_spec
         self.positions: list[int] = manifest["input_positions"]
+        self.narrow = {int(i): int(n) for i, n in manifest.get("narrow_outputs", {}).items()}
 
     def _flat_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         from torch.utils._pytree import tree_flatten
@@ -105,8 +128,10 @@ class Module:
 
         tv = [self.tvm.runtime.from_dlpack(t.contiguous()) for t in inputs]
         out = self.main(*tv, *self.params)
-        outs = list(out) if not hasattr(out, "__dlpack__") else [out]
-        return [torch.from_dlpack(o) for o in outs]
+        outs = [torch.from_dlpack(o) for o in (list(out) if not hasattr(out, "__dlpack__") else [out])]
+        for i, n in self.narrow.items():  # computed with a padded last dim (aligned GEMM)
+            outs[i] = outs[i][..., :n]
+        return outs
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.structure(self.run_flat(self._flat_inputs(args, kwargs)))

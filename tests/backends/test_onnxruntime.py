@@ -93,7 +93,11 @@ PASS_SETS = {"stabilize_softmax": ["stabilize_softmax"], "fuse_layernorm": ["fus
              "exact_pipeline": list(passes.EXACT_PIPELINE)}
 
 
-@pytest.mark.parametrize("passes_name", list(PASS_SETS))
+# stabilize_softmax rewrites hand-written softmaxes, which none of these models has (HF calls torch.softmax or
+# sdpa): after it the graph is the capture's, so those cases run with the slow ones (`pytest -m slow`); the
+# toy LM below covers the pass applied.
+@pytest.mark.parametrize("passes_name", [
+    pytest.param("stabilize_softmax", marks=pytest.mark.slow), "fuse_layernorm", "exact_pipeline"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("name", ["gpt2", "opt", "llama", "bert"])
 def test_hf_model_runs_in_ort_like_torch(name, attn, passes_name):
@@ -241,14 +245,20 @@ def test_session_options_are_configurable():
         fxopt.compile(opt, graph_optimization_level="max")
 
 
-def test_ort_fusions_report_counts_and_keep_numerics():
-    model = hf_model("bert", "eager")
-    args, kwargs = hf_inputs("bert", 2, 8)
+@pytest.mark.parametrize("name", ["gpt2", "opt", "llama", "bert"])
+def test_ort_fusions_report_counts_and_keep_numerics(name):
+    model = hf_model(name, "eager")
+    args, kwargs = hf_inputs(name, 2, 8)
     opt = fxopt.optimize(model, args, passes=list(passes.EXACT_PIPELINE), example_kwargs=kwargs)
     run = fxopt.compile(opt, ort_fusions=True)
     assert isinstance(run.fusion_counts, dict)
-    assert run.op_counts["com.microsoft.SkipLayerNormalization"] == \
-        fused_nodes(opt.graph_module)[ops.add_layer_norm]  # ours, not redone
+    if run.export_info.fusion_error is None:
+        assert run.fusion_counts, "onnxscript fused nothing"
+    # our fused ops are kept as they are (onnxscript may fuse more residual adds than fuse_layernorm did)
+    for target, count in fused_nodes(opt.graph_module).items():
+        if target is not torch.ops.aten.layer_norm.default:
+            assert run.op_counts.get(INTENDED[target], 0) >= count, (INTENDED[target], dict(run.op_counts))
+    args, kwargs = hf_inputs(name, 3, 11, pad=3)
     with torch.no_grad():
         ref = opt(*args, **kwargs)
     assert_close(ref, run(*args, **kwargs))
@@ -347,6 +357,10 @@ def test_inputs_structured_unlike_the_export_are_refused():
         run(*args, **kwargs, token_type_ids=torch.zeros_like(args[0]))
     with pytest.raises(ort_backend.InputMismatchError, match="use_cache"):
         run(*args, **dict(kwargs, use_cache=True))
+    # a keyword argument that was a constant at export may be left out
+    with torch.no_grad():
+        ref = opt(*args, **kwargs)
+    assert_close(ref, run(*args, attention_mask=kwargs["attention_mask"]))
 
 
 def test_legalize_accepts_every_node_of_the_hf_graphs():

@@ -18,10 +18,10 @@ from torch import nn
 pytest.importorskip("tvm")
 transformers = pytest.importorskip("transformers")
 
-import fxopt
-from fxopt import passes
-from fxopt.backends import tvm as fxtvm
-from fxopt.errors import UnsupportedOpError
+import fxopt  # noqa: E402
+from fxopt import passes  # noqa: E402
+from fxopt.backends import tvm as fxtvm  # noqa: E402
+from fxopt.errors import UnsupportedOpError  # noqa: E402
 
 REL_TOL = 1e-5
 
@@ -137,3 +137,38 @@ def test_cpu_artifact_runs_with_the_runtime_only(tmp_path):
     subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")],
                    check=True, env=env, cwd=tmp_path)
     assert_close(torch.load(tmp_path / "o.pt"), model(ids)["logits"])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_library_dispatch_path_matches_torch(name):
+    """``extern=True`` (the CUDA default) on the CPU: GEMMs and attention go to the runtime-registered
+    torch functions (strided q/k/v views, [B, S, H, D] output, the transposed unaligned-N GEMM)."""
+    model, kwargs = _hf(name)
+    if name == "gpt2":  # an odd vocabulary, like GPT-2's 50257
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=2, n_embd=64, n_head=4, vocab_size=127, n_positions=64))
+    model.eval()
+    ids = torch.randint(0, 127, (2, 16))
+    run = fxtvm.compile(_optimize(model, (ids,), kwargs), target="cpu", extern=True)
+    with torch.no_grad():
+        assert_close(run(ids, **kwargs).logits, model(ids, **kwargs).logits)
+
+
+def test_constant_causal_mask_becomes_is_causal_and_input_masks_stay():
+    from fxopt.backends.tvm.lower import decompose
+    from fxopt.backends.tvm.masks import simplify_constant_masks
+
+    def sdpa_nodes(ep):
+        return [n for n in ep.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+
+    gpt2, kwargs = _hf("gpt2")
+    ids = torch.randint(0, 128, (2, 16))
+    ep = decompose(torch.export.export(gpt2.eval(), (ids,), kwargs, strict=False))  # static shapes
+    assert simplify_constant_masks(ep) == 2
+    assert all(n.kwargs.get("is_causal") and (len(n.args) < 4 or n.args[3] is None) for n in sdpa_nodes(ep))
+
+    bert, _ = _hf("bert")
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 12:] = 0  # padding: the mask depends on an input and must stay
+    ep = decompose(torch.export.export(bert.eval(), (ids,), {"attention_mask": mask}, strict=False))
+    assert simplify_constant_masks(ep) == 0
