@@ -55,19 +55,23 @@ def inputs(batch: int, seq: int, extra: dict) -> tuple[tuple, dict]:
     return (ids,), {"attention_mask": torch.ones(batch, seq, dtype=torch.long), **extra}
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], runs: int,
-                        warmup: int = 2) -> dict[str, tuple[float, float]]:
-    """(median, min) ms per function, timed round-robin (one call of each per round) so that a change in
-    background load during the run falls on every variant alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+def block_medians(fns: dict[str, Callable[[], Any]], runs: int, blocks: int = 2,
+                  warmup: int = 2) -> dict[str, tuple[float, float]]:
+    """(median, min) ms per function. Each function runs in blocks of consecutive calls, the blocks of all
+    functions alternating (A B C A B C), so that slow drift in background load falls on every variant.
+    Calls are not interleaved one by one: an ORT session's idle threads spin for a while after a run and
+    would slow whatever runs next; a pause before each block lets them settle."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(runs):
+    per_block = max(1, runs // blocks)
+    for block in range(blocks):
         for label, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[label].append((time.perf_counter() - start) * 1e3)
+            time.sleep(0.5)
+            for _ in range(warmup if block == 0 else 1):
+                fn()
+            for _ in range(per_block):
+                start = time.perf_counter()
+                fn()
+                times[label].append((time.perf_counter() - start) * 1e3)
     return {k: (statistics.median(v), min(v)) for k, v in times.items()}
 
 
@@ -175,7 +179,7 @@ def bench_model(name: str, threads: int, runs: int, workdir: Path) -> tuple[list
             feeds = runner.feeds(args, kwargs)
             errs[label] = float(np.abs(runner.run(feeds)[0] - ref).max())
             fns[label] = functools.partial(runner.run, feeds)
-        medians = interleaved_medians(fns, n)
+        medians = block_medians(fns, n)
         row = {"model": name, "batch": batch, "seq": seq, "runs": n,
                **{label: (medians[label][0], errs[label], medians[label][1]) for label in fns}}
         rows.append(row)
