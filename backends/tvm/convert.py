@@ -9,8 +9,9 @@ Numerics contract (why these exist at all, not only for missing ops):
     inside one kernel (casts inline, not separate passes over memory);
   * GEMMs accumulate in float32 and round once to the input dtype, as cuBLAS does for torch;
   * attention takes its softmax in float32, and never forms ``-inf - -inf``.
-With ``extern=True`` GEMMs and attention become ``call_dps_packed`` calls to functions that the
-runtime registers at load time (``runtime.register_torch_externs``); TVM generates everything else.
+With ``extern=True`` GEMMs (``call_dps_packed``) and attention (``call_pure_packed``, attention.py)
+become calls to functions that the runtime registers at load time
+(``runtime.register_torch_externs``); TVM generates everything else.
 """
 
 from __future__ import annotations
@@ -241,8 +242,8 @@ def make_matmul(extern: bool) -> Converter:
         a, b = imp.env[node.args[0]], imp.env[node.args[1]]
         if not extern or len(shape_of(a)) < 2 or len(shape_of(b)) < 2:
             return _tvm_matmul(imp, a, b)
-        out = emit(imp, relax.op.matmul(a, b))  # only to get the broadcast output shape
-        return extern_call(imp, EXTERN_MATMUL, [a, b], shape_of(out), dtype_of(a))
+        out_shape = shape_of(imp.block_builder.normalize(relax.op.matmul(a, b)))  # broadcast shape
+        return extern_call(imp, EXTERN_MATMUL, [a, b], out_shape, dtype_of(a))
     return matmul
 
 
