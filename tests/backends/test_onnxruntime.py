@@ -165,10 +165,10 @@ def test_each_fused_op_translates_and_matches_torch(opset):
     assert_close(ref, run(*x))
 
 
-def test_residual_sum_is_the_contrib_ops_fourth_output():
+def test_residual_sum_is_the_contrib_ops_fourth_output(tmp_path):
     """SkipLayerNormalization's outputs are (out, mean, inv_std, input+skip): the sum must come from index 3."""
     opt = fxopt.optimize(FusedOps(), fused_inputs())
-    path = ort_backend.export(opt, _tmp() / "fused.onnx")
+    path = ort_backend.export(opt, tmp_path / "fused.onnx")
     model = onnx.load(str(path))
     graph_outputs = {o.name for o in model.graph.output}
     for node in model.graph.node:
@@ -204,30 +204,23 @@ def test_standalone_rms_norm_becomes_rms_normalization_at_the_default_opset():
 
 # -- the file --------------------------------------------------------------------------------------------
 
-def _tmp():
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.mkdtemp(prefix="fxopt_test_ort_"))
-
-
-def test_export_writes_a_checked_file_with_dynamic_batch_and_sequence():
+def test_export_writes_a_checked_file_with_dynamic_batch_and_sequence(tmp_path):
     opt = fxopt.optimize(toy.HandWrittenLM(), (torch.randint(0, 50, (2, 7)),), passes=["fuse_layernorm"])
-    path = fxopt.export_onnx(opt, _tmp() / "lm.onnx")
+    path = fxopt.export_onnx(opt, tmp_path / "lm.onnx")
     assert path.exists() and not path.with_name(path.name + ".data").exists()
     onnx.checker.check_model(str(path), full_check=True)
     (ids,) = onnx.load(str(path)).graph.input
     dims = [d.dim_param or d.dim_value for d in ids.type.tensor_type.shape.dim]
     assert all(isinstance(d, str) for d in dims), dims
 
-    static = fxopt.export_onnx(opt, _tmp() / "static.onnx", dynamic=False)
+    static = fxopt.export_onnx(opt, tmp_path / "static.onnx", dynamic=False)
     (ids,) = onnx.load(str(static)).graph.input
     assert [d.dim_value for d in ids.type.tensor_type.shape.dim] == [2, 7]
 
 
-def test_external_data_keeps_weights_beside_the_file():
+def test_external_data_keeps_weights_beside_the_file(tmp_path):
     opt = fxopt.optimize(toy.HandWrittenLM(), (torch.randint(0, 50, (2, 7)),))
-    path = fxopt.export_onnx(opt, _tmp() / "lm.onnx", external_data=True)
+    path = fxopt.export_onnx(opt, tmp_path / "lm.onnx", external_data=True)
     assert path.with_name(path.name + ".data").stat().st_size > 0
     onnx.checker.check_model(str(path), full_check=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -299,9 +292,9 @@ class GeluToCustomOp(Pass):
         return PassResult(gm, bool(stats), stats)
 
 
-def test_untranslatable_ops_are_all_listed_before_exporting():
+def test_untranslatable_ops_are_all_listed_before_exporting(tmp_path):
     opt = fxopt.optimize(toy.HandWrittenLM(), (torch.randint(0, 50, (2, 7)),), passes=[GeluToCustomOp()])
-    path = _tmp() / "never.onnx"
+    path = tmp_path / "never.onnx"
     with pytest.raises(fxopt.UnsupportedOpError) as info:
         fxopt.export_onnx(opt, path)
     assert len(info.value.nodes) == 2 and all("fxopt_test_ort.scaled_gelu" in n for n in info.value.nodes)
@@ -311,14 +304,14 @@ def test_untranslatable_ops_are_all_listed_before_exporting():
         fxopt.compile(opt)
 
 
-def test_a_failed_export_names_the_node_and_the_pass_that_introduced_it():
+def test_a_failed_export_names_the_node_and_the_pass_that_introduced_it(tmp_path):
     opt = fxopt.optimize(toy.HandWrittenLM(), (torch.randint(0, 50, (2, 7)),), passes=[GeluToCustomOp()])
 
     def broken(x):
         raise RuntimeError("no kernel for this")
 
     with pytest.raises(ort_backend.OnnxExportError) as info:
-        fxopt.export_onnx(opt, _tmp() / "broken.onnx",
+        fxopt.export_onnx(opt, tmp_path / "broken.onnx",
                           extra_translations={torch.ops.fxopt_test_ort.scaled_gelu.default: broken})
     assert info.value.pass_name == "gelu_to_custom_op"
     assert info.value.node.startswith("scaled_gelu")
