@@ -40,10 +40,11 @@ class OptimizedModule(nn.Module):
         self.training = False
         return self
 
-    def exported_program(self) -> torch.export.ExportedProgram:
-        """The optimized graph re-exported (for backends), with the capture's dynamic batch/seq dims."""
+    def exported_program(self, dynamic: bool = True) -> torch.export.ExportedProgram:
+        """The optimized graph re-exported (for backends): with the capture's dynamic batch/seq dims, or with
+        every dim static at the example inputs' sizes (`dynamic=False`)."""
         return export_graph_module(self.graph_module, self.example_inputs, self.example_kwargs,
-                                   self.dynamic_shapes)
+                                   self.dynamic_shapes if dynamic else None)
 
 
 def optimize(model: nn.Module, example_inputs: Any = None, passes: Sequence[str | Pass] = (), *,
