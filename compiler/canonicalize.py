@@ -280,3 +280,13 @@ def drop_metadata_assert(n: fx.Node, rw: Rewriter) -> bool:
 
 DEFAULT_RULES = (drop_metadata_assert, drop_identity_arithmetic) + DEFAULT_RULES + (mul_reciprocal_to_div,
                                                                                  constants_last)
+
+
+def canonicalize_graph(gm: fx.GraphModule) -> dict[str, int]:
+    """Canonicalize `gm` in place (its graph; parameters untouched) and return the count per rule.
+
+    This is the entry point the pipeline runs as its own reported step; passes match on its output."""
+    rw = Rewriter(gm, "canonicalize")
+    canonicalize(rw)
+    rw.finish()
+    return {k: v for k, v in sorted(rw.counts.items()) if v}
