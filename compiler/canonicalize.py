@@ -1,165 +1,242 @@
-"""Canonical forms, so that patterns name one spelling of each computation.
+"""Canonical forms, so that patterns name one spelling of each computation. Each rule is data (compiler/rules.py),
+exact or exact up to float rounding, and local:
 
-Every rule is exact or exact up to float rounding, and local:
-
+    _assert_tensor_metadata(x, ...)        => (dropped: node.meta["val"] already records the dtype)
+    mul(x, 1), div(x, 1), add(x, 0), sub(x, 0) => x                  (when dtype and shape are unchanged)
     to(x, x.dtype)                         => x                      (no-op cast)
     clone(x), no memory_format             => x                      (captured graphs are functional)
     dropout(x, p, train=False)             => x
-    f(a..) , f(a..)                        => one node                (CSE of pure ops)
+    mean/sum/amax/var(x, dims)             => the same over sorted non-negative dims
+    var(x, dims, unbiased=False)           => var(x, dims, correction=0)
+    var_mean(x, dims, correction=c, k)     => (var(x, dims, correction=c, k), mean(x, dims, k))
+    std(x, dims, correction=0, k)          => sqrt(var(x, dims, correction=0, k))
+    mean(pow(x - mean(x, dims), 2), dims)  => var(x, dims, correction=0)   (population variance, any dtype)
     square(x), mul(x, x)                   => pow(x, 2)
-    pow(v, 0.5)                            => sqrt(v)
-    pow(v, -0.5), reciprocal(sqrt(v))      => rsqrt(v)
+    pow(v, 0.5) ; pow(v, -0.5)             => sqrt(v) ; rsqrt(v)
+    reciprocal(sqrt(v))                    => rsqrt(v)
     div(a, sqrt(v))                        => mul(a, rsqrt(v))
     div(sum(x, dims, k), N), N = |dims|    => mean(x, dims, k)
     mul(a, reciprocal(b))                  => div(a, b)
     mul(mul(k, a), b), k a constant        => mul(mul(a, b), k)      (constant factors applied last)
-    mul(x, 1), div(x, 1), add(x, 0)        => x                      (when dtype and shape are unchanged)
-    _assert_tensor_metadata(x, ...)        => (dropped: node.meta["val"] already records the dtype)
-    var(x, dims, correction=0, keepdim)    => mean(pow(x - mean(x, dims, True), 2), dims, keepdim)
-    var_mean(x, dims, correction=0, k)     => (that variance, mean(x, dims, k))
-    std(x, dims, correction=0, keepdim)    => sqrt(that variance)
+    f(a..), f(a..)                         => one node                (CSE of pure ops, between sweeps)
+
+Population variance is kept as `aten.var` with correction 0: torch accumulates it in fp32 for fp16/bf16 inputs,
+where the squared deviations written out would overflow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from collections.abc import Callable
 
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from .pattern import CAST_TARGETS, node_args
-from .rewrite import Rewriter, is_impure
+from .pattern import CAST_TARGETS, Const, Op, Var, is_call, node_args
+from .rewrite import Rewriter
+from .rules import Rule, apply_rules
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
-Rule = Callable[[fx.Node, Rewriter], bool]
 
 
 def _val(n):
     return n.meta.get("val") if isinstance(n, fx.Node) else None
 
 
-def drop_noop_cast(n: fx.Node, rw: Rewriter) -> bool:
-    if n.target not in CAST_TARGETS:
-        return False
-    src, out = _val(n.args[0]), _val(n)
-    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)):
-        return False
-    if src.dtype != out.dtype or src.device != out.device or n.kwargs.get("memory_format") is not None:
-        return False
-    rw.replace(n, n.args[0], "drop_noop_cast")
-    return True
+def arg(node: fx.Node, name: str):
+    """An argument of `node` by its schema name (keywords and defaults folded in)."""
+    names = [a.name for a in node.target._schema.arguments]
+    return dict(zip(names, node_args(node))).get(name)
 
 
-def drop_clone(n: fx.Node, rw: Rewriter) -> bool:
-    if n.target == aten.clone.default and n.kwargs.get("memory_format") is None:  # strides preserved
-        rw.replace(n, n.args[0], "drop_clone")
-        return True
-    return False
+def _call(rw: Rewriter, m, target, *args):
+    return rw.call(target, args, before=m.root, like=m.root)
 
 
-def drop_eval_dropout(n: fx.Node, rw: Rewriter) -> bool:
-    if n.target in (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default):
-        x, p, train = node_args(n)[:3]
-        if not train or p == 0:
-            rw.replace(n, x, "drop_eval_dropout")
-            return True
-    return False
+def is_constant(n) -> bool:
+    return isinstance(n, fx.Node) and (n.op == "get_attr" or (n.target in CAST_TARGETS and is_constant(n.args[0])))
 
 
-def pow_forms(n: fx.Node, rw: Rewriter) -> bool:
-    t, a = n.target, n.args
-    if not (isinstance(_val(n), torch.Tensor) and _val(n).is_floating_point()):
-        return False
-    if t == aten.square.default or (t == aten.mul.Tensor and a[0] is a[1] and isinstance(a[0], fx.Node)):
-        rw.replace(n, rw.call(aten.pow.Tensor_Scalar, (a[0], 2.0), before=n, like=n), "square_to_pow")
-        return True
-    if t == aten.pow.Tensor_Scalar and a[1] in (0.5, -0.5):
-        op = aten.sqrt.default if a[1] == 0.5 else aten.rsqrt.default
-        rw.replace(n, rw.call(op, (a[0],), before=n, like=n), "pow_to_root")
-        return True
-    if t == aten.reciprocal.default and _is(a[0], aten.sqrt.default):
-        rw.replace(n, rw.call(aten.rsqrt.default, (a[0].args[0],), before=n, like=n), "reciprocal_sqrt")
-        return True
-    if t == aten.div.Tensor and _is(a[1], aten.sqrt.default) and not n.kwargs:
-        inv = rw.call(aten.rsqrt.default, (a[1].args[0],), before=n, like=a[1])
-        rw.replace(n, rw.call(aten.mul.Tensor, (a[0], inv), before=n, like=n), "div_sqrt_to_mul_rsqrt")
-        return True
-    return False
+def _is_float(v) -> bool:
+    return isinstance(v, torch.Tensor) and v.is_floating_point()
 
 
-def sum_div_to_mean(n: fx.Node, rw: Rewriter) -> bool:
-    if n.target != aten.div.Tensor or n.kwargs or not _is(n.args[0], aten.sum.dim_IntList):
-        return False
-    total, count = n.args
-    x, dims, keepdim = node_args(total)[:3]
-    vx = _val(x)
-    if not (isinstance(vx, torch.Tensor) and vx.is_floating_point()) or not dims or isinstance(count, bool) \
-            or not isinstance(count, (int, float)):
-        return False
-    reduced = [vx.shape[d] for d in dims]
-    if not all(is_concrete_int(s) for s in reduced):  # a dynamic reduced dim: the count is not a constant
-        return False
-    size = math.prod(int(s) for s in reduced)
-    if size != count or total.kwargs.get("dtype") is not None:
-        return False
-    rw.replace(n, rw.call(aten.mean.dim, (x, list(dims), keepdim), before=n, like=n), "sum_div_to_mean")
-    return True
+# -- no-ops ------------------------------------------------------------------------------------------------
+def _unchanged(m) -> str | None:
+    vx, vn = _val(m["x"]), _val(m.root)
+    ok = isinstance(vx, torch.Tensor) and isinstance(vn, torch.Tensor) and vx.dtype == vn.dtype \
+        and vx.shape == vn.shape and vx.device == vn.device
+    return None if ok else "changes dtype, shape or device"
 
 
-_MOMENTS = {aten.var.correction: "var", aten.var.dim: "var", aten.var_mean.correction: "var_mean",
-            aten.var_mean.dim: "var_mean", aten.std.correction: "std", aten.std.dim: "std"}
+def _unit(u):
+    return lambda v, m: isinstance(v, (int, float)) and not isinstance(v, bool) and v == u
+
+
+def _noop_cast(m) -> str | None:
+    return _unchanged(m) or ("sets a memory format" if arg(m.root, "memory_format") is not None else None)
+
+
+def _eval_dropout(m) -> str | None:
+    return None if not m["train"] or m["p"] == 0 else "dropout in training mode"
+
+
+_DROPOUTS = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default)
+_X = Var("x")
+NOOPS = (
+    Rule("_assert_tensor_metadata(x) => ()", Op(aten._assert_tensor_metadata.default, _X), lambda rw, m: None),
+    Rule("x * 1 => x", Op(aten.mul.Tensor, _X, Const("one", _unit(1)), commutative=True), lambda rw, m: m["x"],
+         _unchanged),
+    Rule("x / 1 => x", Op(aten.div.Tensor, _X, Const("one", _unit(1))), lambda rw, m: m["x"], _unchanged),
+    Rule("x + 0 => x", Op(aten.add.Tensor, _X, Const("zero", _unit(0)), commutative=True), lambda rw, m: m["x"],
+         _unchanged),
+    Rule("x - 0 => x", Op(aten.sub.Tensor, _X, Const("zero", _unit(0))), lambda rw, m: m["x"], _unchanged),
+    Rule("to(x, x.dtype) => x", Op(CAST_TARGETS, _X), lambda rw, m: m["x"], _noop_cast),
+    Rule("clone(x) => x", Op(aten.clone.default, _X, None), lambda rw, m: m["x"]),
+    Rule("dropout(x, p, train=False) => x", Op(_DROPOUTS, _X, Var("p"), Var("train")), lambda rw, m: m["x"],
+         _eval_dropout),
+)
+
+
+# -- reductions and moments ----------------------------------------------------------------------------------
+_REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.var.correction, aten.var.dim,
+               aten.std.correction, aten.std.dim)
+
+
+def _normal_dims(m) -> list[int] | None:
+    dims, ndim = m["dims"], _val(m["x"]).dim() if isinstance(_val(m["x"]), torch.Tensor) else None
+    if ndim is None or not isinstance(dims, (list, tuple)) or not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    normal = sorted({d % ndim for d in dims}) if ndim else list(dims)
+    return None if normal == list(dims) else normal
+
+
+def _renormalize(rw, m):
+    args = list(m.root.args)
+    args[1] = _normal_dims(m)
+    return rw.call(m.root.target, tuple(args), dict(m.root.kwargs), before=m.root, like=m.root)
+
+
+def _moment_args(n: fx.Node) -> tuple:
+    """(x, dims, correction, keepdim) of a var/std/var_mean node in any overload."""
+    args = dict(zip([a.name for a in n.target._schema.arguments], node_args(n)))
+    if "unbiased" in args:
+        correction = 1 if args["unbiased"] in (True, None) else 0
+    else:
+        correction = 1 if args.get("correction") is None else args["correction"]
+    return args["self"], list(args["dim"] or []), correction, bool(args["keepdim"])
 
 
 def moment_correction(n: fx.Node) -> float:
     """The Bessel correction of a var/std/var_mean node (1 = unbiased, 0 = population)."""
-    names = [a.name for a in n.target._schema.arguments]
-    args = dict(zip(names, node_args(n)))
-    if "unbiased" in args:
-        return 1 if args["unbiased"] in (True, None) else 0
-    return 1 if args.get("correction") is None else args["correction"]
+    return _moment_args(n)[2]
 
 
-def population_moments(n: fx.Node, rw: Rewriter) -> bool:
-    kind = _MOMENTS.get(n.target)
-    if kind is None:
-        return False
-    args = dict(zip([a.name for a in n.target._schema.arguments], node_args(n)))
-    x, dims, keepdim = args["self"], args["dim"], bool(args["keepdim"])
-    if moment_correction(n) != 0 or not dims:
-        return False  # the unbiased estimator is a different function; left for passes to report
-    if _val(x).dtype not in (torch.float32, torch.float64):
-        return False  # torch accumulates half-precision moments in fp32; the decomposition would overflow
-    dims = list(dims)
-    mean_k = rw.call(aten.mean.dim, (x, dims, True), before=n, like=n)
-    centered = rw.call(aten.sub.Tensor, (x, mean_k), before=n, like=n)
-    sq = rw.call(aten.pow.Tensor_Scalar, (centered, 2.0), before=n, like=n)
-    var = rw.call(aten.mean.dim, (sq, dims, keepdim), before=n, like=n)
-    if kind == "var":
-        rw.replace(n, var, "population_var")
-    elif kind == "std":
-        rw.replace(n, rw.call(aten.sqrt.default, (var,), before=n, like=n), "population_std")
-    else:
-        mean = mean_k if keepdim else rw.call(aten.mean.dim, (x, dims, False), before=n, like=n)
-        for user in list(n.users):
-            if user.target.__name__ == "getitem":
-                rw.replace(user, (var, mean)[user.args[1]])
-        rw.counts["population_var_mean"] += 1
-    return True
+def _var(rw, m, keepdim=None):
+    x, dims, c, k = _moment_args(m.root)
+    return rw.call(aten.var.correction, (x, dims), {"correction": c, "keepdim": k if keepdim is None else keepdim},
+                   before=m.root, like=m.root)
 
+
+def _has_dims(m) -> str | None:
+    return None if _moment_args(m.root)[1] else "a moment over all dims"
+
+
+def _var_mean(rw, m):
+    x, dims, _, keepdim = _moment_args(m.root)
+    return _var(rw, m), _call(rw, m, aten.mean.dim, x, dims, keepdim)
+
+
+def _std(rw, m):
+    return _call(rw, m, aten.sqrt.default, _var(rw, m))
+
+
+def _population(m) -> str | None:
+    return _has_dims(m) or (None if _moment_args(m.root)[2] == 0 else "unbiased")
+
+
+_CENTERED = Op(aten.sub.Tensor, _X, Op(aten.mean.dim, _X, Var("dims"), True, None), 1)
+MOMENTS = (
+    Rule("var(x, unbiased) => var(x, correction)", Op(aten.var.dim, _X), _var, _has_dims),
+    Rule("var_mean(x) => (var(x), mean(x))", Op((aten.var_mean.correction, aten.var_mean.dim), _X), _var_mean,
+         _has_dims),
+    Rule("std(x, correction=0) => sqrt(var(x))", Op((aten.std.correction, aten.std.dim), _X), _std, _population),
+    Rule("mean((x - mean(x))², dims) => var(x, dims, correction=0)",
+         Op(aten.mean.dim, Op(aten.pow.Tensor_Scalar, _CENTERED, 2.0, users=1), Var("dims"), Var("keepdim"), None),
+         lambda rw, m: rw.call(aten.var.correction, (m["x"], list(m["dims"])),
+                               {"correction": 0, "keepdim": m["keepdim"]}, before=m.root, like=m.root)),
+    Rule("reduce(x, dims) => reduce(x, sorted non-negative dims)", Op(_REDUCTIONS, _X, Var("dims")), _renormalize,
+         lambda m: None if _normal_dims(m) else "already normal"),
+)
+
+
+# -- roots and powers ---------------------------------------------------------------------------------------
+def _float_out(m) -> str | None:
+    return None if _is_float(_val(m.root)) else "not a floating-point value"
+
+
+def _sum_count(m) -> str | None:
+    x, dims, n = m["x"], m["dims"], m["n"]
+    vx = _val(x)
+    if not _is_float(vx) or not dims or m.get("dtype") is not None:
+        return "not a float sum over given dims"
+    reduced = [vx.shape[d] for d in dims]
+    if not all(is_concrete_int(s) for s in reduced):
+        return "a dynamic reduced dim: the count is not a constant"
+    return None if math.prod(int(s) for s in reduced) == n else "divides by something else than the count"
+
+
+def _constants_last(m) -> str | None:
+    k, a, b = m["k"], m["a"], m["b"]
+    if not is_constant(k) or is_constant(a) or not isinstance(a, fx.Node) or is_constant(b):
+        return "no constant factor to move"
+    return None if len({getattr(_val(t), "dtype", None) for t in (k, a, b)}) == 1 else "mixed dtypes"
+
+
+_SQRT = Op(aten.sqrt.default, Var("v"))
+ARITHMETIC = (
+    Rule("square(x) => pow(x, 2)", Op(aten.square.default, _X),
+         lambda rw, m: _call(rw, m, aten.pow.Tensor_Scalar, m["x"], 2.0), _float_out),
+    Rule("x * x => pow(x, 2)", Op(aten.mul.Tensor, _X, _X),
+         lambda rw, m: _call(rw, m, aten.pow.Tensor_Scalar, m["x"], 2.0), _float_out),
+    Rule("pow(v, 0.5) => sqrt(v)", Op(aten.pow.Tensor_Scalar, _X, 0.5),
+         lambda rw, m: _call(rw, m, aten.sqrt.default, m["x"]), _float_out),
+    Rule("pow(v, -0.5) => rsqrt(v)", Op(aten.pow.Tensor_Scalar, _X, -0.5),
+         lambda rw, m: _call(rw, m, aten.rsqrt.default, m["x"]), _float_out),
+    Rule("reciprocal(sqrt(v)) => rsqrt(v)", Op(aten.reciprocal.default, _SQRT),
+         lambda rw, m: _call(rw, m, aten.rsqrt.default, m["v"])),
+    Rule("a / sqrt(v) => a * rsqrt(v)", Op(aten.div.Tensor, Var("a"), _SQRT),
+         lambda rw, m: _call(rw, m, aten.mul.Tensor, m["a"], _call(rw, m, aten.rsqrt.default, m["v"])), _float_out),
+    Rule("sum(x, dims) / |dims| => mean(x, dims)",
+         Op(aten.div.Tensor, Op(aten.sum.dim_IntList, _X, Var("dims"), Var("keepdim"), Var("dtype")),
+            Const("n")),
+         lambda rw, m: _call(rw, m, aten.mean.dim, m["x"], list(m["dims"]), m["keepdim"]), _sum_count),
+    Rule("a * reciprocal(b) => a / b",
+         Op(aten.mul.Tensor, Var("a"), Op(aten.reciprocal.default, Var("b")), commutative=True),
+         lambda rw, m: _call(rw, m, aten.div.Tensor, m["a"], m["b"]),
+         lambda m: "reciprocal of a sqrt (rsqrt form)" if is_call(m["b"], [aten.sqrt.default]) else None),
+    Rule("(k * a) * b => (a * b) * k",
+         Op(aten.mul.Tensor, Op(aten.mul.Tensor, Var("k"), Var("a"), users=1, commutative=True), Var("b"),
+            commutative=True),
+         lambda rw, m: _call(rw, m, aten.mul.Tensor, _call(rw, m, aten.mul.Tensor, m["a"], m["b"]), m["k"]),
+         _constants_last),
+)
+
+# canonical rewrites are valid whatever else reads their inner nodes (those stay; the rule that cares says users=)
+RULES: tuple[Rule, ...] = tuple(dataclasses.replace(r, exclusive=False) for r in NOOPS + MOMENTS + ARITHMETIC)
 
 _NOT_CSE = ("rand", "dropout", "bernoulli", "normal", "empty", "uniform", "multinomial", "assert", "sym_")
 
 
-def cse(graph: fx.Graph, rw: Rewriter) -> None:
+def cse(rw: Rewriter) -> int:
+    """Merge identical pure op nodes (same target, arguments and dtype); returns how many were merged."""
     seen: dict = {}
-    for n in list(graph.nodes):
-        if n.op != "call_function":
-            continue
-        if not isinstance(n.target, torch._ops.OpOverload):
+    merged = 0
+    for n in list(rw.graph.nodes):
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
             continue
         schema = n.target._schema
         if schema.is_mutable or any(w in schema.name for w in _NOT_CSE):
@@ -170,9 +247,12 @@ def cse(graph: fx.Graph, rw: Rewriter) -> None:
         except TypeError:
             continue
         if key in seen and _same_meta(seen[key], n):
-            rw.replace(n, seen[key], "cse")
+            rw.replace(n, seen[key], "f(a..), f(a..) => one node")
+            rw.graph.erase_node(n)
+            merged += 1
         else:
             seen[key] = n
+    return merged
 
 
 def _key(a):
@@ -192,94 +272,14 @@ def _same_meta(a: fx.Node, b: fx.Node) -> bool:
     return type(va) is type(vb)
 
 
-def _is(a, target) -> bool:
-    return isinstance(a, fx.Node) and a.op == "call_function" and a.target == target
-
-
-DEFAULT_RULES: tuple[Rule, ...] = (drop_noop_cast, drop_clone, drop_eval_dropout, population_moments, pow_forms,
-                                   sum_div_to_mean)
-
-
-def canonicalize(rw: Rewriter, rules: tuple[Rule, ...] | None = None, max_rounds: int = 32) -> None:
-    """Apply `rules` to a fixed point, with CSE between sweeps. Every sweep leaves a correct graph, so after
-    `max_rounds` sweeps it stops where it is (logged): matching then sees a partly canonical graph."""
-    graph, rules = rw.graph, DEFAULT_RULES if rules is None else rules
+def canonicalize(rw: Rewriter, rules: tuple[Rule, ...] = RULES, max_rounds: int = 16) -> None:
+    """Apply `rules` to a fixed point, with CSE between rounds. Every round leaves a correct graph, so after
+    `max_rounds` it stops where it is (logged): matching then sees a partly canonical graph."""
     for _ in range(max_rounds):
-        before = sum(rw.counts.values())
-        cse(graph, rw)
-        for n in list(graph.nodes):
-            if n.op == "call_function" and (n.users or n.target == aten._assert_tensor_metadata.default):
-                for rule in rules:
-                    if rule(n, rw):
-                        break
-        graph.eliminate_dead_code(is_impure_node=is_impure)
-        if sum(rw.counts.values()) == before:
+        merged = cse(rw)
+        if not apply_rules(rw, rules).changed and not merged:
             return
-    log.warning("canonicalization stopped after %d sweeps without reaching a fixed point", max_rounds)
-
-
-def mul_reciprocal_to_div(n: fx.Node, rw: Rewriter) -> bool:
-    """mul(a, reciprocal(b)) => div(a, b)"""
-    if n.target != aten.mul.Tensor:
-        return False
-    for a, b in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
-        if _is(b, aten.reciprocal.default) and not _is(b.args[0], aten.sqrt.default):
-            rw.replace(n, rw.call(aten.div.Tensor, (a, b.args[0]), before=n, like=n), "mul_reciprocal_to_div")
-            return True
-    return False
-
-
-def is_constant(n) -> bool:
-    return isinstance(n, fx.Node) and (n.op == "get_attr" or (n.target in CAST_TARGETS and is_constant(n.args[0])))
-
-
-def constants_last(n: fx.Node, rw: Rewriter) -> bool:
-    if n.target != aten.mul.Tensor or n.kwargs:
-        return False
-    for inner, other in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
-        if not (_is(inner, aten.mul.Tensor) and len(inner.users) == 1 and isinstance(other, fx.Node)
-                and not is_constant(other)):
-            continue
-        k, a = inner.args[:2]
-        if not is_constant(k):
-            k, a = a, k
-        dtypes = {getattr(_val(t), "dtype", None) for t in (k, a, other)}
-        if is_constant(k) and isinstance(a, fx.Node) and not is_constant(a) and len(dtypes) == 1:
-            prod = rw.call(aten.mul.Tensor, (a, other), before=n, like=n)
-            rw.replace(n, rw.call(aten.mul.Tensor, (prod, k), before=n, like=n), "constants_last")
-            return True
-    return False
-
-
-_IDENTITY = {aten.mul.Tensor: 1, aten.div.Tensor: 1, aten.add.Tensor: 0, aten.sub.Tensor: 0}
-
-
-def drop_identity_arithmetic(n: fx.Node, rw: Rewriter) -> bool:
-    unit = _IDENTITY.get(n.target)
-    if unit is None or n.kwargs or len(n.args) != 2:
-        return False
-    x, c = n.args
-    if n.target in (aten.mul.Tensor, aten.add.Tensor) and not isinstance(x, fx.Node):
-        x, c = c, x
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or c != unit or not isinstance(x, fx.Node):
-        return False
-    vx, vn = _val(x), _val(n)
-    if not (isinstance(vx, torch.Tensor) and vx.dtype == vn.dtype and vx.shape == vn.shape):
-        return False
-    rw.replace(n, x, "drop_identity_arithmetic")
-    return True
-
-
-def drop_metadata_assert(n: fx.Node, rw: Rewriter) -> bool:
-    if n.target == aten._assert_tensor_metadata.default:
-        rw.graph.erase_node(n)
-        rw.counts["drop_metadata_assert"] += 1
-        return True
-    return False
-
-
-DEFAULT_RULES = (drop_metadata_assert, drop_identity_arithmetic) + DEFAULT_RULES + (mul_reciprocal_to_div,
-                                                                                 constants_last)
+    log.warning("canonicalization stopped after %d rounds without reaching a fixed point", max_rounds)
 
 
 def canonicalize_graph(gm: fx.GraphModule) -> dict[str, int]:

@@ -3,7 +3,11 @@
 It keeps `node.meta["val"]` (the single truth for shape and dtype) filled for the nodes it creates by
 running the op on the fake tensors of its inputs, tags each new node with the pass that made it
 (`meta["fxopt_pass"]`, so a backend can say which pass introduced a node it cannot lower), and never
-changes a tensor in place: new constants become new attributes.
+changes a tensor in place: new constants become new attributes, and a replaced parameter is a new attribute
+(the old one goes when nothing reads it), so the parameters shared with the graph before the pass stay intact.
+
+Edits that change shapes (`replace_param` with a new shape, `set_arg`) re-propagate `meta["val"]` through
+every node downstream (`repropagate`), so metadata never goes stale; `verify_graph` re-checks it.
 """
 
 from __future__ import annotations
@@ -45,14 +49,17 @@ class Rewriter:
     def getitem(self, node: fx.Node, index: int, *, before: fx.Node) -> fx.Node:
         return self.call(operator.getitem, (node, index), before=before, like=node)
 
-    def constant(self, name: str, tensor: torch.Tensor, *, before: fx.Node) -> fx.Node:
-        """A new buffer holding `tensor` (never an in-place edit of an existing one)."""
+    def constant(self, name: str, tensor: torch.Tensor, *, before: fx.Node, parameter: bool = False) -> fx.Node:
+        """A new buffer (or parameter) holding `tensor` (never an in-place edit of an existing one)."""
         attr = name.replace(".", "_")
         i = 0
         while hasattr(self.gm, f"{attr}_{i}"):
             i += 1
         attr = f"{attr}_{i}"
-        self.gm.register_buffer(attr, tensor)
+        if parameter:
+            self.gm.register_parameter(attr, torch.nn.Parameter(tensor, requires_grad=False))
+        else:
+            self.gm.register_buffer(attr, tensor)
         with self.graph.inserting_before(before):
             node = self.graph.get_attr(attr)
         if self.fake_mode is not None:
@@ -65,14 +72,44 @@ class Rewriter:
             if key in like.meta:
                 node.meta[key] = like.meta[key]
         node.meta["fxopt_pass"] = self.origin
-        if self.fake_mode is None:
-            return
+        self._propagate(node)
 
-        def fake(a: Any) -> Any:
-            return a.meta.get("val") if isinstance(a, fx.Node) else a
+    def _propagate(self, node: fx.Node) -> None:
+        if self.fake_mode is not None:
+            node.meta["val"] = propagate_meta(node, self.fake_mode)
+            node.meta[META_BY] = self.origin
 
-        with self.fake_mode:
-            node.meta["val"] = node.target(*tree_map(fake, node.args), **tree_map(fake, node.kwargs))
+    # -- editing arguments and parameters ------------------------------------------------------------
+    def set_arg(self, node: fx.Node, index: int, value: Any) -> None:
+        """Set positional argument `index` of `node` and re-propagate shapes downstream."""
+        args = list(node.args)
+        args[index] = value
+        node.args = tuple(args)
+        node.meta["fxopt_pass"] = self.origin
+        self.repropagate([node])
+
+    def replace_param(self, node: fx.Node, tensor: torch.Tensor) -> fx.Node:
+        """Read `tensor` (any shape) where the get_attr `node` read its parameter or buffer; a new attribute,
+        never an in-place edit. The old attribute is deleted from this module when nothing reads it any more."""
+        if node.op != "get_attr":
+            raise TypeError(f"replace_param expects a get_attr node, got {node.op} {node.name}")
+        old = node.target
+        was_param = isinstance(_get_attr(self.gm, old), torch.nn.Parameter)
+        new = self.constant(str(old), tensor.detach(), before=node, parameter=was_param)
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        if not any(n.op == "get_attr" and n.target == old for n in self.graph.nodes):
+            _delete_attr(self.gm, old)
+        self.repropagate(list(new.users))
+        return new
+
+    def repropagate(self, nodes: Iterable[fx.Node]) -> None:
+        """Recompute `meta["val"]` of `nodes` and of everything downstream of them, in graph order."""
+        dirty = set(nodes)
+        for node in self.graph.nodes:
+            if node.op == "call_function" and (node in dirty or any(a in dirty for a in node.all_input_nodes)):
+                self._propagate(node)
+                dirty.add(node)
 
     # -- replacing and erasing -----------------------------------------------------------------------
     def replace(self, old: fx.Node, new: fx.Node | Any, rule: str | None = None, *,
@@ -100,6 +137,36 @@ class Rewriter:
         self.graph.lint()
         self.gm.recompile()
         return self.gm
+
+
+META_BY = "fxopt_meta_by"  # the pass whose rewriter last computed this node's meta["val"]
+
+
+def propagate_meta(node: fx.Node, fake_mode) -> Any:
+    """`node`'s value on the fake values of its inputs (their `meta["val"]`)."""
+    def fake(a: Any) -> Any:
+        return a.meta.get("val") if isinstance(a, fx.Node) else a
+
+    with fake_mode:
+        return node.target(*tree_map(fake, node.args), **tree_map(fake, node.kwargs))
+
+
+def _get_attr(gm: fx.GraphModule, qualname: str) -> Any:
+    owner = gm
+    for part in qualname.split("."):
+        owner = getattr(owner, part)
+    return owner
+
+
+def _delete_attr(gm: fx.GraphModule, qualname: str) -> None:
+    *path, leaf = qualname.split(".")
+    owner = gm
+    for part in path:
+        owner = getattr(owner, part)
+    for table in ("_parameters", "_buffers"):
+        getattr(owner, table).pop(leaf, None)
+    if hasattr(owner, leaf):
+        delattr(owner, leaf)
 
 
 def is_impure(node: fx.Node) -> bool:

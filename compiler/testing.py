@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .canonicalize import canonicalize_graph
 from .capture import capture
 from .numerics import compare, run_graph
 from .pass_base import Pass, PassContext, PassResult
@@ -26,8 +27,12 @@ def count_ops(gm: fx.GraphModule) -> Counter[str]:
     return Counter(op_name(n) for n in gm.graph.nodes if n.op == "call_function")
 
 
-def capture_graph(model: nn.Module, *args: Any, **kwargs: Any) -> fx.GraphModule:
-    return capture(model, args, kwargs)[0]
+def capture_graph(model: nn.Module, *args: Any, canonical: bool = True, **kwargs: Any) -> fx.GraphModule:
+    """The captured graph, canonicalized as the pipeline does before the first pass (`canonical=False`: raw)."""
+    gm = capture(model, args, kwargs)[0]
+    if canonical:
+        canonicalize_graph(gm)
+    return gm
 
 
 def run_pass(p: Pass, gm: fx.GraphModule, *args: Any, **kwargs: Any) -> PassResult:

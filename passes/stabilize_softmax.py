@@ -28,44 +28,48 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from fxopt.canonicalize import canonicalize
 from fxopt.pass_base import ROUNDING, Pass, PassContext, PassResult
-from fxopt.pattern import Op, Var, match, users_outside
+from fxopt.pattern import VIEWS, Op, Var, match
 from fxopt.rewrite import Rewriter
+from fxopt.rules import Rule, apply_rules
 
 aten = torch.ops.aten
 
-EXP = Op(aten.exp.default, Var("x"), name="exp")
-NAIVE_SOFTMAX = Op(aten.div.Tensor, EXP, Op(aten.sum.dim_IntList, EXP, Var("dims"), True, None, name="sum"),
-                   name="softmax")
 
 
-def _check(m, node: fx.Node) -> str | None:
-    leaked = users_outside([m["exp"], m["sum"]], [node])
-    if leaked:
-        return f"{leaked[0].name}: exp/sum of the softmax at {node.name} is used elsewhere"
-    return None
+def _not_max_subtracted(x, m) -> str | None:
+    """exp(y - amax(y)) is already stable (the explicit form this pass writes): nothing to do."""
+    is_sub = isinstance(x, fx.Node) and x.target == aten.sub.Tensor
+    peak = x.args[1] if is_sub else None
+    stable = isinstance(peak, fx.Node) and peak.target == aten.amax.default and peak.args[0] is x.args[0]
+    return "already max-subtracted" if stable else None
 
 
-def _explain(exp: fx.Node) -> str | None:
-    for user in exp.users:
-        if user.target == aten.sum.dim_IntList:
-            if len(user.args) < 3 or not user.args[2]:
-                return f"{user.name}: sum(exp(x)) without keepdim=True (not matched as a softmax)"
-            return f"{user.name}: exp(x) / sum(exp(x)) is not the whole denominator (e.g. an added eps)"
-    return None
+EXP = Op(aten.exp.default, Var("x", where=_not_max_subtracted), name="exp")
+NAIVE_SOFTMAX = Op(aten.div.Tensor, EXP, Op(aten.sum.dim_IntList, EXP, Var("dims"), True, None, name="sum"))
+SUM_WITHOUT_KEEPDIM = Op(aten.div.Tensor, EXP, Op((aten.unsqueeze.default, *VIEWS),
+                                                  Op(aten.sum.dim_IntList, EXP, Var("dims"), False)))
+MORE_THAN_THE_SUM = Op(aten.div.Tensor, EXP, Op((aten.add.Tensor, aten.add.Scalar),
+                                                Op(aten.sum.dim_IntList, EXP, Var("dims")), Var("eps"),
+                                                commutative=True))
 
 
-def _rewrite(rw: Rewriter, node: fx.Node, x: fx.Node, dims: list[int], form: str) -> None:
-    ndim = x.meta["val"].dim()
-    dims = sorted({d % ndim for d in dims})
-    if form == "op" and len(dims) == 1:
-        rw.replace(node, rw.call(aten.softmax.int, (x, dims[0]), before=node, like=node), "softmax_op")
-        return
-    peak = rw.call(aten.amax.default, (x, dims, True), before=node, like=node)
-    e = rw.call(aten.exp.default, (rw.call(aten.sub.Tensor, (x, peak), before=node, like=node),), before=node)
-    total = rw.call(aten.sum.dim_IntList, (e, dims, True), before=node, like=node)
-    rw.replace(node, rw.call(aten.div.Tensor, (e, total), before=node, like=node), "softmax_explicit")
+def _check(m) -> str | None:
+    return None if m["x"].meta["val"].is_floating_point() else "exp of a non-float tensor"
+
+
+def _rewrite(form: str):
+    def rewrite(rw: Rewriter, m) -> fx.Node:
+        node, x = m.root, m["x"]
+        ndim = x.meta["val"].dim()
+        dims = sorted({d % ndim for d in m["dims"]})
+        if form == "op" and len(dims) == 1:
+            return rw.call(aten.softmax.int, (x, dims[0]), before=node, like=node)
+        peak = rw.call(aten.amax.default, (x, dims, True), before=node, like=node)
+        e = rw.call(aten.exp.default, (rw.call(aten.sub.Tensor, (x, peak), before=node, like=node),), before=node)
+        total = rw.call(aten.sum.dim_IntList, (e, dims, True), before=node, like=node)
+        return rw.call(aten.div.Tensor, (e, total), before=node, like=node)
+    return rewrite
 
 
 @dataclass(frozen=True)
@@ -79,24 +83,14 @@ class StabilizeSoftmax(Pass):
     option_checks: ClassVar = {"form": (lambda v: v in ("op", "explicit"), "'op' or 'explicit'")}
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        rules = [Rule("exp(x) / sum(exp(x)) => softmax(x)", NAIVE_SOFTMAX, _rewrite(self.form), _check,
+                      anchor="exp", stat="softmax_op" if self.form == "op" else "softmax_explicit"),
+                 Rule("sum(exp(x)) without keepdim=True (not matched as a softmax)", SUM_WITHOUT_KEEPDIM, None),
+                 Rule("exp(x) / sum(exp(x)) is not the whole denominator (e.g. an added eps)", MORE_THAN_THE_SUM,
+                      None)]
+        # the naive denominators, named in the graph before the pass: where they overflow, the original was wrong
+        watch = [m["sum"].name for n in gm.graph.nodes if (m := match(NAIVE_SOFTMAX, n))]
         rw = Rewriter(gm, self.name)
-        canonicalize(rw)
-        reasons: list[str] = []
-        watch: list[str] = []
-        for node in list(gm.graph.nodes):
-            if getattr(node, "_erased", False):
-                continue
-            if node.target == aten.exp.default and not any(match(NAIVE_SOFTMAX, u) for u in node.users):
-                if why := _explain(node):
-                    reasons.append(why)
-            m = match(NAIVE_SOFTMAX, node)
-            if m is None or not m["x"].meta["val"].is_floating_point():
-                continue
-            if why := _check(m, node):
-                reasons.append(why)
-                continue
-            watch.append(m["sum"].name)
-            _rewrite(rw, node, m["x"], list(m["dims"]), self.form)
-        stats = dict(rw.counts)
+        result = apply_rules(rw, rules)
         rw.finish()
-        return PassResult(gm, any(k.startswith("softmax") for k in stats), stats, reasons, watch)
+        return PassResult(gm, result.changed, dict(result.counts), result.reasons(), watch)
