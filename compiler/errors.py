@@ -67,3 +67,8 @@ class UnsupportedOpError(FxoptError):
         listed = "\n".join(f"  - {n}" + (f" (introduced by pass {origin[n]!r})" if n in origin else "")
                            for n in nodes)
         super().__init__(f"{backend}: {len(nodes)} node(s) have no translation:\n{listed}")
+
+
+class LoweringTableError(FxoptError, ValueError):
+    """A backend's lowering table is malformed: a key that is not an op overload, or one the backend's
+    importer cannot tell apart from another op."""

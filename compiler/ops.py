@@ -1,8 +1,4 @@
-"""fxopt's fused operators as torch.library ops.
-
-Each op has a reference implementation (so an optimized graph still runs in torch) and a fake kernel
-(so shapes propagate and the graph re-exports). Backends lower them through their own tables, keyed by
-the op overloads listed in `FUSED_OPS`.
+"""fxopt's fused operators: each declared once, as an `OpDecl`, and defined as a torch.library op from it.
 
     rms_norm(x, shape, w, eps)             = w * (x32 * rsqrt(mean(x32², trailing dims) + eps)).to(x.dtype)
     add_layer_norm(x, r, shape, w, b, eps) = (layer_norm(x + r, shape, w, b, eps), x + r)
@@ -10,18 +6,57 @@ the op overloads listed in `FUSED_OPS`.
 
 The sum output gives SkipLayerNormalization semantics: the residual stream stays available to later users.
 RMSNorm statistics are computed in fp32 (fp64 for fp64 inputs), as Llama-style implementations do.
+
+`REGISTRY` maps each op overload to its declaration; the backends' lowering tables are checked against it
+(`fxopt.backends.missing_lowerings`). A declaration holds:
+
+  schema         the torch.library schema (without the name)
+  reference      the eager implementation (CompositeExplicitAutograd): the op's definition
+  fake           the shape/dtype/stride function for FakeTensor tracing; None means the reference itself run on
+                 fake tensors, so the output layout (strides) is the reference's by construction. A hand-written
+                 fake must return the reference's strides too (tests/compiler/test_ops.py checks every op).
+  decomposition  optional: the op in ATen ops that torch.compile (Inductor) can fuse through, with the
+                 reference's signature; `decomposition_table()` hands them to a compiler (e.g.
+                 `torch.compile(..., options=...)` or `torch._inductor.decomposition.register_decomposition`).
+                 Left out of torch.export, so exported graphs keep the fused op for the backends.
+  cuda_kernel    optional: a fast eager kernel registered for the CUDA dispatch key (the reference stays the
+                 CPU and Meta-free fallback); it must return the reference's values and layout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
 import torch
 
-_lib = torch.library.Library("fxopt", "DEF")
-_lib.define("rms_norm(Tensor x, SymInt[] normalized_shape, Tensor? weight, float eps) -> Tensor")
-_lib.define("add_layer_norm(Tensor x, Tensor residual, SymInt[] normalized_shape, Tensor? weight, "
-            "Tensor? bias, float eps) -> (Tensor, Tensor)")
-_lib.define("add_rms_norm(Tensor x, Tensor residual, SymInt[] normalized_shape, Tensor? weight, "
-            "float eps) -> (Tensor, Tensor)")
+NAMESPACE = "fxopt"
+
+
+@dataclass(frozen=True)
+class OpDecl:
+    """One fused op, declared once; `define` makes it a torch.library op and returns its overload."""
+
+    name: str
+    schema: str  # "(Tensor x, ...) -> Tensor"
+    reference: Callable
+    doc: str
+    fake: Callable | None = None
+    decomposition: Callable | None = None
+    cuda_kernel: Callable | None = None
+
+    def define(self, lib: torch.library.Library) -> torch._ops.OpOverload:
+        lib.define(f"{self.name}{self.schema}")
+        lib.impl(self.name, self.reference, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"{lib.ns}::{self.name}", self.fake or self.reference, lib=lib)
+        if self.cuda_kernel is not None:
+            lib.impl(self.name, self.cuda_kernel, "CUDA")
+        return getattr(getattr(torch.ops, lib.ns), self.name).default
+
+
+def define_all(decls: tuple[OpDecl, ...], lib: torch.library.Library) -> dict[torch._ops.OpOverload, OpDecl]:
+    """Define `decls` in `lib`; the registry of the result (overload -> declaration), in declaration order."""
+    return {decl.define(lib): decl for decl in decls}
 
 
 def _rms_norm_ref(x: torch.Tensor, normalized_shape, weight, eps: float) -> torch.Tensor:
@@ -31,45 +66,37 @@ def _rms_norm_ref(x: torch.Tensor, normalized_shape, weight, eps: float) -> torc
     return y if weight is None else weight * y
 
 
-def _out_dtype(x: torch.Tensor, weight) -> torch.dtype:
-    return x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
-
-
-@torch.library.impl(_lib, "rms_norm", "CompositeExplicitAutograd")
-def _rms_norm(x, normalized_shape, weight, eps):
-    return _rms_norm_ref(x, normalized_shape, weight, eps)
-
-
-@torch.library.impl(_lib, "add_layer_norm", "CompositeExplicitAutograd")
-def _add_layer_norm(x, residual, normalized_shape, weight, bias, eps):
+def _add_layer_norm_ref(x, residual, normalized_shape, weight, bias, eps):
     s = x + residual
     return torch.nn.functional.layer_norm(s, normalized_shape, weight, bias, eps), s
 
 
-@torch.library.impl(_lib, "add_rms_norm", "CompositeExplicitAutograd")
-def _add_rms_norm(x, residual, normalized_shape, weight, eps):
+def _add_rms_norm_ref(x, residual, normalized_shape, weight, eps):
     s = x + residual
     return _rms_norm_ref(s, normalized_shape, weight, eps), s
 
 
-@torch.library.register_fake("fxopt::rms_norm", lib=_lib)
-def _rms_norm_fake(x, normalized_shape, weight, eps):
-    return x.new_empty(x.shape, dtype=_out_dtype(x, weight))
+DECLARATIONS = (
+    OpDecl("rms_norm", "(Tensor x, SymInt[] normalized_shape, Tensor? weight, float eps) -> Tensor",
+           _rms_norm_ref, doc="RMSNorm over the trailing `normalized_shape` dims, fp32 statistics"),
+    OpDecl("add_layer_norm", "(Tensor x, Tensor residual, SymInt[] normalized_shape, Tensor? weight, "
+           "Tensor? bias, float eps) -> (Tensor, Tensor)",
+           _add_layer_norm_ref, doc="(layer_norm(x + residual), x + residual): residual add + LayerNorm"),
+    OpDecl("add_rms_norm", "(Tensor x, Tensor residual, SymInt[] normalized_shape, Tensor? weight, "
+           "float eps) -> (Tensor, Tensor)",
+           _add_rms_norm_ref, doc="(rms_norm(x + residual), x + residual): residual add + RMSNorm"),
+)
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+REGISTRY: Mapping[torch._ops.OpOverload, OpDecl] = define_all(DECLARATIONS, _lib)
 
 
-@torch.library.register_fake("fxopt::add_layer_norm", lib=_lib)
-def _add_layer_norm_fake(x, residual, normalized_shape, weight, bias, eps):
-    s = torch.empty_like(x + residual)
-    return torch.empty_like(s), s
-
-
-@torch.library.register_fake("fxopt::add_rms_norm", lib=_lib)
-def _add_rms_norm_fake(x, residual, normalized_shape, weight, eps):
-    s = torch.empty_like(x + residual)
-    return s.new_empty(s.shape, dtype=_out_dtype(s, weight)), s
+def decomposition_table(registry: Mapping[torch._ops.OpOverload, OpDecl] = REGISTRY) -> dict:
+    """{op overload: decomposition} for the ops that declare one (for torch.compile / Inductor)."""
+    return {op: decl.decomposition for op, decl in registry.items() if decl.decomposition is not None}
 
 
 rms_norm = torch.ops.fxopt.rms_norm.default
 add_layer_norm = torch.ops.fxopt.add_layer_norm.default
 add_rms_norm = torch.ops.fxopt.add_rms_norm.default
-FUSED_OPS = (rms_norm, add_layer_norm, add_rms_norm)
+FUSED_OPS = tuple(REGISTRY)

@@ -28,8 +28,8 @@ from torch import fx
 from fxopt import ops
 from fxopt.capture import export_graph_module
 from fxopt.errors import FxoptError, UnsupportedOpError
+from fxopt.signature import Signature
 
-from .runtime import IOSignature
 from .translations import RMS_NORMALIZATION_OPSET, translation_table
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class ExportResult:
     op_counts: Mapping[str, int]
     fusion_counts: Mapping[str, int] | None = None
     external_data: bool = False
-    io: IOSignature | None = None  # how the model's inputs/outputs map onto the file's
+    io: Signature | None = None  # how the model's inputs/outputs map onto the file's
     fusion_error: str | None = None  # why onnxscript's ORT fusions were dropped (ORT rejected their graph)
 
 
@@ -323,7 +323,9 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
         _check(path, ort_fusions and fusion_error is None)
     counts = op_counts(path)
     log.info("exported %s (opset %d): %s", path, opset, dict(counts))
-    return ExportResult(path, opset, dict(counts), fusion_counts, external_data, IOSignature.of(ep), fusion_error)
+    forward = getattr(getattr(opt, "graph_module", None), "forward", None)
+    return ExportResult(path, opset, dict(counts), fusion_counts, external_data, Signature.of(ep, forward),
+                        fusion_error)
 
 
 def _save(program: Any, path: Path, external_data: bool) -> None:

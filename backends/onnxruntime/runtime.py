@@ -1,24 +1,25 @@
 """Run an exported fxopt graph in an onnxruntime InferenceSession, with torch tensors in and out.
 
-The call takes the model's own arguments (positional and keyword, as at capture), flattens them the way
-torch.export did (`in_spec`), feeds the tensors by their ONNX input names (inputs that were constants at
-export, such as `use_cache=False`, are checked and dropped), and rebuilds the model's own output structure
-(`out_spec`: tuple, dict, Hugging Face ModelOutput) from ORT's flat outputs.
+The call takes the model's own arguments (positional and keyword, as at capture) and binds them by name to
+the captured signature (`fxopt.signature.Signature`, shared with the TVM runner): the tensors are fed by their
+ONNX input names (inputs that were constants at export, such as `use_cache=False`, are checked and dropped),
+and the model's own output structure (tuple, dict, Hugging Face ModelOutput) is rebuilt from ORT's outputs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils import _pytree as pytree
 
 from fxopt.errors import FxoptError
+from fxopt.signature import CONSTANT, InputMismatchError, Signature
+
+__all__ = ["InputMismatchError", "OrtModule", "RuntimeUnavailableError", "providers_for", "session_options"]
 
 log = logging.getLogger(__name__)
 
@@ -31,97 +32,10 @@ class RuntimeUnavailableError(FxoptError):
     """The requested onnxruntime execution provider is not installed."""
 
 
-class InputMismatchError(FxoptError, TypeError):
-    """The call's arguments are not structured like the example inputs the graph was exported with."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Constant:
-    value: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class IOSignature:
-    """How the model's (args, kwargs) and outputs map onto the ONNX graph's flat inputs and outputs."""
-
-    in_spec: pytree.TreeSpec
-    inputs: tuple[str | _Constant, ...]  # per flat input leaf: its ONNX input name, or the constant baked in
-    out_spec: pytree.TreeSpec
-    outputs: tuple[int | _Constant, ...]  # per flat output leaf: index into ORT's outputs, or a constant
-    # keyword arguments that were constants at export (use_cache=False): a call may leave them out
-    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def of(cls, ep: torch.export.ExportedProgram) -> IOSignature:
-        from torch.export.graph_signature import ConstantArgument
-
-        def entry(spec):
-            return _Constant(spec.arg.value) if isinstance(spec.arg, ConstantArgument) else spec.arg.name
-
-        inputs = tuple(entry(s) for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT")
-        outputs, k = [], 0
-        for s in ep.graph_signature.output_specs:
-            if s.kind.name != "USER_OUTPUT":
-                continue
-            if isinstance(s.arg, ConstantArgument):
-                outputs.append(_Constant(s.arg.value))
-            else:
-                outputs.append(k)
-                k += 1
-        return cls(ep.call_spec.in_spec, inputs, ep.call_spec.out_spec, tuple(outputs),
-                   _constant_kwargs(ep.call_spec.in_spec, inputs))
-
-    def feeds(self, args: tuple, kwargs: dict, onnx_inputs: Sequence[str]) -> dict[str, np.ndarray]:
-        kwargs = self._ordered(kwargs)
-        with_paths, spec = pytree.tree_flatten_with_path((tuple(args), kwargs))
-        if spec != self.in_spec:
-            raise InputMismatchError(f"the inputs are structured as {spec}, but the graph was exported for "
-                                     f"{self.in_spec}; pass them as at fxopt.optimize (same positional and "
-                                     f"keyword arguments)")
-        wanted = set(onnx_inputs)
-        feeds: dict[str, np.ndarray] = {}
-        for (path, leaf), entry in zip(with_paths, self.inputs):
-            if isinstance(entry, _Constant):
-                if not isinstance(leaf, torch.Tensor) and leaf != entry.value:
-                    where = "args" + pytree.keystr(path[1:]) if path[0].idx == 0 else pytree.keystr(path[1:])
-                    raise InputMismatchError(f"input {where} was the constant {entry.value!r} at export and is "
-                                             f"{leaf!r} now; export again to change it")
-                continue
-            if entry in wanted:  # the exporter drops inputs the graph does not read
-                feeds[entry] = _to_numpy(leaf)
-        return feeds
-
-    def _ordered(self, kwargs: dict) -> dict:
-        keys = list(self.in_spec.child(1).context or []) if self.in_spec.num_children == 2 else []
-        unknown = [k for k in kwargs if k not in keys]
-        if unknown:
-            raise InputMismatchError(f"unexpected keyword arguments {unknown}; the graph was exported with "
-                                     f"keyword arguments {keys}")
-        return {k: kwargs[k] if k in kwargs else self.defaults[k] for k in keys
-                if k in kwargs or k in self.defaults}
-
-    def rebuild(self, results: Sequence[np.ndarray], device: torch.device) -> Any:
-        tensors = [torch.from_numpy(np.ascontiguousarray(r)).to(device) for r in results]
-        leaves = [e.value if isinstance(e, _Constant) else tensors[e] for e in self.outputs]
-        return pytree.tree_unflatten(leaves, self.out_spec)
-
-
-def _constant_kwargs(in_spec: pytree.TreeSpec, inputs: Sequence[str | _Constant]) -> dict[str, Any]:
-    if in_spec.num_children != 2:
-        return {}
-    args_spec, kwargs_spec = in_spec.child(0), in_spec.child(1)
-    start, defaults = args_spec.num_leaves, {}
-    for key, child in zip(kwargs_spec.context or [], kwargs_spec.children()):
-        if child.is_leaf() and isinstance(inputs[start], _Constant):
-            defaults[key] = inputs[start].value
-        start += child.num_leaves
-    return defaults
-
-
 def _to_numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         if value.dtype == torch.bfloat16:
-            raise InputMismatchError("bfloat16 inputs cannot be fed to onnxruntime from numpy")
+            raise InputMismatchError(None, "bfloat16 inputs cannot be fed to onnxruntime from numpy")
         return value.detach().cpu().numpy()
     return np.asarray(value)  # SymInt inputs are 0-d int64 tensors in ONNX
 
@@ -161,7 +75,7 @@ def providers_for(target: str) -> list[str]:
 class OrtModule:
     """A compiled model: `run(*args, **kwargs)` → the model's outputs as torch tensors."""
 
-    def __init__(self, onnx_path: Path, io: IOSignature, *, target: str = "cpu", options: Any = None,
+    def __init__(self, onnx_path: Path, io: Signature, *, target: str = "cpu", options: Any = None,
                  export_info: Any = None, keep_alive: Any = None):
         import onnxruntime as ort
 
@@ -174,7 +88,7 @@ class OrtModule:
                                             providers=providers_for(target))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        n_tensors = sum(not isinstance(e, _Constant) for e in io.outputs)
+        n_tensors = sum(leaf.kind != CONSTANT for leaf in io.outputs)
         if n_tensors != len(self.output_names):
             raise FxoptError(f"onnxruntime: the ONNX graph has {len(self.output_names)} outputs, the model "
                              f"{n_tensors} tensor outputs")
@@ -196,10 +110,13 @@ class OrtModule:
         return self.session.run(None, dict(feeds))
 
     def feeds(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
-        return self._io.feeds(args, kwargs, self.input_names)
+        wanted = set(self.input_names)  # the exporter drops inputs the graph does not read
+        return {name: _to_numpy(value) for name, value in zip(self._io.input_names, self._io.bind(args, kwargs))
+                if name in wanted}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._io.rebuild(self.run_numpy(self.feeds(*args, **kwargs)), self._device)
+        results = self.run_numpy(self.feeds(*args, **kwargs))
+        return self._io.unflatten([torch.from_numpy(np.ascontiguousarray(r)).to(self._device) for r in results])
 
     def __repr__(self) -> str:
         return f"OrtModule({self.onnx_path.name}, target={self.target!r}, providers={self.providers})"

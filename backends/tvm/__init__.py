@@ -5,7 +5,8 @@
     legalize(opt.exported_program())            # [] or raises UnsupportedOpError listing the nodes
 
 For CUDA, GEMMs and attention go by default to library functions registered at load time
-(``extern=True``; see runtime.py) and TVM generates the fused kernels for everything else;
+(``extern=True``; calling convention in convention.py, served by runtime.py through torch) and TVM
+generates the fused kernels for everything else;
 ``extern=False`` keeps every kernel TVM-generated (dlight schedules). Weights are never compiled
 into the library.
 """
@@ -20,9 +21,10 @@ from typing import Any
 
 import torch
 
+from fxopt import signature
 from fxopt.errors import UnsupportedOpError
 
-from . import runtime
+from . import convention, runtime
 from .lower import Lowered, to_relax, unsupported_nodes
 
 log = logging.getLogger(__name__)
@@ -50,41 +52,27 @@ def legalize(program: Any) -> list[str]:
     return missing
 
 
-def _kwarg_keys(in_spec: Any) -> list[str]:
-    try:
-        return list(in_spec.child(1).context or [])
-    except (AttributeError, IndexError):
-        return []
-
-
-def _out_spec_str(spec: Any) -> str | None:
-    from torch.utils._pytree import treespec_dumps
-
-    try:
-        return treespec_dumps(spec)
-    except Exception:  # output types without a serialized name (some ModelOutputs)
-        return None
-
-
 def _lower_and_build(opt: Any, target: str, extern: bool | None, **build_opts: Any) -> tuple[Lowered, Any]:
     from .build import build
 
     extern = (target == "cuda") if extern is None else extern
-    lowered = to_relax(_exported_program(opt), extern=extern)
+    forward = getattr(getattr(opt, "graph_module", None), "forward", None)
+    lowered = to_relax(_exported_program(opt), extern=extern, forward=forward)
     return lowered, build(lowered.mod, target, **build_opts)
 
 
 def _manifest(lowered: Lowered, target: str, extern: bool) -> dict[str, Any]:
     return {
-        "format": 1,
+        "format": 2,
         "device": target if target == "cuda" else "cpu",
         "extern": extern,
-        "input_names": lowered.input_names,
-        "input_positions": lowered.input_positions,
-        "kwarg_keys": _kwarg_keys(lowered.in_spec),
+        # the library calls the code makes, by which convention, and what serves them at run time
+        "library_calls": convention.manifest_entry() if extern else None,
+        "signature": lowered.signature.to_json(),
         "param_names": lowered.param_names,
-        "out_spec": _out_spec_str(lowered.out_spec),
         "narrow_outputs": {str(i): n for i, n in lowered.narrow_outputs.items()},
+        "rewrites": [{"name": r.name, "applied": r.applied, "stats": dict(r.stats), "why_not": r.why_not,
+                      "max_abs_err": r.numerics.max_abs if r.numerics else None} for r in lowered.rewrites],
     }
 
 
@@ -93,19 +81,20 @@ def compile(opt: Any, target: str = "cpu", *, extern: bool | None = None, **buil
     lowered, ex = _lower_and_build(opt, target, extern, **build_opts)
     manifest = _manifest(lowered, target, (target == "cuda") if extern is None else extern)
     tvm = runtime.import_tvm_runtime(target == "cuda")
-    if manifest["extern"]:
+    if manifest["library_calls"] is not None:
         runtime.register_torch_externs()
     dev = "cuda" if target == "cuda" else "cpu"
     params = [tvm.runtime.from_dlpack(lowered.params[n].detach().to(dev).contiguous())
               for n in lowered.param_names]
-    return runtime.Module(tvm, ex, dev, params, manifest, lowered.out_spec)
+    return runtime.Module(tvm, ex, dev, params, manifest, lowered.signature)
 
 
 def export(opt: Any, path: str | Path, target: str = "cpu", *, extern: bool | None = None,
            save_params: bool = True, **build_opts: Any) -> Path:
     """Write a deployable directory: ``model.so`` (kernels, no weights), ``params.bin``,
-    ``manifest.json`` and ``loader.py`` (needs the TVM runtime only). With ``save_params=False``
-    the weights are left out; ``loader.load(path, params=state_dict)`` then supplies them."""
+    ``manifest.json``, ``loader.py`` and the two modules it imports (TVM runtime and torch only, no fxopt).
+    With ``save_params=False`` the weights are left out; ``loader.load(path, params=state_dict)`` then
+    supplies them."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     lowered, ex = _lower_and_build(opt, target, extern, **build_opts)
@@ -115,6 +104,9 @@ def export(opt: Any, path: str | Path, target: str = "cpu", *, extern: bool | No
     manifest = _manifest(lowered, target, (target == "cuda") if extern is None else extern)
     (path / runtime.MANIFEST).write_text(json.dumps(manifest, indent=1))
     shutil.copyfile(Path(runtime.__file__), path / "loader.py")
+    sources = {"convention": Path(convention.__file__), "signature": Path(signature.__file__)}
+    for name, module in runtime.ARTIFACT_MODULES.items():
+        shutil.copyfile(sources[module], path / name)
     log.info("exported %s (%s, %d params)", path, target, len(lowered.param_names))
     return path
 

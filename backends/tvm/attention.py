@@ -19,12 +19,11 @@ from typing import Any
 
 from tvm import relax, tirx
 
+from . import convention
+from .convention import SdpaCall, View
 from .relax_util import arg, cast, dtype_of, emit, env_or_value, shape_of
 
-EXTERN_SDPA = "fxopt.sdpa"
-# fxopt.sdpa(q, k, v, [mask], scale, is_causal, out_bshd, qspec(4), kspec(4), vspec(4)) -> out
-# spec = (mode, offset, heads, width): mode 0: tensor is [B, H, S, D]; 1: [B, S, H, D];
-#        2: [B, S, X] holding this input at [..., offset : offset + width], width = heads * D
+# the library call's names and argument layout: convention.py
 _SWAP = [0, 2, 1, 3]
 
 
@@ -32,11 +31,11 @@ def _target(node: Any) -> str:
     return getattr(node.target, "__name__", "") if getattr(node, "op", None) == "call_function" else ""
 
 
-def _source(node: Any, imp: Any) -> tuple[relax.Expr, tuple[int, int, int, int]]:
-    """The tensor to pass for q/k/v ``node`` and its view spec."""
+def _source(node: Any, imp: Any) -> tuple[relax.Expr, View]:
+    """The tensor to pass for q/k/v ``node`` and its view (convention.View)."""
     val = imp.env[node]
     if len(shape_of(val)) != 4 or _target(node) != "permute.default" or list(node.args[1]) != _SWAP:
-        return val, (0, 0, 0, 0)
+        return val, View()
     bshd = node.args[0]
     heads, width = int(node.meta["val"].shape[1]), int(node.meta["val"].shape[1] * node.meta["val"].shape[3])
     view_src = bshd.args[0] if _target(bshd) in ("view.default", "reshape.default") else None
@@ -47,8 +46,8 @@ def _source(node: Any, imp: Any) -> tuple[relax.Expr, tuple[int, int, int, int]]
             sizes = split.args[1]
             offset = index * sizes if isinstance(sizes, int) else sum(sizes[:index])
             if dim % ndim == ndim - 1 and ndim == 3 and isinstance(offset, int):
-                return imp.env[split.args[0]], (2, offset, heads, width)
-    return imp.env[bshd], (1, 0, heads, width)
+                return imp.env[split.args[0]], View(convention.VIEW_PACKED, offset, heads, width)
+    return imp.env[bshd], View(convention.VIEW_BSHD, 0, heads, width)
 
 
 def _float_mask(imp: Any, node: Any, mask: relax.Expr, dtype: str) -> relax.Expr:
@@ -107,12 +106,13 @@ def make_sdpa(extern: bool) -> Any:
         qs, vs = shape_of(q), shape_of(v)
         out_bshd = len(qs) == 4
         args = [src for src, _ in sources] + ([mask] if mask is not None else [])
-        prims = [scale, int(causal), int(out_bshd)] + [x for _, spec in sources for x in spec]
+        call = SdpaCall(scale, causal, out_bshd, tuple(view for _, view in sources))
+        prims = convention.sdpa_scalars(call)
         args += [relax.prim_value(tirx.FloatImm("float64", prims[0]))] + [relax.prim_value(p) for p in prims[1:]]
         # not destination-passing: the library allocates its output (torch's caching allocator),
         # which saves copying it into a VM-allocated buffer
         shape = [qs[0], qs[2], qs[1], vs[-1]] if out_bshd else qs[:-1] + [vs[-1]]
-        out = emit(imp, relax.op.call_pure_packed(EXTERN_SDPA, *args, ty_args=relax.TensorType(shape, dtype_of(q))))
+        out = emit(imp, relax.op.call_pure_packed(convention.SDPA, *args, ty_args=relax.TensorType(shape, dtype_of(q))))
         if not out_bshd:
             return out
         _marks(imp)[node] = out

@@ -1,8 +1,8 @@
 """Conversion table: fx nodes the TVM importer lacks or gets wrong, as Relax.
 
 Each converter has the importer's custom-op signature ``conv(node, importer) -> relax.Expr``.
-The importer keys its table by ``node.target.__name__`` ("rms_norm.default"), so the same entry
-serves ``aten.rms_norm`` and ``fxopt.rms_norm``; both mean the same function.
+The table that maps op overloads to them, and its translation to the importer's name keys, is
+``table.py``.
 
 Numerics contract (why these exist at all, not only for missing ops):
   * norms reduce in float32 whatever the input dtype (fp16 sums of squares overflow at 65504),
@@ -20,16 +20,16 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 from tvm import relax, tirx
 
-from .attention import make_sdpa, permute_passthrough, view_passthrough
+from . import convention
 from .relax_util import arg, cast, dtype_of, emit, env_or_value, extern_call, promote, shape_of
 
 Converter = Callable[[Any, Any], relax.Expr]
 
-EXTERN_LINEAR = "fxopt.linear"        # (x[..., K], w[N,K], [bias]) -> x @ w.T + bias (N may be padded)
-EXTERN_ADDMM = "fxopt.addmm"          # (bias, x2d, w[K,N]) -> bias + x2d @ w
-EXTERN_MATMUL = "fxopt.matmul"        # (a, b) -> a @ b (batched, broadcast)
+# names and argument layouts of the library calls: convention.py
+EXTERN_LINEAR, EXTERN_ADDMM, EXTERN_MATMUL = convention.LINEAR, convention.ADDMM, convention.MATMUL
 
 
 # ---- dynamic shapes --------------------------------------------------------------------------
@@ -161,9 +161,12 @@ def _layer_norm(imp: Any, x: relax.Expr, nshape: list[int], w: Any, b: Any, eps:
 
 
 def rms_norm(node: Any, imp: Any) -> relax.Expr:
+    """``fxopt.rms_norm`` (eps given) and ``aten.rms_norm`` (eps None: the input dtype's epsilon)."""
     x = imp.env[node.args[0]]
-    return _rms(imp, x, list(node.args[1]), env_or_value(imp, arg(node, 2, "weight")),
-                float(arg(node, 3, "eps") or 1e-6))
+    eps = arg(node, 3, "eps")
+    eps = float(np.finfo(dtype_of(x)).eps) if eps is None and dtype_of(x) != "bfloat16" else (
+        0.0078125 if eps is None else float(eps))  # bfloat16's epsilon (numpy has no bfloat16)
+    return _rms(imp, x, list(node.args[1]), env_or_value(imp, arg(node, 2, "weight")), eps)
 
 
 def add_rms_norm(node: Any, imp: Any) -> relax.Expr:
@@ -201,7 +204,7 @@ def padded_output_width(node: Any) -> int | None:
     50257-word head): cuBLAS then falls back to slow align-1 kernels. Such a linear is computed
     into an [..., round_up(N, 8)] buffer and the runtime returns the ``[..., :N]`` view, as
     Inductor's padding does; any other consumer would need a copy, so only outputs qualify."""
-    if getattr(node.target, "__name__", "") != "linear.default" or not node.users:
+    if node.target is not torch.ops.aten.linear.default or not node.users:
         return None
     n = int(node.args[1].meta["val"].shape[0])
     return n if n % 8 and all(u.op == "output" for u in node.users) else None
@@ -245,24 +248,3 @@ def make_matmul(extern: bool) -> Converter:
         out_shape = shape_of(imp.block_builder.normalize(relax.op.matmul(a, b)))  # broadcast shape
         return extern_call(imp, EXTERN_MATMUL, [a, b], out_shape, dtype_of(a))
     return matmul
-
-
-def conversion_table(extern: bool = False) -> dict[str, Converter]:
-    """The table passed to ``from_exported_program(custom_convert_map=...)``."""
-    return {
-        "amax.default": amax,
-        "cumsum.default": cumsum,
-        "slice.Tensor": slice_tensor,
-        "pow.Tensor_Scalar": pow_scalar,
-        "rms_norm.default": rms_norm,
-        "add_rms_norm.default": add_rms_norm,
-        "layer_norm.default": layer_norm,
-        "add_layer_norm.default": add_layer_norm,
-        "linear.default": make_linear(extern),
-        "addmm.default": make_addmm(extern),
-        "mm.default": make_matmul(extern),
-        "bmm.default": make_matmul(extern),
-        "matmul.default": make_matmul(extern),
-        "scaled_dot_product_attention.default": make_sdpa(extern),
-        **({"view.default": view_passthrough, "permute.default": permute_passthrough} if extern else {}),
-    }

@@ -16,9 +16,11 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from fxopt.errors import UnsupportedOpError
+from fxopt.signature import Signature
 
-from .convert import conversion_table, padded_output_width
-from .masks import simplify_constant_masks
+from .convert import padded_output_width
+from .masks import FoldConstantMasks
+from .table import builtin_map, importer_map, lowerings, supported
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ class Lowered:
     in_spec: Any                     # pytree spec of (args, kwargs)
     out_spec: Any                    # pytree spec of the model's output
     narrow_outputs: dict[int, int]   # output index -> true last-dim size (computed padded)
+    signature: Signature | None = None  # binds the model's (args, kwargs); shapes its outputs
+    rewrites: tuple = ()             # PassReports of the rewrites run before import (masks.FoldConstantMasks)
 
 
 def decompose(ep: ExportedProgram) -> ExportedProgram:
@@ -54,18 +58,14 @@ def decompose(ep: ExportedProgram) -> ExportedProgram:
     return ep.run_decompositions(table)
 
 
-def _importer() -> Any:
-    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
-
-    return ExportedProgramImporter()
-
-
-def unsupported_nodes(ep: ExportedProgram, *, decomposed: bool = False) -> list[str]:
-    """Names (``node: target``) of call_function nodes with no conversion, in graph order."""
+def unsupported_nodes(ep: ExportedProgram, *, decomposed: bool = False,
+                      table: dict | None = None) -> list[str]:
+    """Names (``node: target``) of call_function nodes with no lowering, in graph order."""
     ep = ep if decomposed else decompose(ep)
-    known = set(_importer().convert_map) | set(conversion_table())
+    table = lowerings() if table is None else table
+    builtin = builtin_map()
     return [f"{n.name}: {n.target}" for n in ep.graph.nodes
-            if n.op == "call_function" and getattr(n.target, "__name__", str(n.target)) not in known]
+            if n.op == "call_function" and not supported(n.target, table, builtin)]
 
 
 def _drop_constant_inputs(ep: ExportedProgram) -> tuple[ExportedProgram, list[int], list[str]]:
@@ -91,20 +91,23 @@ def _drop_constant_inputs(ep: ExportedProgram) -> tuple[ExportedProgram, list[in
     return ep, positions, names
 
 
-def to_relax(ep: ExportedProgram, *, extern: bool = False) -> Lowered:
+def to_relax(ep: ExportedProgram, *, extern: bool = False, forward: Any = None) -> Lowered:
     """Decompose, fold constant attention masks (masks.py), check and import ``ep``. ``extern``
-    routes GEMMs and attention to runtime-registered packed functions (``convert.EXTERN_*``)."""
+    routes GEMMs and attention to runtime-registered packed functions (``convention.py``)."""
     from tvm.relax.frontend.torch import from_exported_program
 
     in_spec, out_spec = ep.call_spec.in_spec, ep.call_spec.out_spec
+    signature = Signature.of(ep, forward)
     ep = decompose(ep)
-    simplify_constant_masks(ep)
-    missing = unsupported_nodes(ep, decomposed=True)
+    masks = FoldConstantMasks().run_checked(ep)
+    log.info("tvm rewrite %s: %s", masks.name, masks.stats if masks.applied else masks.why_not)
+    table = lowerings(extern)
+    missing = unsupported_nodes(ep, decomposed=True, table=table)
     if missing:
         raise UnsupportedOpError("tvm", missing)
     ep, positions, names = _drop_constant_inputs(ep)
     mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
-                                custom_convert_map=conversion_table(extern))
+                                custom_convert_map=importer_map(table))
     mod["main"] = mod["main"].without_attr("params")  # the weights live in our params file
     by_arg = {s.arg.name: s.target for s in ep.graph_signature.input_specs if s.kind == InputKind.PARAMETER}
     num_input = int(mod["main"].attrs["num_input"])
@@ -116,4 +119,4 @@ def to_relax(ep: ExportedProgram, *, extern: bool = False) -> Lowered:
         narrow = {i: n for i, o in enumerate(outputs) if (n := padded_output_width(o)) is not None}
     log.info("imported %d user inputs, %d params", num_input, len(param_names))
     return Lowered(mod, names, positions, param_names, {k: state[k] for k in param_names},
-                   in_spec, out_spec, narrow)
+                   in_spec, out_spec, narrow, signature, (masks,))

@@ -1,12 +1,16 @@
 """Run a compiled fxopt TVM module: needs only the TVM *runtime* (and torch, for torch I/O and the
 library GEMM/attention functions). This file is copied into every exported artifact as
-``loader.py`` and must not import fxopt or the TVM compiler.
+``loader.py``, beside copies of ``convention.py`` (``fxopt_convention.py``) and of fxopt's
+``signature.py`` (``fxopt_signature.py``), and must not import fxopt or the TVM compiler there.
 
     import loader                                  # from the artifact directory
     run = loader.load(".", device="cuda")           # or params={name: tensor} to supply weights
     logits = run(input_ids)                         # torch tensors in, torch tensors out
 
-Library functions (``fxopt.linear`` ...) are registered with the TVM runtime at load time; each
+Inputs are bound by name to the captured signature (``Signature.bind``: keyword order does not matter,
+wrong names and changed constants raise ``InputMismatchError``); the manifest carries it as JSON.
+
+Library functions (``fxopt.linear`` ..., convention.py) are registered with the TVM runtime at load time; each
 receives TVM tensors, views them as torch tensors through DLPack (no copy) and writes its result
 into the output buffer the VM allocated, so GEMMs run in cuBLAS and attention in torch's fused
 (flash / memory-efficient) kernels, on the stream TVM is launching on.
@@ -21,9 +25,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+if __package__:  # inside fxopt
+    from fxopt.signature import Signature
+
+    from . import convention
+else:  # loader.py of an artifact: the copies beside it
+    import fxopt_convention as convention  # type: ignore[no-redef]
+    from fxopt_signature import Signature  # type: ignore[no-redef]
+
 log = logging.getLogger(__name__)
 
 MANIFEST, LIBRARY, PARAMS = "manifest.json", "model.so", "params.bin"
+# the modules the loader imports, as copied into an artifact: {file name in the artifact: source module}
+ARTIFACT_MODULES = {"fxopt_convention.py": "convention", "fxopt_signature.py": "signature"}
 
 
 def import_tvm_runtime(cuda: bool) -> Any:
@@ -80,48 +94,43 @@ def register_torch_externs() -> None:
     def matmul(a: Any, b: Any, out: Any) -> None:
         torch.matmul(T(a), T(b), out=T(out))
 
-    def heads_major(t: Any, mode: int, offset: int, heads: int, width: int) -> Any:
-        if mode == 2:
-            t = t[..., offset:offset + width].unflatten(-1, (heads, width // heads))
-        return t.transpose(1, 2) if mode else t
+    def view(t: Any, spec: Any) -> Any:
+        if spec.mode == convention.VIEW_PACKED:
+            t = t[..., spec.offset:spec.offset + spec.width].unflatten(-1, (spec.heads, spec.width // spec.heads))
+        return t.transpose(1, 2) if spec.mode != convention.VIEW_BHSD else t
 
     def sdpa(q: Any, k: Any, v: Any, *rest: Any) -> Any:
-        # rest: [mask], scale, is_causal, out_bshd, 3 x (mode, offset, heads, width); returns out
-        mask = T(rest[0]) if len(rest) == 16 else None
-        scale, causal, out_bshd = rest[-15], bool(rest[-14]), bool(rest[-13])
-        specs = [rest[-12 + 4 * i:len(rest) - 8 + 4 * i] for i in range(3)]
-        q, k, v = (heads_major(T(t), *spec) for t, spec in zip((q, k, v), specs))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+        mask, call = convention.decode_sdpa(rest)
+        q, k, v = (view(T(t), spec) for t, spec in zip((q, k, v), call.views))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=T(mask) if mask is not None else None,
+                                           is_causal=call.is_causal, scale=call.scale,
                                            enable_gqa=q.shape[-3] != k.shape[-3])
         # fused kernels write [B, S, H, D] memory: returning that layout is free
-        return tvm_ffi.from_dlpack((o.transpose(1, 2) if out_bshd else o).contiguous())
+        return tvm_ffi.from_dlpack((o.transpose(1, 2) if call.out_bshd else o).contiguous())
 
-    for name, fn in {"linear": linear, "addmm": addmm, "matmul": matmul, "sdpa": sdpa}.items():
-        tvm_ffi.register_global_func(f"fxopt.{name}", fn, override=True)
+    functions = {convention.LINEAR: linear, convention.ADDMM: addmm, convention.MATMUL: matmul, convention.SDPA: sdpa}
+    if set(functions) != set(convention.FUNCTIONS):
+        raise convention.ConventionError(f"the runtime registers {sorted(functions)}, convention {convention.VERSION} "
+                                         f"declares {sorted(convention.FUNCTIONS)}")
+    for name, fn in functions.items():
+        tvm_ffi.register_global_func(name, fn, override=True)
 
 
 class Module:
     """A loaded VM callable with the model's (args, kwargs) and returning its output structure."""
 
     def __init__(self, tvm: Any, library: Any, device: str, params: list[Any], manifest: dict[str, Any],
-                 out_spec: Any = None) -> None:
+                 signature: Signature | None = None) -> None:
         self.tvm, self.device, self.manifest = tvm, device, manifest
         self.dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
         self.vm = tvm.runtime.vm.VirtualMachine(library, self.dev)
         self.main = self.vm["main"]
         self.params = params
-        self.out_spec = out_spec
-        self.positions: list[int] = manifest["input_positions"]
+        self.signature = signature or Signature.from_json(manifest["signature"])
         self.narrow = {int(i): int(n) for i, n in manifest.get("narrow_outputs", {}).items()}
 
     def _flat_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
-        from torch.utils._pytree import tree_flatten
-
-        keys = self.manifest.get("kwarg_keys") or []
-        if kwargs:  # torch.export flattens kwargs in the order they had at export
-            kwargs = {k: kwargs[k] for k in keys if k in kwargs} | {k: kwargs[k] for k in kwargs if k not in keys}
-        leaves, _ = tree_flatten((tuple(args), dict(kwargs)))
-        return [leaves[i] for i in self.positions]
+        return self.signature.bind(args, kwargs)
 
     def run_flat(self, inputs: list[Any]) -> list[Any]:
         import torch
@@ -137,11 +146,7 @@ class Module:
         return self.structure(self.run_flat(self._flat_inputs(args, kwargs)))
 
     def structure(self, flat: list[Any]) -> Any:
-        if self.out_spec is None:
-            return flat[0] if len(flat) == 1 else tuple(flat)
-        from torch.utils._pytree import tree_unflatten
-
-        return tree_unflatten(flat, self.out_spec)
+        return self.signature.unflatten(flat)
 
 
 class CUDAGraphed:
@@ -188,8 +193,10 @@ def load(path: str | Path = ".", device: str | None = None, params: dict[str, An
     path = Path(path)
     manifest = json.loads((path / MANIFEST).read_text())
     device = device or manifest["device"]
+    library_calls = manifest.get("library_calls")
+    convention.check_manifest(library_calls)  # before anything loads: a clear error, not a missing function
     tvm = import_tvm_runtime(device == "cuda")
-    if manifest.get("extern"):
+    if library_calls is not None:
         register_torch_externs()
     library = tvm.runtime.load_module(str(path / LIBRARY))
     dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
@@ -198,11 +205,4 @@ def load(path: str | Path = ".", device: str | None = None, params: dict[str, An
         plist = [tvm.runtime.tensor(stored[n].numpy(), dev) for n in manifest["param_names"]]
     else:
         plist = [tvm.runtime.from_dlpack(params[n].detach().contiguous()) for n in manifest["param_names"]]
-    out_spec = None
-    try:
-        from torch.utils._pytree import treespec_loads
-
-        out_spec = treespec_loads(manifest["out_spec"]) if manifest.get("out_spec") else None
-    except Exception as err:  # the output type may not be importable here: return a flat tuple
-        log.warning("output structure not restored (%s); returning flat outputs", err)
-    return Module(tvm, library, device, plist, manifest, out_spec)
+    return Module(tvm, library, device, plist, manifest)

@@ -1,0 +1,250 @@
+"""The input/output signature of a captured program, shared by every backend's runner.
+
+    sig = Signature.of(exported_program, forward=opt.graph_module.forward)
+    flat = sig.bind(args, kwargs)     # the graph's flat inputs, in order (tensors and SymInts; constants dropped)
+    out = sig.unflatten(results)      # the model's own output structure from the graph's tensor outputs
+    sig.to_json() / Signature.from_json(d)
+
+Binding is by name, as Python binds a call: arguments captured positionally may be passed positionally (in
+order) or by keyword, those captured by keyword by keyword. Every mismatch is an `InputMismatchError` naming
+the argument: an unknown keyword, an extra positional argument, one given twice, a missing one, a nested
+argument structured differently, or a Python value (`use_cache=False`) that torch.export captured as a
+constant and that now differs. A keyword argument captured as a constant may be left out.
+
+This file is also copied into every TVM artifact (as `fxopt_signature.py`, beside `loader.py`), where fxopt
+is not installed: it imports only the standard library at module level and torch inside functions, and its
+error derives from `FxoptError` only when it is imported as part of fxopt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # of to_json()
+
+if __package__ == "fxopt":
+    from .errors import FxoptError as _Base
+else:  # the copy inside a TVM artifact
+
+    class _Base(Exception):  # type: ignore[no-redef]
+        """Stands in for fxopt.errors.FxoptError where fxopt is not installed."""
+
+
+class InputMismatchError(_Base, TypeError):
+    """The call's arguments do not bind to the captured signature; `argument` names the one at fault."""
+
+    def __init__(self, argument: str | None, problem: str):
+        self.argument = argument
+        super().__init__(f"input {argument!r}: {problem}" if argument else problem)
+
+
+TENSOR, SYMINT, CONSTANT = "tensor", "symint", "constant"
+_JSON_SCALARS = (type(None), bool, int, float, str)
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One flat input of the graph: a tensor or SymInt placeholder (by name), or a captured constant."""
+
+    name: str
+    kind: str  # TENSOR | SYMINT | CONSTANT
+    value: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Argument:
+    name: str
+    keyword: bool  # passed by keyword at capture
+    leaves: tuple[Leaf, ...]
+    spec: Any = None  # pytree spec of a nested argument (None: one leaf, or unknown after a JSON round trip)
+
+    @property
+    def constant(self) -> bool:
+        return all(leaf.kind == CONSTANT for leaf in self.leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    arguments: tuple[Argument, ...]
+    outputs: tuple[Leaf, ...]  # per output leaf: TENSOR (name = index among tensor outputs) or CONSTANT
+    out_spec: Any = None  # pytree spec of the output (None: outputs are returned flat)
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the flat inputs `bind` returns, in order."""
+        return [leaf.name for a in self.arguments for leaf in a.leaves if leaf.kind != CONSTANT]
+
+    @classmethod
+    def of(cls, ep: Any, forward: Callable | None = None) -> Signature:
+        """From a torch.export ExportedProgram; `forward` (the module's) supplies names of nested arguments."""
+        return _from_exported_program(ep, forward)
+
+    # -- binding ---------------------------------------------------------------------------------------------
+
+    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Any]:
+        values = self._match(tuple(args), dict(kwargs))
+        flat: list[Any] = []
+        for a in self.arguments:
+            if a.name not in values:
+                continue  # a constant keyword left out
+            flat += _check_leaves(a, values[a.name])
+        return flat
+
+    def _match(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        positional = [a for a in self.arguments if not a.keyword]
+        if len(args) > len(positional):
+            raise InputMismatchError(None, f"{len(args)} positional arguments given, the graph takes "
+                                     f"{len(positional)} ({', '.join(a.name for a in positional) or 'none'}); "
+                                     f"pass the others by keyword as at capture")
+        values = {a.name: v for a, v in zip(positional, args)}
+        known = {a.name for a in self.arguments}
+        for key, value in kwargs.items():
+            if key not in known:
+                raise InputMismatchError(key, f"unexpected keyword argument; the graph takes {sorted(known)}")
+            if key in values:
+                raise InputMismatchError(key, "given both positionally and by keyword")
+            values[key] = value
+        for a in self.arguments:
+            if a.name not in values and not (a.keyword and a.constant):
+                raise InputMismatchError(a.name, "missing")
+        return values
+
+    def unflatten(self, tensors: Sequence[Any]) -> Any:
+        n = sum(leaf.kind != CONSTANT for leaf in self.outputs)
+        if len(tensors) != n:
+            raise InputMismatchError(None, f"the backend returned {len(tensors)} outputs, the graph has {n}")
+        leaves = [leaf.value if leaf.kind == CONSTANT else tensors[int(leaf.name)] for leaf in self.outputs]
+        if self.out_spec is None:
+            return leaves[0] if len(leaves) == 1 else tuple(leaves)
+        from torch.utils import _pytree as pytree
+
+        return pytree.tree_unflatten(leaves, self.out_spec)
+
+    # -- JSON (the TVM manifest) -----------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "arguments": [
+            {"name": a.name, "keyword": a.keyword, "spec": _dumps(a.spec), "leaves": [_leaf_json(x) for x in a.leaves]}
+            for a in self.arguments], "outputs": [_leaf_json(x) for x in self.outputs],
+            "out_spec": _dumps(self.out_spec)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Signature:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"signature format {data.get('format')!r}; this loader reads format {FORMAT}")
+        arguments = tuple(Argument(a["name"], a["keyword"], tuple(Leaf(**x) for x in a["leaves"]), _loads(a["spec"]))
+                          for a in data["arguments"])
+        return cls(arguments, tuple(Leaf(**x) for x in data["outputs"]), _loads(data["out_spec"]))
+
+
+def _check_leaves(a: Argument, value: Any) -> list[Any]:
+    import torch
+    from torch.utils import _pytree as pytree
+
+    leaves, spec = pytree.tree_flatten(value)
+    if (a.spec is not None and spec != a.spec) or len(leaves) != len(a.leaves):
+        raise InputMismatchError(a.name, f"structured as {spec}, but captured with {len(a.leaves)} leaves"
+                                 + (f" as {a.spec}" if a.spec is not None else ""))
+    flat = []
+    for got, leaf in zip(leaves, a.leaves):
+        if leaf.kind == CONSTANT:
+            if isinstance(got, torch.Tensor) or not _same_constant(got, leaf.value):
+                raise InputMismatchError(a.name, f"was the constant {leaf.value!r} at capture and is {got!r} now; "
+                                         f"capture (fxopt.optimize) again to change it")
+        elif leaf.kind == TENSOR and not isinstance(got, torch.Tensor):
+            raise InputMismatchError(a.name, f"must be a tensor, got {type(got).__name__}")
+        else:
+            flat.append(got)
+    return flat
+
+
+def _same_constant(got: Any, captured: Any) -> bool:
+    if isinstance(captured, bool) or isinstance(got, bool):
+        return type(got) is type(captured) and got == captured
+    if isinstance(captured, str) and not isinstance(got, str):
+        return repr(got) == captured  # a non-JSON constant, stored as its repr
+    try:
+        return bool(got == captured)
+    except Exception:  # noqa: BLE001 - values that do not compare
+        return False
+
+
+def _leaf_json(leaf: Leaf) -> dict[str, Any]:
+    value = leaf.value if isinstance(leaf.value, _JSON_SCALARS) else repr(leaf.value)
+    return {"name": leaf.name, "kind": leaf.kind, "value": value}
+
+
+def _dumps(spec: Any) -> str | None:
+    if spec is None:
+        return None
+    from torch.utils._pytree import treespec_dumps
+
+    try:
+        return treespec_dumps(spec)
+    except Exception as err:  # noqa: BLE001 - output types without a serialized name (some ModelOutputs)
+        log.info("pytree spec not serializable (%s); the artifact returns flat outputs", err)
+        return None
+
+
+def _loads(text: str | None) -> Any:
+    if text is None:
+        return None
+    from torch.utils._pytree import treespec_loads
+
+    try:
+        return treespec_loads(text)
+    except Exception as err:  # noqa: BLE001 - the output type may not be importable here
+        log.warning("output structure not restored (%s); returning flat outputs", err)
+        return None
+
+
+def _from_exported_program(ep: Any, forward: Callable | None) -> Signature:
+    from torch.export.graph_signature import ConstantArgument, SymIntArgument
+
+    def leaf(spec: Any) -> Leaf:
+        if isinstance(spec.arg, ConstantArgument):
+            return Leaf(spec.arg.name, CONSTANT, spec.arg.value)
+        return Leaf(spec.arg.name, SYMINT if isinstance(spec.arg, SymIntArgument) else TENSOR)
+
+    flat = [leaf(s) for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    in_spec = ep.call_spec.in_spec
+    args_spec, kwargs_spec = in_spec.child(0), in_spec.child(1)
+    names = _positional_names(forward, args_spec.num_children)
+    arguments, start = [], 0
+    for i, child in enumerate(args_spec.children()):
+        leaves = tuple(flat[start:start + child.num_leaves])
+        name = leaves[0].name if child.is_leaf() and names is None else (names[i] if names else f"args[{i}]")
+        arguments.append(Argument(name, False, leaves, None if child.is_leaf() else child))
+        start += child.num_leaves
+    for key, child in zip(kwargs_spec.context or [], kwargs_spec.children()):
+        arguments.append(Argument(key, True, tuple(flat[start:start + child.num_leaves]),
+                                  None if child.is_leaf() else child))
+        start += child.num_leaves
+    outputs, k = [], 0
+    for s in ep.graph_signature.output_specs:
+        if s.kind.name != "USER_OUTPUT":
+            continue
+        if isinstance(s.arg, ConstantArgument):
+            outputs.append(Leaf(s.arg.name, CONSTANT, s.arg.value))
+        else:
+            outputs.append(Leaf(str(k), TENSOR))
+            k += 1
+    return Signature(tuple(arguments), tuple(outputs), ep.call_spec.out_spec)
+
+
+def _positional_names(forward: Callable | None, count: int) -> list[str] | None:
+    import inspect
+
+    if forward is None:
+        return None
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    plain = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return plain[:count] if len(plain) >= count else None
