@@ -82,31 +82,28 @@ def optimize(model: nn.Module, example_inputs: Any = None, passes: Sequence[str 
     return OptimizedModule(gm, report, args, kwargs, dynamic_shapes)
 
 
-def export_onnx(opt: OptimizedModule, path: str | Path, **options: Any) -> Path:
-    from fxopt.backends import onnxruntime as ort_backend
+def _backend(function: str, name: str):
+    from fxopt.backends import BACKENDS
 
-    return ort_backend.export(opt, path, **options)
+    if name not in BACKENDS:
+        raise PassOptionError(function, "backend", f"must be one of {tuple(BACKENDS)}, got {name!r}")
+    return BACKENDS[name]
+
+
+def export_onnx(opt: OptimizedModule, path: str | Path, **options: Any) -> Path:
+    """Write `opt` as an ONNX file (see fxopt.backends.onnxruntime.export for the options); returns the path."""
+    return _backend("export_onnx", "onnxruntime").export(opt, path, **options)
 
 
 def export_tvm(opt: OptimizedModule, path: str | Path, target: str = "cpu", **options: Any) -> Path:
-    from fxopt.backends import tvm as tvm_backend
-
-    return tvm_backend.export(opt, path, target=target, **options)
-
-
-_BACKENDS = ("onnxruntime", "tvm")
+    """Write a TVM artifact directory for `target` (see fxopt.backends.tvm.export); returns the path."""
+    return _backend("export_tvm", "tvm").export(opt, path, target=target, **options)
 
 
 def compile(opt: OptimizedModule, backend: str = "onnxruntime", target: str = "cpu", **options: Any):
     """A callable running `opt` on `backend` for `target`, taking and returning torch tensors."""
-    if backend not in _BACKENDS:
-        raise PassOptionError("compile", "backend", f"must be one of {_BACKENDS}, got {backend!r}")
-    if target not in ("cpu", "cuda"):
-        raise PassOptionError("compile", "target", f"must be 'cpu' or 'cuda', got {target!r}")
-    if backend == "onnxruntime":
-        from fxopt.backends import onnxruntime as ort_backend
-
-        return ort_backend.compile(opt, target=target, **options)
-    from fxopt.backends import tvm as tvm_backend
-
-    return tvm_backend.compile(opt, target=target, **options)
+    chosen = _backend("compile", backend)
+    if target not in chosen.targets:
+        raise PassOptionError("compile", "target", f"must be {' or '.join(map(repr, chosen.targets))}, "
+                              f"got {target!r}")
+    return chosen.compile(opt, target, **options)

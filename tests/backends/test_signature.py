@@ -1,0 +1,112 @@
+"""One input/output signature for both backends: binding by name, typed errors naming the argument, the
+manifest's JSON form, and the TVM artifact's calling-convention check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.signature import InputMismatchError, Signature
+
+pytest.importorskip("tvm")
+pytest.importorskip("onnxruntime")
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, a, b, scale=1.0, use_cache=False):
+        return {"out": self.proj(a) * scale - b, "cached": None if use_cache else b.sum(-1)}
+
+
+@pytest.fixture(scope="module")
+def optimized():
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    return fxopt.optimize(TwoInputs().eval(), (a, b), example_kwargs={"scale": 2.0, "use_cache": False})
+
+
+@pytest.fixture(scope="module")
+def signature(optimized):
+    return Signature.of(optimized.exported_program(), optimized.graph_module.forward)
+
+
+def test_binding_is_by_name_whatever_the_keyword_order(signature):
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    want = signature.bind((a, b), {"scale": 2.0})
+    assert [t is x for t, x in zip(want, (a, b))] == [True, True]
+    for args, kwargs in [((), {"b": b, "a": a}), ((a,), {"b": b, "scale": 2.0, "use_cache": False})]:
+        got = signature.bind(args, kwargs)
+        assert len(got) == 2 and got[0] is a and got[1] is b
+
+
+@pytest.mark.parametrize("args, kwargs, argument", [
+    ((1, 2, 3), {}, None),                      # an extra positional argument
+    ((1,), {"c": 2}, "c"),                      # an unknown name
+    ((1,), {"a": 1, "b": 2}, "a"),               # given twice
+    ((1,), {}, "b"),                            # missing
+    ((1, 2), {"scale": 3.0}, "scale"),          # a captured constant that changed
+    ((1, 2), {"use_cache": 0}, "use_cache"),    # False was captured: 0 is another value
+])
+def test_mismatches_raise_a_typed_error_naming_the_argument(signature, args, kwargs, argument):
+    t = torch.randn(2, 3, 4)
+    args = tuple(t if isinstance(x, int) else x for x in args)
+    kwargs = {k: t if isinstance(v, int) and k in "ab" else v for k, v in kwargs.items()}
+    with pytest.raises(InputMismatchError) as info:
+        signature.bind(args, {"scale": 2.0, **kwargs})
+    assert isinstance(info.value, fxopt.FxoptError) and info.value.argument == argument
+
+
+def test_outputs_keep_their_structure_and_constants_through_json(signature):
+    restored = Signature.from_json(json.loads(json.dumps(signature.to_json())))
+    assert restored.input_names == signature.input_names == ["a", "b"]
+    out, cached = torch.randn(2, 3, 4), torch.randn(2, 3)
+    got = restored.unflatten([out, cached])
+    assert list(got) == ["out", "cached"] and got["out"] is out and got["cached"] is cached
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_each_backend_binds_keywords_by_name(optimized, backend):
+    """Issue 10: the TVM runner fed `run(b=B, a=A)` as (B, A)."""
+    run = fxopt.compile(optimized, backend=backend)
+    a, b = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    with torch.no_grad():
+        want = optimized(a, b, scale=2.0, use_cache=False)["out"]
+    torch.testing.assert_close(run(b=b, a=a, scale=2.0)["out"], want)
+    with pytest.raises(InputMismatchError, match="'scale'"):
+        run(a, b, scale=3.0)
+
+
+LOAD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import loader
+try:
+    loader.load(sys.argv[1])
+except Exception as e:
+    print(type(e).__name__, e)
+assert "fxopt" not in sys.modules, "the loader imported fxopt"
+"""
+
+
+def test_the_loader_refuses_another_convention_or_a_missing_requirement(optimized, tmp_path):
+    path = fxopt.export_tvm(optimized, tmp_path / "art", target="cpu", extern=True)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["library_calls"]["convention"] >= 1 and manifest["library_calls"]["requires"] == ["torch"]
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
+    for edit, message in [({"convention": 999}, "convention version 999"),
+                          ({"requires": ["no_such_package_here"]}, "no_such_package_here is not installed")]:
+        (path / "manifest.json").write_text(json.dumps({**manifest, "library_calls": {
+            **manifest["library_calls"], **edit}}))
+        res = subprocess.run([sys.executable, "-c", LOAD, str(path)], env=env, capture_output=True, text=True,
+                             cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith("ConventionError") and message in res.stdout, res.stdout
