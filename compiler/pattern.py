@@ -139,7 +139,7 @@ class Match:
 
     def _fail(self, reason: str, node: Any) -> bool:
         depth = len(self.nodes)
-        if self.failure is None or depth >= self.failure.depth:
+        if self.failure is None or depth > self.failure.depth:
             self.failure = MatchFailure(reason, node if isinstance(node, fx.Node) else None, depth,
                                         frozenset(self.bindings))
         return False

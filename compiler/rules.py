@@ -90,14 +90,15 @@ def _try(rule: Rule, node: fx.Node) -> Match | MatchFailure | None:
 def _apply(rw: Rewriter, rule: Rule, m: Match) -> None:
     root = m.root
     new = rule.rewrite(rw, m)
+    outputs = []
     if isinstance(new, tuple):
-        for user in list(root.users):
-            if user.target is operator.getitem:
-                rw.replace(user, new[user.args[1]])
+        outputs = [u for u in root.users if u.target is operator.getitem]
+        for user in outputs:
+            rw.replace(user, new[user.args[1]])
     elif new is not None:
         rw.replace(root, new)
     rw.counts[rule.stat or rule.name] += 1
-    rw.erase_dead([root, *reversed(m.nodes)])
+    rw.erase_dead([*outputs, root, *reversed(m.nodes)])
 
 
 def apply_rules(rw: Rewriter, rules: Sequence[Rule], *, max_sweeps: int = 8) -> RuleResult:
