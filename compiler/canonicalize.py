@@ -16,6 +16,7 @@ exact or exact up to float rounding, and local:
     reciprocal(sqrt(v))                    => rsqrt(v)
     div(a, sqrt(v))                        => mul(a, rsqrt(v))
     div(sum(x, dims, k), N), N = |dims|    => mean(x, dims, k)
+    div(sum(x, [d], k), y.size(d))         => mean(x, [d], k)       (a dynamic reduced dim, y.size(d) == x.size(d))
     mul(a, reciprocal(b))                  => div(a, b)
     mul(mul(k, a), b), k a constant        => mul(mul(a, b), k)      (constant factors applied last)
     f(a..), f(a..)                         => one node                (CSE of pure ops, between sweeps)
@@ -32,7 +33,7 @@ import math
 
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 from .pattern import CAST_TARGETS, Const, Op, Var, is_call, node_args
 from .rewrite import Rewriter
@@ -189,6 +190,17 @@ def _sum_count(m) -> str | None:
     return None if math.prod(int(s) for s in reduced) == n else "divides by something else than the count"
 
 
+def _sum_over_size(m) -> str | None:
+    vx = _val(m["x"])
+    if not _is_float(vx) or m.get("dtype") is not None:
+        return "not a float sum"
+    vy, d = _val(m["y"]), m["d"]
+    if not isinstance(vy, torch.Tensor) or [d % vy.dim()] != [e % vx.dim() for e in m["dims"]]:
+        return "divides by another dim's size"
+    same = statically_known_true(vy.shape[d] == vx.shape[d % vx.dim()])
+    return None if same else "divides by the size of another tensor's dim"
+
+
 def _constants_last(m) -> str | None:
     k, a, b = m["k"], m["a"], m["b"]
     if not is_constant(k) or is_constant(a) or not isinstance(a, fx.Node) or is_constant(b):
@@ -214,6 +226,10 @@ ARITHMETIC = (
          Op(aten.div.Tensor, Op(aten.sum.dim_IntList, _X, Var("dims"), Var("keepdim"), Var("dtype")),
             Const("n")),
          lambda rw, m: _call(rw, m, aten.mean.dim, m["x"], list(m["dims"]), m["keepdim"]), _sum_count),
+    Rule("sum(x, [d]) / x.size(d) => mean(x, [d])",
+         Op(aten.div.Tensor, Op(aten.sum.dim_IntList, _X, Var("dims"), Var("keepdim"), Var("dtype")),
+            Op(aten.sym_size.int, Var("y"), Var("d"))),
+         lambda rw, m: _call(rw, m, aten.mean.dim, m["x"], list(m["dims"]), m["keepdim"]), _sum_over_size),
     Rule("a * reciprocal(b) => a / b",
          Op(aten.mul.Tensor, Var("a"), Op(aten.reciprocal.default, Var("b")), commutative=True),
          lambda rw, m: _call(rw, m, aten.div.Tensor, m["a"], m["b"]),

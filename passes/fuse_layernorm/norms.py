@@ -1,28 +1,7 @@
-"""Fuse decomposed LayerNorm and RMSNorm into one op each, and a residual add into the norm after it.
-
-    (x - mean(x)) * rsqrt(var(x, correction=0) + eps) [* γ] [+ β]  =>  layer_norm(x, shape, γ, β, eps)
-    x * rsqrt(mean(x²) + eps) [* γ]                                 =>  fxopt.rms_norm(x, shape, γ, eps)
-    norm(a + b)                                                     =>  out, s = fxopt.add_<norm>(a, b, ...)
-                                                                        (s = a + b replaces the add's other uses)
-
-The reductions run over the trailing dims (`shape` = those dims of x); eps is a Python number. γ and β are
-folded in when they are constants of the normalized shape; otherwise (a per-head (heads, head_dim) weight, a
-per-token γ) the core is fused and the multiply stays. Spellings (div by sqrt, var/var_mean/std with
-correction 0, x*x, commuted operands, Llama's fp32 casts, eval dropout) are canonicalized first
-(compiler/canonicalize.py) by the pipeline.
-
-Near-misses left unchanged, each with the matcher's or the check's reason: unbiased variance, eps outside the
-root, reduction not over the trailing dims, an intermediate used elsewhere, a fused op that would change the
-output's memory layout, an add with a constant, broadcasting or mixed-dtype operand.
-
-Requires: SHAPES.  Exactness: exact up to float rounding (tolerance ROUNDING). The residual fusion is
-bit-exact; the norms differ from their decompositions only by reduction order (and fp32 accumulation).
-"""
+"""The norm patterns of fuse_layernorm: LayerNorm and RMSNorm cores with optional affine tails, their checks
+and builders, and the known near-misses (eps outside the root)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import fx
@@ -30,10 +9,8 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from fxopt import ops
 from fxopt.canonicalize import is_constant
-from fxopt.pass_base import Pass, PassContext, PassResult, is_bool
-from fxopt.pattern import VIEWS, AnyOf, Cast, Const, Op, Through, Var, is_cast, node_args
+from fxopt.pattern import AnyOf, Cast, Const, Op, Var, is_cast, node_args
 from fxopt.rewrite import Rewriter, fake_mode_of
-from fxopt.rules import Rule, apply_rules
 
 aten = torch.ops.aten
 
@@ -117,7 +94,7 @@ def _fused_args(m, op) -> tuple:
     return _rms_input(m), _normalized_shape(m), m.get("weight"), float(m["eps"])
 
 
-def _check_norm(m, op) -> str | None:
+def check_norm(m, op) -> str | None:
     x, dims = _val(m["x"]), list(m["dims"])
     if dims != list(range(x.dim() - len(dims), x.dim())):
         return f"reduction over dims {dims} of a {x.dim()}-d input, not over its trailing dims"
@@ -150,7 +127,7 @@ def _check_rms_precision(m) -> str | None:
     return None
 
 
-def _rewrite_norm(op):
+def rewrite_norm(op):
     def rewrite(rw: Rewriter, m) -> fx.Node:
         args = _fused_args(m, op)
         x, shape, weight, eps = args[0], args[1], args[2], args[-1]
@@ -163,71 +140,3 @@ def _rewrite_norm(op):
         args = (x, shape, weight, bias, eps) if op is aten.layer_norm.default else (x, shape, weight, eps)
         return rw.call(op, args, before=m.root, like=m.root)
     return rewrite
-
-
-def _check_residual(m) -> str | None:
-    a, b, add, norm = m["a"], m["b"], m["add"], m.root
-    if not all(isinstance(t, fx.Node) and not is_constant(t) for t in (a, b)):
-        return f"the add {add.name} before {norm.name} has a constant operand"
-    va, vb = _val(a), _val(b)
-    if va.shape != vb.shape or va.dtype != vb.dtype:
-        return f"the add {add.name} before {norm.name} broadcasts or mixes dtypes"
-    viewed = m["norm_in"] is not add
-    if viewed and (len(add.users) != 1 or len(m["norm_in"].users) != 1):
-        return f"the sum {add.name} is also read in its own shape before the view that {norm.name} normalizes"
-    order = {n: i for i, n in enumerate(norm.graph.nodes)}
-    rest = [r for r in node_args(norm)[1:] if isinstance(r, fx.Node)]
-    if any(order[r] > order[add] for r in rest):
-        return f"γ/β of {norm.name} are computed after the residual add {add.name}"
-    return None
-
-
-_RESIDUAL = {aten.layer_norm.default: ops.add_layer_norm, ops.rms_norm: ops.add_rms_norm}
-RESIDUAL = Op(tuple(_RESIDUAL), Through(Op(aten.add.Tensor, Var("a"), Var("b"), 1, name="add"), VIEWS,
-                                        name="norm_in"))
-
-
-def _rewrite_residual(rw: Rewriter, m) -> None:
-    norm, add, a, b = m.root, m["add"], m["a"], m["b"]
-    fused_op = _RESIDUAL[norm.target]
-    rest = node_args(norm)[1:len(fused_op._schema.arguments) - 1]
-    if m["norm_in"] is not add:  # norm(view(a + b)) == norm(view(a) + view(b)): the add is elementwise
-        shape = m["norm_in"].args[1]
-        a, b = (rw.call(aten.reshape.default, (t, shape), before=norm, like=m["norm_in"]) for t in (a, b))
-    at = norm if m["norm_in"] is not add else add.next  # the add's earlier users read the fused op's sum
-    fused = rw.call(fused_op, (a, b, *rest), before=at, like=norm)
-    out, total = rw.getitem(fused, 0, before=fused.next), rw.getitem(fused, 1, before=fused.next.next)
-    rw.replace(add, total, keep=[m["norm_in"]] if m["norm_in"] is not add else [norm])
-    rw.replace(norm, out)
-
-
-def _rules(rms: bool, residual: bool) -> list[Rule]:
-    rules = [Rule("(x-μ)·rsqrt(var(x)+eps)[·γ][+β] => layer_norm(x)", LAYER_NORM,
-                  _rewrite_norm(aten.layer_norm.default), lambda m: _check_norm(m, aten.layer_norm.default),
-                  anchor="centered", stat="layer_norm")]
-    if rms:
-        rules.append(Rule("x·rsqrt(mean(x²)+eps)[·γ] => rms_norm(x)", RMS_NORM, _rewrite_norm(ops.rms_norm),
-                          lambda m: _check_norm(m, ops.rms_norm), anchor="x_pow", stat="rms_norm"))
-    rules += [Rule("eps is added outside the square root ((x-μ)/(σ+eps) is not LayerNorm)", EPS_OUTSIDE_LN, None),
-              Rule("eps is added outside the square root (x/(rms(x)+eps) is not RMSNorm)", EPS_OUTSIDE_RMS, None)]
-    if residual:
-        rules.append(Rule("norm(a + b) => add_norm(a, b)", RESIDUAL, _rewrite_residual, _check_residual,
-                          anchor="add", exclusive=False, stat="add_norm"))
-    return rules
-
-
-@dataclass(frozen=True)
-class FuseLayerNorm(Pass):
-    """Decomposed LayerNorm/RMSNorm -> one op; residual add + norm -> one fused add+norm op."""
-
-    fuse_residual_add: bool = True
-    rms_norm: bool = True
-
-    name: ClassVar[str] = "fuse_layernorm"
-    option_checks: ClassVar = {"fuse_residual_add": (is_bool, "a bool"), "rms_norm": (is_bool, "a bool")}
-
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        rw = Rewriter(gm, self.name)
-        result = apply_rules(rw, _rules(self.rms_norm, self.fuse_residual_add))
-        rw.finish()
-        return PassResult(gm, result.changed, dict(result.counts), result.reasons())
