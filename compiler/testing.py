@@ -11,7 +11,7 @@ from torch import fx, nn
 from .canonicalize import canonicalize_graph
 from .capture import capture
 from .numerics import compare, run_graph
-from .pass_base import Pass, PassContext, PassResult
+from .pass_base import ROUNDING, Pass, PassContext, PassResult, Tolerance
 from .pipeline import clone_graph_module
 
 
@@ -38,6 +38,12 @@ def capture_graph(model: nn.Module, *args: Any, canonical: bool = True, **kwargs
 def run_pass(p: Pass, gm: fx.GraphModule, *args: Any, **kwargs: Any) -> PassResult:
     """Run `p` on a copy of `gm` (the original stays as it was)."""
     return p.run(clone_graph_module(gm), PassContext(args, kwargs))
+
+
+def assert_within(got: Any, want: Any, tolerance: Tolerance = ROUNDING) -> None:
+    """`got` equals `want` (same pytree of tensors) within `tolerance` (a pass's contract; default ROUNDING)."""
+    result = compare(want, got, tolerance)
+    assert result.ok, result.detail
 
 
 def assert_pass_contract(p: Pass, before: fx.GraphModule, after: fx.GraphModule, *args: Any, **kwargs: Any):
