@@ -19,8 +19,8 @@ RMSNorm statistics are computed in fp32 (fp64 for fp64 inputs), as Llama-style i
                  reference's signature; `decomposition_table()` hands them to a compiler (e.g.
                  `torch.compile(..., options=...)` or `torch._inductor.decomposition.register_decomposition`).
                  Left out of torch.export, so exported graphs keep the fused op for the backends.
-  cuda_kernel    optional: a fast eager kernel registered for the CUDA dispatch key (the reference stays the
-                 CPU and Meta-free fallback); it must return the reference's values and layout.
+  cuda_kernel    optional: a fast eager kernel registered for the CUDA dispatch key (the reference serves every
+                 other device); it must return the reference's values (within the op's rounding) and layout.
 """
 
 from __future__ import annotations
