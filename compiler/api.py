@@ -49,11 +49,15 @@ class OptimizedModule(nn.Module):
 
 def optimize(model: nn.Module, example_inputs: Any = None, passes: Sequence[str | Pass] = (), *,
              example_kwargs: Mapping[str, Any] | None = None, calibration: Iterable | None = None,
-             check_numerics: bool = True) -> OptimizedModule:
+             check_numerics: bool = True, progress: bool | None = None) -> OptimizedModule:
     """Capture `model` on the example inputs, run `passes` in order, and return the optimized module.
 
-    After every pass the graph is verified and its outputs are compared with the graph before it on the
-    example inputs, using that pass's declared tolerance; the report records every step.
+    The graph is canonicalized first (a reported step; not with `passes=[]`). After every step it is verified
+    and its outputs are compared with the graph before it on the example inputs, by that pass's tolerance (or
+    the bound the pass stated for its run); the report records every step. `calibration`: an iterable (a list,
+    a DataLoader) of inputs, iterated once per pass that calibrates and never held in memory as a whole (see
+    fxopt.calibration for the item forms and what is refused before anything runs). `progress`: calibration
+    progress bars (None: when stderr is a terminal).
     """
     from fxopt import passes as registry
 
@@ -70,13 +74,12 @@ def optimize(model: nn.Module, example_inputs: Any = None, passes: Sequence[str 
     for p in resolved:
         if not isinstance(p, Pass):
             raise PassOptionError("optimize", "passes", f"must hold pass names or Pass instances, got {p!r}")
-    calib = list(calibration) if calibration is not None else None
-    ctx = PassContext(args, kwargs, calib)
+    ctx = PassContext(args, kwargs, calibration)
     from .pipeline import check_requirements
 
     check_requirements(resolved, ctx)  # refuse before the (slow) capture
     gm, info, dynamic_shapes = capture(model, args, kwargs)
-    gm, pass_reports = run_pipeline(gm, resolved, ctx, check_numerics=check_numerics)
+    gm, pass_reports = run_pipeline(gm, resolved, ctx, check_numerics=check_numerics, progress=progress)
     report = Report(info, pass_reports)
     log.info("fxopt report\n%s", report)
     return OptimizedModule(gm, report, args, kwargs, dynamic_shapes)

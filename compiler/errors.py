@@ -72,3 +72,18 @@ class UnsupportedOpError(FxoptError):
 class LoweringTableError(FxoptError, ValueError):
     """A backend's lowering table is malformed: a key that is not an op overload, or one the backend's
     importer cannot tell apart from another op."""
+
+
+class CalibrationError(RequirementError):
+    """Calibration data cannot serve the passes that need it (missing, empty, one-shot for several passes), or
+    a pass's calibration spec names what the graph does not have; names the pass."""
+
+
+class CalibrationInputError(CalibrationError, TypeError):
+    """A calibration item does not match the captured signature; `index` is the item's position, `argument`
+    the input at fault (None when the item as a whole is malformed)."""
+
+    def __init__(self, index: int, argument: str | None, problem: str):
+        self.index, self.argument = index, argument
+        at = f"input {argument!r} of calibration item {index}" if argument else f"calibration item {index}"
+        super().__init__(f"{at} {problem}")

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import fx
 
 from .errors import PassOptionError
+
+if TYPE_CHECKING:
+    from .calibration import CalibrationStats, Observe
 
 
 class Requirement(enum.Enum):
@@ -52,11 +55,17 @@ ROUNDING = Tolerance(rtol={torch.float64: 1e-10, torch.float32: 1e-4, torch.floa
 
 @dataclass(frozen=True)
 class PassContext:
-    """What a pass may read besides the graph. Passed explicitly; never global."""
+    """What a pass may read besides the graph. Passed explicitly; never global.
+
+    `calibration` is the user's iterable, as given (never list()-ed). `stats` is set by the pipeline for a pass
+    that requires calibration: it runs the pass with `dataclasses.replace(ctx, stats=...)`, the statistics its
+    `calibration_spec` asked for, gathered on the graph as it was just before the pass (see fxopt.calibration).
+    """
 
     example_args: tuple = ()
     example_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    calibration: Sequence | None = None
+    calibration: Iterable | None = None
+    stats: CalibrationStats | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,9 @@ class PassResult:
     # applies: if one is inf/NaN or below the dtype's smallest normal on the example inputs, the original
     # overflowed or underflowed there, and outputs are not compared (e.g. a naive softmax's denominators)
     overflow_watch: Sequence[str] = ()
+    # the bound this run promises, when it depends on what the pass did (an int8 pass: <= 2 * its scales);
+    # None: the class's declared `tolerance`
+    tolerance: Tolerance | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,8 @@ class Pass:
     requires: ClassVar[frozenset[Requirement]] = frozenset({Requirement.SHAPES})
     exactness: ClassVar[Exactness] = Exactness.EXACT
     tolerance: ClassVar[Tolerance] = ROUNDING
+    # True when the pass may leave non-canonical forms behind: the pipeline canonicalizes again after it
+    leaves_noncanonical: ClassVar[bool] = False
     # options validated by __post_init__: field name -> (predicate, "what it must be")
     option_checks: ClassVar[Mapping[str, tuple[Any, str]]] = {}
 
@@ -97,6 +111,11 @@ class Pass:
             if key not in known:
                 raise PassOptionError(cls.name, key, f"is unknown; options are {sorted(known) or 'none'}")
         return cls(**options)
+
+    def calibration_spec(self, gm: fx.GraphModule) -> Sequence[Observe]:
+        """The statistics this pass needs, naming nodes of `gm` (the graph just before the pass). Called only
+        for passes that require `Requirement.CALIBRATION`; the results arrive as `ctx.stats`."""
+        return ()
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -1,5 +1,12 @@
 """The pipeline: a visible list of passes, run with requirements checked first and, after every pass,
-structural verification and a numerics check against the graph before it (the pass's own tolerance)."""
+structural verification and a numerics check against the graph before it (the pass's own tolerance).
+
+Steps, in order: "canonicalize" (when there is any pass), then each pass, with "canonicalize" again after a
+pass that declares `leaves_noncanonical`. Canonicalization is a step like a pass: run on a copy, verified,
+numerics-checked (exact, ROUNDING), reported with its counts per rule, not applied when nothing changed.
+Before a pass that requires calibration, the graph as it is then runs over `ctx.calibration`, feeding the
+observers of the pass's `calibration_spec`; the pass gets the results as `ctx.stats`.
+"""
 
 from __future__ import annotations
 
@@ -9,29 +16,37 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from torch import fx
 
+from .calibration import calibrate, check_source
+from .canonicalize import canonicalize_graph
 from .errors import NumericsError, PassError, RequirementError
-from .numerics import compare, overflowed, run_graph
-from .pass_base import Pass, PassContext, Requirement
+from .numerics import Numerics, compare, overflowed, run_graph
+from .pass_base import Pass, PassContext, PassResult, Requirement
 from .report import PassReport
 from .verify import output_signature, verify_graph
 
 log = logging.getLogger(__name__)
 
 
+def calibrating(passes: Sequence[Pass]) -> list[Pass]:
+    return [p for p in passes if Requirement.CALIBRATION in p.requires]
+
+
 def check_requirements(passes: Sequence[Pass], ctx: PassContext) -> None:
-    have = {Requirement.SHAPES}
+    """Refuse, before anything runs, what the pipeline cannot provide (calibration: see fxopt.calibration)."""
+    have = {Requirement.SHAPES, Requirement.CALIBRATION}
     if ctx.example_args or ctx.example_kwargs:
         have.add(Requirement.EXAMPLE_INPUTS)
-    if ctx.calibration is not None:
-        have.add(Requirement.CALIBRATION)
     for p in passes:
         missing = [r.value for r in p.requires if r not in have]
         if missing:
             raise RequirementError(f"pass {p.name!r} requires {', '.join(missing)}, which were not given "
                                    f"(nothing has run)")
+    check_source(ctx.calibration, [p.name for p in calibrating(passes)])
 
 
 def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -40,46 +55,105 @@ def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return copy.deepcopy(gm, memo)
 
 
-def run_pipeline(gm: fx.GraphModule, passes: Sequence[Pass], ctx: PassContext, *,
-                 check_numerics: bool = True) -> tuple[fx.GraphModule, list[PassReport]]:
+@dataclass(frozen=True)
+class CanonicalizeStep(Pass):
+    """`fxopt.canonicalize.canonicalize_graph` as a pipeline step; its stats are the counts per rule."""
+
+    name: ClassVar[str] = "canonicalize"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        counts = canonicalize_graph(gm)
+        return PassResult(gm, bool(counts), counts, () if counts else ("the graph is already canonical",))
+
+
+def with_canonicalization(passes: Sequence[Pass]) -> list[Pass]:
+    """The steps the pipeline runs: canonicalization first (when there is any pass), and again after each pass
+    that declares `leaves_noncanonical`."""
+    steps: list[Pass] = [CanonicalizeStep()] if passes else []
+    for p in passes:
+        steps += [p, CanonicalizeStep()] if p.leaves_noncanonical else [p]
+    return steps
+
+
+@dataclass
+class _Run:
+    gm: fx.GraphModule
+    ctx: PassContext
+    signature: list[str]
+    before: Any  # outputs of `gm` on the example inputs (None: numerics not checked)
+    check_numerics: bool
+    progress: bool | None
+
+
+def run_pipeline(gm: fx.GraphModule, passes: Sequence[Pass], ctx: PassContext, *, check_numerics: bool = True,
+                 progress: bool | None = None) -> tuple[fx.GraphModule, list[PassReport]]:
+    """Run `passes` (with canonicalization steps) on `gm`; `progress`: calibration bars (None: when a TTY)."""
     check_requirements(passes, ctx)
-    reports: list[PassReport] = []
-    signature = output_signature(gm)
+    steps = with_canonicalization(passes)
     before = run_graph(gm, ctx.example_args, dict(ctx.example_kwargs)) if check_numerics else None
-    for i, p in enumerate(passes):
-        ran_before = [q.name for q in passes[:i]]
-        start = time.perf_counter()
-        try:
-            result = p.run(clone_graph_module(gm), ctx)
-        except Exception as e:
-            raise PassError(p.name, ran_before, e) from e
-        seconds = time.perf_counter() - start
-        if not result.modified:
-            why = result.reasons[0] if len(result.reasons) == 1 else (
-                f"no candidate matched ({len(result.reasons)} near-misses)" if result.reasons
-                else "no candidate pattern in the graph")
-            log.info("pass %s did not apply: %s", p.name, why)
-            reports.append(PassReport(p.name, False, p.exactness.value, seconds, {}, why, tuple(result.reasons)))
-            continue
-        verify_graph(result.graph_module, signature, p.name)
-        numerics = None
-        if check_numerics:
-            try:
-                after = run_graph(result.graph_module, ctx.example_args, dict(ctx.example_kwargs))
-                blown = overflowed(gm, ctx.example_args, dict(ctx.example_kwargs), result.overflow_watch) \
-                    if result.overflow_watch else []
-            except Exception as e:  # noqa: BLE001 - the rewritten graph does not run: the pass is at fault
-                raise PassError(p.name, ran_before, e) from e
-            numerics = compare(before, after, p.tolerance)
-            if blown:
-                numerics = dataclasses.replace(
-                    numerics, ok=True, detail=f"not compared: the graph before the pass overflowed or underflowed "
-                    f"at {', '.join(blown)} on the example inputs")
-            if not numerics.ok:
-                raise NumericsError(f"pass {p.name!r} ({p.exactness.value}) broke its numerical contract "
-                                    f"on the example inputs: {numerics.detail}")
-            before = after
-        gm = result.graph_module
-        reports.append(PassReport(p.name, True, p.exactness.value, time.perf_counter() - start,
-                                  dict(result.stats), None, tuple(result.reasons), numerics))
-    return gm, reports
+    state = _Run(gm, ctx, output_signature(gm), before, check_numerics, progress)
+    reports = [_step(state, p, [q.name for q in steps[:i]]) for i, p in enumerate(steps)]
+    return state.gm, reports
+
+
+def _graph_code(gm: fx.GraphModule) -> str:
+    return gm.graph.python_code(root_module="self").src
+
+
+def _step(state: _Run, p: Pass, ran_before: list[str]) -> PassReport:
+    start = time.perf_counter()
+    work = clone_graph_module(state.gm)
+    ctx = _calibrated(state, p, work, ran_before)
+    code = _graph_code(work)
+    try:
+        result = p.run(work, ctx)
+        if not result.modified and _graph_code(result.graph_module) != code:
+            raise ValueError("it returned modified=False but changed the graph")
+    except Exception as e:
+        raise PassError(p.name, ran_before, e) from e
+    if not result.modified:
+        why = result.reasons[0] if len(result.reasons) == 1 else (
+            f"no candidate matched ({len(result.reasons)} near-misses)" if result.reasons
+            else "no candidate pattern in the graph")
+        log.info("pass %s did not apply: %s", p.name, why)
+        return PassReport(p.name, False, p.exactness.value, time.perf_counter() - start, {}, why,
+                          tuple(result.reasons))
+    verify_graph(result.graph_module, state.signature, p.name)
+    numerics = _check_numerics(state, p, result, ran_before) if state.check_numerics else None
+    state.gm = result.graph_module
+    return PassReport(p.name, True, p.exactness.value, time.perf_counter() - start, dict(result.stats), None,
+                      tuple(result.reasons), numerics, result.tolerance or p.tolerance)
+
+
+def _calibrated(state: _Run, p: Pass, gm: fx.GraphModule, ran_before: list[str]) -> PassContext:
+    """`ctx` with the statistics `p` asks for, gathered on `gm` (the graph just before `p`, a copy)."""
+    if Requirement.CALIBRATION not in p.requires:
+        return state.ctx
+    try:
+        specs = tuple(p.calibration_spec(gm))
+    except Exception as e:
+        raise PassError(p.name, ran_before, e) from e
+    stats = calibrate(gm, specs, state.ctx.calibration, label=p.name,
+                      example_kwargs=state.ctx.example_kwargs, progress=state.progress) if specs else None
+    return dataclasses.replace(state.ctx, stats=stats)
+
+
+def _check_numerics(state: _Run, p: Pass, result: PassResult, ran_before: list[str]) -> Numerics:
+    args, kwargs = state.ctx.example_args, dict(state.ctx.example_kwargs)
+    try:
+        after = run_graph(result.graph_module, args, kwargs)
+        blown = overflowed(state.gm, args, kwargs, result.overflow_watch) if result.overflow_watch else []
+    except Exception as e:  # noqa: BLE001 - the rewritten graph does not run: the pass is at fault
+        raise PassError(p.name, ran_before, e) from e
+    tolerance = result.tolerance or p.tolerance
+    numerics = compare(state.before, after, tolerance)
+    if blown:
+        numerics = dataclasses.replace(
+            numerics, ok=True, detail=f"not compared: the graph before the pass overflowed or underflowed "
+            f"at {', '.join(blown)} on the example inputs")
+    if not numerics.ok:
+        own = " (the bound it stated for this run)" if result.tolerance is not None else ""
+        raise NumericsError(f"pass {p.name!r} ({p.exactness.value}) broke its numerical contract{own} "
+                            f"on the example inputs: {numerics.detail}")
+    state.before = after
+    return numerics

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .capture import CaptureInfo
 from .numerics import Numerics
+from .pass_base import Tolerance
 
 
 @dataclass(frozen=True)
@@ -19,6 +24,16 @@ class PassReport:
     why_not: str | None = None  # set when the pass did not apply
     reasons: Sequence[str] = ()  # near-misses: "node: reason" for candidates left unchanged
     numerics: Numerics | None = None
+    tolerance: Tolerance | None = None  # the bound the numerics were checked against (the pass's own, or its run's)
+
+    def to_dict(self) -> dict[str, Any]:
+        tol = self.tolerance
+        return {"name": self.name, "applied": self.applied, "exactness": self.exactness, "seconds": self.seconds,
+                "stats": dict(self.stats), "why_not": self.why_not, "reasons": list(self.reasons),
+                "numerics": dataclasses.asdict(self.numerics) if self.numerics else None,
+                "tolerance": None if tol is None else {
+                    "rtol": {str(k).removeprefix("torch."): v for k, v in tol.rtol.items()}, "atol": tol.atol,
+                    "min_cosine": tol.min_cosine, "whole_output_if_nonfinite": tol.whole_output_if_nonfinite}}
 
 
 @dataclass
@@ -32,6 +47,13 @@ class Report:
                 return p
         raise KeyError(f"no pass {name!r} in this report; passes: {[p.name for p in self.passes]}")
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"capture": dataclasses.asdict(self.capture), "passes": [p.to_dict() for p in self.passes]}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """JSON of `to_dict()`; a non-finite error (an output that became inf) is written as a string."""
+        return json.dumps(_finite(self.to_dict()), indent=indent, default=str)
+
     def __str__(self) -> str:
         cap = self.capture
         lines = [f"capture: {cap.method} ({cap.seconds:.2f} s); dynamic dims: "
@@ -44,5 +66,16 @@ class Report:
             stats = ", ".join(f"{k}={v}" for k, v in sorted(p.stats.items()) if v)
             lines.append(f"{p.name:<20} {p.applied!s:<8} {p.seconds:8.3f} {err}  "
                          + (stats if p.applied else f"not applied: {p.why_not}"))
-            lines += [f"    near-miss: {r}" for r in p.reasons]
+            if tuple(p.reasons) != (p.why_not,):  # a single reason is already the why-not
+                lines += [f"    near-miss: {r}" for r in p.reasons]
         return "\n".join(lines)
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
