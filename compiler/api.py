@@ -30,9 +30,23 @@ class OptimizedModule(nn.Module):
         self.example_inputs = example_args
         self.example_kwargs = example_kwargs
         self.dynamic_shapes = dynamic_shapes
+        self._decomposed()  # built now, so torch.compile never traces the copy
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # While torch.compile traces, run the fused ops' decompositions so Inductor fuses through them; in
+        # eager, the ops themselves (their CUDA kernels on a GPU). The exported graph always keeps the ops.
+        if torch.compiler.is_compiling():
+            return self._decomposed()(*args, **kwargs)
         return self.graph_module(*args, **kwargs)
+
+    def _decomposed(self) -> fx.GraphModule:
+        from .torch_kernels import decomposed_graph
+
+        cached = self.__dict__.get("_decomposed_gm")
+        if cached is None or cached[0] is not self.graph_module:  # rebuilt if graph_module is replaced
+            cached = (self.graph_module, decomposed_graph(self.graph_module))
+            self.__dict__["_decomposed_gm"] = cached  # not a submodule: state_dict stays the graph's
+        return cached[1]
 
     def train(self, mode: bool = True) -> OptimizedModule:
         if mode:

