@@ -225,7 +225,8 @@ class _Bins:
             return
         lo, hi = flat.min().item(), flat.max().item()
         if self.lo is None:
-            self.lo, self.hi = lo, lo + ((hi - lo) or max(abs(lo), 1e-30) * 2 ** -20)
+            width = (hi - lo) or max(abs(lo), 1e-30) * 2 ** -20
+            self.lo, self.hi = lo, lo + width * (1 + 1 / self.bins)  # [lo, hi): the max inside the last bin
         while lo < self.lo or hi >= self.hi:
             self._grow(up=hi >= self.hi)
         idx = ((flat - self.lo) * (self.bins / (self.hi - self.lo))).floor().clamp_(0, self.bins - 1).long()
@@ -364,6 +365,8 @@ class _Binder:
         self.spec = getattr(gm, "_in_spec", None)
         self.placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self.constants = {k: v for k, v in example_kwargs.items() if not isinstance(v, torch.Tensor)}
+        self.plain = self.spec is not None and all(c.is_leaf() for part in self.spec.children()
+                                                   for c in part.children())
 
     def flat(self, item: Any, index: int) -> list[Any]:
         args, kwargs = as_call(item, index)
@@ -374,8 +377,9 @@ class _Binder:
             leaves = list(args) + [kwargs[k] for k in rest]
         else:
             keys = list(self.spec.child(1).context or [])
+            args = self._by_name(args, kwargs)
             self._same_keys(index, kwargs, keys)
-            leaves, spec = pytree.tree_flatten((args, {k: kwargs[k] for k in keys}))
+            leaves, spec = self._flatten(args, {k: kwargs[k] for k in keys})
             if spec != self.spec:
                 raise CalibrationInputError(index, None, f"is structured as {_brief(spec)}; the graph was captured "
                                             f"with {_brief(self.spec)}")
@@ -385,6 +389,25 @@ class _Binder:
         for leaf, p in zip(leaves, self.placeholders):
             _check_leaf(index, p, leaf)
         return leaves
+
+    def _flatten(self, args: tuple, kwargs: dict[str, Any]) -> tuple[list[Any], Any]:
+        # torch's tree_flatten leaves a reference cycle per call; plain leaves (the usual case) need none
+        flat = [*args, *kwargs.values()]
+        if self.plain and len(args) == self.spec.child(0).num_children and \
+                not any(isinstance(v, (tuple, list, dict)) for v in flat):
+            return flat, self.spec
+        return pytree.tree_flatten((args, kwargs))
+
+    def _by_name(self, args: tuple, kwargs: dict[str, Any]) -> tuple:
+        """Arguments captured positionally may be given by name (a dict item), as Python binds a call."""
+        positional = self.spec.child(0)
+        if len(args) >= positional.num_children or not all(c.is_leaf() for c in positional.children()):
+            return args
+        for p in self.placeholders[len(args):positional.num_children]:
+            if p.name not in kwargs:
+                break
+            args += (kwargs.pop(p.name),)
+        return args
 
     def _same_keys(self, index: int, kwargs: Mapping[str, Any], keys: Sequence[str]) -> None:
         if extra := sorted(set(kwargs) - set(keys)):
