@@ -16,6 +16,7 @@ from .errors import (
 )
 from .pass_base import Exactness, Pass, PassContext, PassResult, Requirement, Tolerance
 from .report import PassReport, Report
+from .structure import Structure, analyze, analyze_graph
 
 __all__ = [
                      "CaptureError",
@@ -33,10 +34,13 @@ __all__ = [
                      "Report",
                      "Requirement",
                      "RequirementError",
+                     "Structure",
                      "Tolerance",
                      "UnknownPassError",
                      "UnsupportedOpError",
                      "VerificationError",
+                     "analyze",
+                     "analyze_graph",
                      "compile",
                      "export_onnx",
                      "export_tvm",

@@ -45,6 +45,7 @@ class Operand:
     rows: torch.Tensor  # (heads as the core reads them, head_dim): output features of `site`
     rope: Rope | None
     node: fx.Node  # what the core reads
+    scale: float = 1.0  # a constant factor applied on the way (q pre-scaled by 1/sqrt(head_dim): OPT)
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,7 +188,7 @@ def operand(core: Core, which: str, sites_by_output: dict[fx.Node, LinearSite]) 
     rows = token_invariant(idx, 0, 2)
     if rows is None:
         raise NotUnderstood(node, f"{which}'s weight rows differ between tokens: not a per-token projection")
-    return Operand(sites_by_output[used[0]], rows.clone(), ropes[0] if ropes else None, node)
+    return Operand(sites_by_output[used[0]], rows.clone(), ropes[0] if ropes else None, node, rp.scale)
 
 
 def o_projection(core: Core, sites: list[LinearSite]) -> tuple[LinearSite, torch.Tensor]:

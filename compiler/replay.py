@@ -57,6 +57,7 @@ class Replay:
     shortcut: Callable[[fx.Node], fx.Node | None] = lambda n: None
     scalar_identity: bool = False  # mul/div by a Python number moves no element: pass through
     used: list[fx.Node] = field(default_factory=list)  # the sources the replay read, first use order
+    scale: float = 1.0  # the product of the scalar factors passed through (scalar_identity)
     _memo: dict = field(default_factory=dict)
 
     def source(self, n: fx.Node):
@@ -88,6 +89,7 @@ class Replay:
         if n.target in IDENTITY_OPS:
             return self(n.args[0])
         if self.scalar_identity and n.target in (aten.mul.Tensor, aten.div.Tensor) and _scalar(n.args[1]):
+            self.scale *= n.args[1] if n.target is aten.mul.Tensor else 1.0 / n.args[1]
             return self(n.args[0])
         if n.target not in self.allowed:
             raise ReplayError(n, f"{_name(n.target)} is not a shape op")

@@ -54,6 +54,8 @@ class LinearSite:
     def __str__(self) -> str:
         return f"{self.weight_name} [{self.layout}] {self.in_features}→{self.out_features}"
 
+    __repr__ = __str__
+
 
 @dataclass(frozen=True, eq=False)
 class NormGroup:
@@ -67,6 +69,10 @@ class NormGroup:
     linears: tuple[LinearSite, ...]
     other_readers: tuple[fx.Node, ...]
     residual: fx.Node | None = None  # getitem 1 of a fused add+norm: the residual stream's sum
+
+    def __repr__(self) -> str:
+        return (f"NormGroup({self.norm.name} {self.kind}: linears [{', '.join(s.weight_name for s in self.linears)}]"
+                f", other readers [{', '.join(n.name for n in self.other_readers)}])")
 
     @property
     def fused_residual(self) -> bool:

@@ -33,7 +33,8 @@ ELEMENTWISE = SHAPE_OPS | {
     aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar, aten.tanh.default,
     aten.sigmoid.default, aten.erf.default, aten.exp.default, aten.neg.default, aten.gelu.default,
     aten.silu.default, aten.relu.default, aten.rsub.Scalar, aten.reciprocal.default, aten.sqrt.default,
-    aten.clamp_min.default, aten.maximum.default}
+    aten.clamp_min.default, aten.maximum.default, aten.mish.default, aten.softplus.default, aten.log1p.default,
+    aten.log.default, aten.abs.default, aten.erfc.default}
 F = torch.nn.functional
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu,
                "relu": F.relu, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
@@ -63,6 +64,8 @@ class Attention:
     mask: bool
     norm: NormGroup | None = None
     residual: fx.Node | None = None  # the add (or fused add+norm) that adds o's output to the stream
+    q_scale: float = 1.0  # constant factor on q between its linear and the core (OPT's q_proj(x) * scaling)
+    k_scale: float = 1.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,7 +168,8 @@ def attention_block(core: Core, sites: list[LinearSite], groups) -> Attention:
                      q.rows, k_rows, v_rows, o_cols, kv_of,
                      {1: "fused", 3: "separate"}.get(distinct, "mixed"),
                      q.rope.pairing if q.rope else None, q.rope.dim if q.rope else None,
-                     core.mask is not None or core.causal, _group_of(q.site, groups), _residual(o.output))
+                     core.mask is not None or core.causal, _group_of(q.site, groups), _residual(o.output),
+                     q.scale, k.scale)
 
 
 def classify_activation(src: fx.Node, out: fx.Node) -> str:
@@ -279,7 +283,7 @@ def _blocks(attentions: list[Attention], mlps: list[MLP], order: dict) -> list[B
 
 
 def analyze(model: torch.nn.Module, example_inputs=None, example_kwargs=None) -> Structure:
-    """Capture `model` (never touched), canonicalize, fuse norms, and return its structure."""
+    """Capture `model` (never touched), canonicalize, stabilize softmax, fuse norms; return its structure."""
     from fxopt import passes
 
     from .canonicalize import canonicalize_graph
@@ -295,7 +299,9 @@ def analyze(model: torch.nn.Module, example_inputs=None, example_kwargs=None) ->
     kwargs = dict(example_kwargs or {})
     gm, _, _ = capture(model, args, kwargs)
     canonicalize_graph(gm)
-    result = passes.FuseLayerNorm().run(gm, PassContext(args, kwargs))
-    structure = analyze_graph(result.graph_module)
+    ctx = PassContext(args, kwargs)
+    # both exact: a hand-written softmax becomes the op the attention core is recognised by, norms become ops
+    gm = passes.StabilizeSoftmax().run(gm, ctx).graph_module
+    structure = analyze_graph(passes.FuseLayerNorm().run(gm, ctx).graph_module)
     log.info("fxopt structure\n%s", structure)
     return structure

@@ -33,6 +33,8 @@ class Family:
     mlp: str = "plain"
     rope: str | None = None
     encoder: bool = False  # takes an attention mask, not use_cache
+    parallel: bool = False  # attention and MLP read one norm (GPT-J, Phi)
+    post_ln: bool = False  # the norm output is also the next residual (BERT, DistilBERT)
     attn: tuple[str, ...] = ("eager", "sdpa")
     extra: dict = field(default_factory=dict)
 
@@ -107,7 +109,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            lambda m: list(m.model.layers),
            lambda layer: {"q": layer.self_attn.q_proj, "k": layer.self_attn.k_proj, "v": layer.self_attn.v_proj,
                           "o": layer.self_attn.dense, "up": layer.mlp.fc1, "down": layer.mlp.fc2},
-           rope="rotate-half"),
+           rope="rotate-half", parallel=True),
     Family("falcon", "FalconForCausalLM",
            lambda attn: T.FalconConfig(num_hidden_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
                                        num_kv_heads=HEADS // 2, new_decoder_architecture=True, alibi=False,
@@ -122,7 +124,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            lambda m: list(m.transformer.h),
            lambda layer: {"q": layer.attn.q_proj, "k": layer.attn.k_proj, "v": layer.attn.v_proj,
                           "o": layer.attn.out_proj, "up": layer.mlp.fc_in, "down": layer.mlp.fc_out},
-           rope="interleaved", attn=("eager",)),
+           rope="interleaved", attn=("eager",), parallel=True),
     Family("bert", "BertModel",
            lambda attn: T.BertConfig(num_hidden_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
                                      intermediate_size=2 * HIDDEN, vocab_size=VOCAB, max_position_embeddings=128,
@@ -131,7 +133,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            lambda layer: {"q": layer.attention.self.query, "k": layer.attention.self.key,
                           "v": layer.attention.self.value, "o": layer.attention.output.dense,
                           "up": layer.intermediate.dense, "down": layer.output.dense},
-           encoder=True),
+           encoder=True, post_ln=True),
     Family("distilbert", "DistilBertModel",
            lambda attn: T.DistilBertConfig(n_layers=LAYERS, dim=HIDDEN, n_heads=HEADS, hidden_dim=2 * HIDDEN,
                                            vocab_size=VOCAB, max_position_embeddings=128,
@@ -139,7 +141,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            lambda m: list(m.transformer.layer),
            lambda layer: {"q": layer.attention.q_lin, "k": layer.attention.k_lin, "v": layer.attention.v_lin,
                           "o": layer.attention.out_lin, "up": layer.ffn.lin1, "down": layer.ffn.lin2},
-           encoder=True),
+           encoder=True, post_ln=True),
     Family("t5_encoder", "T5EncoderModel",
            lambda attn: T.T5Config(num_layers=LAYERS, d_model=HIDDEN, num_heads=HEADS, d_kv=HIDDEN // HEADS,
                                    d_ff=2 * HIDDEN, vocab_size=VOCAB, feed_forward_proj="gated-gelu",
