@@ -30,23 +30,23 @@ class OptimizedModule(nn.Module):
         self.example_inputs = example_args
         self.example_kwargs = example_kwargs
         self.dynamic_shapes = dynamic_shapes
-        self._decomposed()  # built now, so torch.compile never traces the copy
+        self._runtime_graph(False)  # built now, so torch.compile never traces the copies
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # While torch.compile traces, run the fused ops' decompositions so Inductor fuses through them; in
         # eager, the ops themselves (their CUDA kernels on a GPU). The exported graph always keeps the ops.
-        if torch.compiler.is_compiling():
-            return self._decomposed()(*args, **kwargs)
-        return self.graph_module(*args, **kwargs)
+        # The eager graph calls the ops' kernels directly (no dispatcher hop). The exported graph keeps the ops.
+        return self._runtime_graph(torch.compiler.is_compiling())(*args, **kwargs)
 
-    def _decomposed(self) -> fx.GraphModule:
-        from .torch_kernels import decomposed_graph
+    def _runtime_graph(self, compiling: bool) -> fx.GraphModule:
+        from .torch_kernels import decomposed_graph, eager_table
 
-        cached = self.__dict__.get("_decomposed_gm")
+        cached = self.__dict__.get("_runtime_graphs")
         if cached is None or cached[0] is not self.graph_module:  # rebuilt if graph_module is replaced
-            cached = (self.graph_module, decomposed_graph(self.graph_module))
-            self.__dict__["_decomposed_gm"] = cached  # not a submodule: state_dict stays the graph's
-        return cached[1]
+            cached = (self.graph_module, decomposed_graph(self.graph_module, eager_table()),
+                      decomposed_graph(self.graph_module))
+            self.__dict__["_runtime_graphs"] = cached  # not submodules: state_dict stays the graph's
+        return cached[2] if compiling else cached[1]
 
     def train(self, mode: bool = True) -> OptimizedModule:
         if mode:

@@ -87,7 +87,8 @@ DECLARATIONS = (
     OpDecl("add_layer_norm", "(Tensor x, Tensor residual, SymInt[] normalized_shape, Tensor? weight, "
            "Tensor? bias, float eps) -> (Tensor, Tensor)",
            _add_layer_norm_ref, doc="(layer_norm(x + residual), x + residual): residual add + LayerNorm",
-           decomposition=_add_layer_norm_ref, cuda_kernel=torch_kernels.add_layer_norm_cuda),
+           decomposition=_add_layer_norm_ref),  # aten.layer_norm is a fused kernel already: a Triton one
+           # saved less than its launch costs on an H200 (benchmarks/results/torch_gpu.md)
     OpDecl("add_rms_norm", "(Tensor x, Tensor residual, SymInt[] normalized_shape, Tensor? weight, "
            "float eps) -> (Tensor, Tensor)",
            _add_rms_norm_ref, doc="(rms_norm(x + residual), x + residual): residual add + RMSNorm",

@@ -116,8 +116,8 @@ def test_a_declared_op_runs_its_reference_and_exposes_its_decomposition():
     x = torch.randn(3, 4).t()
     assert torch.equal(op(x), 2 * x)
     assert_fake_matches_reference(op, [x])
-    assert ops.decomposition_table({**ops.REGISTRY, **THROWAWAY}) == {op: _double}
-    assert ops.decomposition_table() == {}  # the fused ops' decompositions are not declared yet
+    assert ops.decomposition_table({**ops.REGISTRY, **THROWAWAY})[op] is _double
+    assert set(ops.decomposition_table()) == set(ops.REGISTRY)  # every fused op declares one (torch.compile)
 
 
 @pytest.mark.parametrize("op", list(ops.REGISTRY))
