@@ -163,9 +163,9 @@ class UserGQA(nn.Module):
     """A small GQA decoder block as one might write it: fused qkv split by sizes, rotate-half RoPE, repeat_interleave
     for the shared kv heads, F.scaled_dot_product_attention, a SwiGLU MLP, nn.RMSNorm."""
 
-    def __init__(self, d=32, heads=4, kv=2, rope=True):
+    def __init__(self, d=32, heads=4, kv=2, rope=True, tile_kv=False):
         super().__init__()
-        self.h, self.kv, self.hd, self.rope = heads, kv, d // heads, rope
+        self.h, self.kv, self.hd, self.rope, self.tile_kv = heads, kv, d // heads, rope, tile_kv
         self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
         self.qkv = nn.Linear(d, (heads + 2 * kv) * self.hd, bias=False)
         self.proj = nn.Linear(d, d, bias=False)
@@ -180,7 +180,10 @@ class UserGQA(nn.Module):
             cos, sin = torch.cat([pos, pos], -1).cos(), torch.cat([pos, pos], -1).sin()
             rot = lambda z: torch.cat([-z[..., self.hd // 2:], z[..., : self.hd // 2]], -1)  # noqa: E731
             q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
-        k, v = k.repeat_interleave(self.h // self.kv, 1), v.repeat_interleave(self.h // self.kv, 1)
+        if self.tile_kv:  # kv heads 0, 1, 0, 1: q head h does not use kv head h // n_rep
+            k, v = k.repeat(1, self.h // self.kv, 1, 1), v.repeat(1, self.h // self.kv, 1, 1)
+        else:
+            k, v = k.repeat_interleave(self.h // self.kv, 1), v.repeat_interleave(self.h // self.kv, 1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, -1))
         h = self.norm2(x)
@@ -203,6 +206,12 @@ def test_user_gqa_block_with_fused_qkv_split_by_sizes():
                                                                                           "w1.weight", "w3.weight")
     assert str(b) == ("block 0: attn sdpa 4 heads (2 kv) × 8, qkv fused + o, rope rotate-half, mask"
                       " | mlp gated silu 32→64→32")
+
+
+def test_kv_heads_shared_out_of_group_order_are_not_understood():
+    s = fxopt.analyze(UserGQA(tile_kv=True), (torch.randn(2, 8, 32),))
+    assert s.blocks[0].attention is None
+    assert any("kv heads are not shared by consecutive q heads: (0, 1, 0, 1)" in r for r in s.not_understood)
 
 
 def test_hand_written_lm_from_toy_models():
