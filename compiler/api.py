@@ -30,23 +30,27 @@ class OptimizedModule(nn.Module):
         self.example_inputs = example_args
         self.example_kwargs = example_kwargs
         self.dynamic_shapes = dynamic_shapes
-        self._runtime_graph(False)  # built now, so torch.compile never traces the copies
+        self._runtime()  # built now, so torch.compile never traces the copies
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # While torch.compile traces, run the fused ops' decompositions so Inductor fuses through them; in
         # eager, the ops themselves (their CUDA kernels on a GPU). The exported graph always keeps the ops.
-        # The eager graph calls the ops' kernels directly (no dispatcher hop). The exported graph keeps the ops.
-        return self._runtime_graph(torch.compiler.is_compiling())(*args, **kwargs)
+        # Eager: the fused ops' kernels called directly, shape-only masks folded (fxopt.torch_runtime). While
+        # torch.compile traces: the ops' decompositions, so Inductor fuses through them. The exported graph
+        # (what backends get) keeps the ops.
+        if torch.compiler.is_compiling():
+            return self._runtime()[2](*args, **kwargs)
+        return self._runtime()[1](args, kwargs)
 
-    def _runtime_graph(self, compiling: bool) -> fx.GraphModule:
-        from .torch_kernels import decomposed_graph, eager_table
+    def _runtime(self) -> tuple:
+        from .torch_kernels import decomposed_graph
+        from .torch_runtime import EagerRunner
 
-        cached = self.__dict__.get("_runtime_graphs")
+        cached = self.__dict__.get("_runtime_cache")
         if cached is None or cached[0] is not self.graph_module:  # rebuilt if graph_module is replaced
-            cached = (self.graph_module, decomposed_graph(self.graph_module, eager_table()),
-                      decomposed_graph(self.graph_module))
-            self.__dict__["_runtime_graphs"] = cached  # not submodules: state_dict stays the graph's
-        return cached[2] if compiling else cached[1]
+            cached = (self.graph_module, EagerRunner(self.graph_module), decomposed_graph(self.graph_module))
+            self.__dict__["_runtime_cache"] = cached  # not submodules: state_dict stays the graph's
+        return cached
 
     def train(self, mode: bool = True) -> OptimizedModule:
         if mode:

@@ -91,3 +91,49 @@ def test_triton_kernels_match_the_reference_within_the_pass_contract(dtype, shap
             assert_within(g_, e, TOL)
         if extra:
             assert torch.equal(got[1], want[1])  # the residual sum is the same rounding of x + r
+
+
+def _sdpa(gm):
+    return list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.scaled_dot_product_attention.default))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_shape_only_causal_mask_runs_sdpa_causal_from_the_second_call(family):
+    from tests.models import hf
+
+    model, _ = hf.build(family, attn="sdpa")
+    (ids,), kwargs = hf.inputs(family, 2, 12)
+    opt = fxopt.optimize(model, (ids,), passes=["fuse_layernorm"], example_kwargs=kwargs)
+    runner = opt._runtime()[1]
+    assert len(runner.sdpa) == len(_sdpa(opt.graph_module)) == 2  # the captured graph builds the mask
+    (other,), _ = hf.inputs(family, 3, 7, seed=1)
+    with torch.no_grad():
+        for _ in range(2):  # the first call records the masks, the second runs the folded copy
+            assert_within(opt(other, **kwargs).logits, model(other, **kwargs).logits, TOL)
+    (folded,) = runner.by_shape.values()
+    assert all(n.kwargs["is_causal"] and n.kwargs["attn_mask"] is None for n in _sdpa(folded))
+    assert len(folded.graph.nodes) < len(runner.graph.graph.nodes)  # the mask's subgraph is gone
+    assert all(n.kwargs.get("attn_mask", n.args[3:4]) for n in _sdpa(opt.graph_module))  # exported graph kept
+
+
+def test_a_mask_that_reads_input_values_is_not_folded():
+    from tests.models import hf
+
+    model, _ = hf.build("bert", attn="sdpa")
+    (ids,), kwargs = hf.inputs("bert", 2, 12)
+    opt = fxopt.optimize(model, (ids,), passes=["fuse_layernorm"], example_kwargs=kwargs)
+    assert opt._runtime()[1].sdpa == [] and _sdpa(opt.graph_module)
+    with torch.no_grad():
+        assert_within(opt(ids, **kwargs)[0], model(ids, **kwargs)[0], TOL)
+
+
+def test_classify_names_only_the_kept_all_and_causal_masks():
+    from fxopt.torch_runtime import classify
+
+    tril = torch.ones(4, 4, dtype=torch.bool).tril()
+    assert classify(tril.expand(2, 1, 4, 4), 4, 4) == "causal"
+    assert classify(torch.ones(1, 1, 4, 4, dtype=torch.bool), 4, 4) == "none"
+    assert classify(torch.zeros(4, 4).masked_fill(~tril, float("-inf")), 4, 4) == "causal"
+    assert classify(tril.clone().fill_diagonal_(False), 4, 4) is None
+    assert classify(torch.zeros(4, 4).masked_fill(~tril, -1.0), 4, 4) is None  # a bias, not a mask
+    assert classify(torch.ones(4, 5, dtype=torch.bool).tril(), 4, 5) is None  # causal needs Lq == Lk
