@@ -24,7 +24,8 @@ from fxopt.calibration import (
     calibrate,
 )
 from fxopt.errors import CalibrationError, CalibrationInputError, PassOptionError
-from fxopt.testing import capture_graph
+from fxopt.pipeline import CanonicalizeStep
+from fxopt.testing import assert_within, capture_graph
 
 aten = torch.ops.aten
 
@@ -37,7 +38,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x, mask=None):
         self.calls += 1
-        h = F.gelu(self.up(x))
+        h = F.silu(self.up(x))
         return self.down(h if mask is None else h * mask)
 
 
@@ -210,3 +211,40 @@ def test_progress_bar_names_the_pass_and_can_be_turned_off(capsys):
         fxopt.optimize(FeedForward(), (torch.randn(2, 5, 8),), passes=[RecordStats()],
                        calibration=list(batches(2)), progress=progress)
         assert ("calibrating record_stats" in capsys.readouterr().err) is shown
+
+
+@dataclass(frozen=True)
+class RecordLinearInputs(Pass):
+    """Asks for the per-channel abs-max at the input of every linear, in graph order."""
+
+    name: ClassVar[str] = "record_linear_inputs"
+    requires: ClassVar = frozenset({Requirement.SHAPES, Requirement.CALIBRATION})
+    seen: list = field(default_factory=list, compare=False)
+
+    def calibration_spec(self, gm):
+        return [ChannelAbsMax(n.args[0].name) for n in gm.graph.nodes if n.target == aten.linear.default]
+
+    def run(self, gm, ctx):
+        self.seen.append(ctx.stats)
+        return PassResult(gm, False, reasons=("only records",))
+
+
+def test_a_hugging_face_model_calibrates_on_dict_items_of_other_lengths():
+    hf = pytest.importorskip("tests.models.hf")
+    model, _ = hf.build("llama")
+    (ids,), kwargs = hf.inputs("llama", 2, 8)
+    items = [{"input_ids": hf.inputs("llama", 2, seq, seed=seq)[0][0]} for seq in (5, 8, 12)]
+    p = RecordLinearInputs()
+    fxopt.optimize(model, (ids,), passes=[p], example_kwargs=kwargs, calibration=items)  # use_cache=False kept
+    (stats,) = p.seen
+    q_proj = model.model.layers[0].self_attn.q_proj  # the first linear of the graph
+    got = []
+    hook = q_proj.register_forward_pre_hook(lambda mod, inputs: got.append(inputs[0].detach()))
+    with torch.no_grad():
+        for item in items:
+            model(**item, **kwargs)
+    hook.remove()
+    want = torch.cat([g.reshape(-1, g.shape[-1]) for g in got]).abs().amax(0)
+    first = next(iter(stats.results))
+    assert stats.batches == 3
+    assert_within(stats.of(first), want, CanonicalizeStep.tolerance)  # the graph is the canonicalized capture
