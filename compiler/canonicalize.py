@@ -306,3 +306,4 @@ def canonicalize_graph(gm: fx.GraphModule) -> dict[str, int]:
     canonicalize(rw)
     rw.finish()
     return {k: v for k, v in sorted(rw.counts.items()) if v}
+

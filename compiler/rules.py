@@ -64,7 +64,21 @@ class RuleResult:
         return [str(f) for f in self.failures]
 
 
-def _try(rule: Rule, node: fx.Node) -> Match | MatchFailure | None:
+def _covered_by_siblings(rule: Rule, found: Match, leaked: list[fx.Node], cache: dict) -> bool:
+    """Whether every outside reader of the leaked inner nodes is itself inside another match of the same rule
+    (two norms sharing statistics after CSE): applying both leaves nothing computed twice."""
+    if rule.name not in cache:
+        covered: set = set()
+        for n in found.root.graph.nodes:
+            m = explain(rule.pattern, n) if n.op == "call_function" and not isinstance(rule.pattern, Multi) else None
+            if isinstance(m, Match):
+                covered.update(m.nodes)
+        cache[rule.name] = covered
+    inside = set(found.nodes)
+    return all(u in inside or u in cache[rule.name] for n in leaked for u in n.users)
+
+
+def _try(rule: Rule, node: fx.Node, cache: dict) -> Match | MatchFailure | None:
     """The checked match of `rule` at `node`, a reportable failure, or None (not a candidate)."""
     if isinstance(rule.pattern, Multi):
         found = match_multi(rule.pattern, node, rule.candidates or (lambda m, i: list(node.graph.nodes)))
@@ -74,7 +88,7 @@ def _try(rule: Rule, node: fx.Node) -> Match | MatchFailure | None:
         return found if rule.anchor is not None and rule.anchor in found.bound else None
     if rule.exclusive:
         leaked = users_outside(found.nodes, [found.root])
-        if leaked:
+        if leaked and not _covered_by_siblings(rule, found, leaked, cache):
             return MatchFailure(f"intermediate {leaked[0].name} of the match at {node.name} is used elsewhere "
                                 f"({rule.name})", leaked[0], len(found.nodes))
     why = rule.check(found) if rule.check else None
@@ -106,14 +120,15 @@ def apply_rules(rw: Rewriter, rules: Sequence[Rule], *, max_sweeps: int = 8) -> 
     result = RuleResult()
     start = Counter(rw.counts)
     for sweep in range(1, max_sweeps + 1):
-        result.sweeps, changed, failures = sweep, False, {}
+        result.sweeps, changed, failures, cache = sweep, False, {}, {}
         for node in reversed(list(rw.graph.nodes)):
             if getattr(node, "_erased", False) or node.op != "call_function":
                 continue
             for rule in rules:
-                found = _try(rule, node)
+                found = _try(rule, node, cache)
                 if isinstance(found, Match):
                     _apply(rw, rule, found)
+                    cache.clear()
                     changed = True
                     break
                 if found is not None:

@@ -100,8 +100,10 @@ def check_norm(m, op) -> str | None:
         return f"reduction over dims {dims} of a {x.dim()}-d input, not over its trailing dims"
     if op is ops.rms_norm and (why := _check_rms_precision(m)):
         return why
+    args = [_val(a) if isinstance(a, fx.Node) else a for a in _fused_args(m, op)]
     with fake_mode_of(m.root.graph.owning_module):
-        fresh = op(*(_val(a) if isinstance(a, fx.Node) else a for a in _fused_args(m, op)))
+        args[2:-1] = [p if p is None else p.reshape(args[1]) for p in args[2:-1]]  # γ/β as the op gets them
+        fresh = op(*args)
     old = _val(m.root)
     if fresh.dtype != old.dtype or (old.dim() > 1 and fresh.stride() != old.stride()):
         return (f"the fused op would return {fresh.dtype} with strides {tuple(fresh.stride())} where the norm "
@@ -117,7 +119,8 @@ def _widens(cast: fx.Node) -> bool:
 def _check_rms_precision(m) -> str | None:
     x_pow, x_mul, x = m["x_pow"], m["x_mul"], _val(m["x"]).dtype
     if is_cast(x_pow):
-        if not _widens(x_pow) or _val(x_mul).dtype != _val(x_pow).dtype:
+        # x * r with x narrow and r wide is computed in the wide type (T5): what matters is the product's dtype
+        if not _widens(x_pow) or _val(m["core"]).dtype != _val(x_pow).dtype:
             return f"the cast {x_pow.name} before the statistics narrows or disagrees with the product's"
     elif is_cast(x_mul):
         return "statistics in x's own precision, product in a wider one"

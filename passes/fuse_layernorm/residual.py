@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import fx
+from torch.utils._pytree import tree_leaves
 
 from fxopt import ops
 from fxopt.canonicalize import is_constant
@@ -29,9 +30,9 @@ def check_residual(m) -> str | None:
     if viewed and (len(add.users) != 1 or len(m["norm_in"].users) != 1):
         return f"the sum {add.name} is also read in its own shape before the view that {norm.name} normalizes"
     order = {n: i for i, n in enumerate(norm.graph.nodes)}
-    rest = [r for r in node_args(norm)[1:] if isinstance(r, fx.Node)]
+    rest = [r for r in tree_leaves(node_args(norm)[1:]) if isinstance(r, fx.Node)]
     if any(order[r] > order[add] for r in rest):
-        return f"γ/β of {norm.name} are computed after the residual add {add.name}"
+        return f"γ/β or the normalized shape of {norm.name} are computed after the residual add {add.name}"
     return None
 
 

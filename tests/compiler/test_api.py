@@ -41,8 +41,9 @@ def test_report_records_each_pass():
     opt = fxopt.optimize(toy.HandWrittenBlock(16), (torch.randn(2, 5, 16),),
                          passes=["stabilize_softmax", "fuse_layernorm", "stabilize_softmax"])
     names = [p.name for p in opt.report.passes]
-    assert names == ["stabilize_softmax", "fuse_layernorm", "stabilize_softmax"]
-    first, fuse, again = opt.report.passes
+    assert names == ["canonicalize", "stabilize_softmax", "fuse_layernorm", "stabilize_softmax"]
+    canonical, first, fuse, again = opt.report.passes
+    assert canonical.applied and canonical.numerics.ok and sum(canonical.stats.values()) > 0
     assert first.applied and first.stats["softmax_op"] == 1 and first.numerics.ok
     assert fuse.applied and fuse.numerics.max_abs <= fuse.numerics.bound and fuse.seconds > 0
     assert not again.applied and again.why_not  # nothing left to do, and it says so
@@ -140,7 +141,7 @@ def test_a_pass_breaking_its_contract_is_caught_and_named():
     model = nn.Sequential(nn.Linear(4, 4), nn.GELU())
     with pytest.raises(fxopt.NumericsError, match="wrong_gelu"):
         fxopt.optimize(model, (torch.randn(2, 4),), passes=["fuse_layernorm", WrongGelu()])
-    with pytest.raises(fxopt.PassError, match=r"'crashes' failed \(passes run before it: fuse_layernorm\)"):
+    with pytest.raises(fxopt.PassError, match=r"'crashes' failed \(passes run before it: canonicalize, fuse_layernorm\)"):
         fxopt.optimize(model, (torch.randn(2, 4),), passes=["fuse_layernorm", Crashes()])
 
 
