@@ -3,6 +3,8 @@
 from . import ops  # noqa: F401  (defines the fxopt:: torch.library ops the optimized graphs use)
 from .api import OptimizedModule, compile, export_onnx, export_tvm, optimize
 from .errors import (
+                     CalibrationError,
+                     CalibrationInputError,
                      CaptureError,
                      FxoptError,
                      MissingInputsError,
@@ -19,6 +21,8 @@ from .report import PassReport, Report
 from .structure import Structure, analyze, analyze_graph
 
 __all__ = [
+                     "CalibrationError",
+                     "CalibrationInputError",
                      "CaptureError",
                      "Exactness",
                      "FxoptError",

@@ -127,6 +127,7 @@ class Match:
     nodes: list[fx.Node] = field(default_factory=list)  # every op node the pattern covered, inner first
     root: fx.Node | None = None
     failure: MatchFailure | None = None  # the furthest failure seen (also on success, after backtracking)
+    holder: fx.Node | None = field(default=None, repr=False)  # the op node whose arguments are being matched
 
     def __getitem__(self, key: str) -> Any:
         return self.bindings[key]
@@ -140,7 +141,8 @@ class Match:
     def _fail(self, reason: str, node: Any) -> bool:
         depth = len(self.nodes)
         if self.failure is None or depth > self.failure.depth:
-            self.failure = MatchFailure(reason, node if isinstance(node, fx.Node) else None, depth,
+            # a failure on a literal argument is named by the op node that holds it
+            self.failure = MatchFailure(reason, node if isinstance(node, fx.Node) else self.holder, depth,
                                         frozenset(self.bindings))
         return False
 
@@ -248,16 +250,27 @@ def _match_op(p: Op, v: Any, m: Match) -> bool:
     if len(args) < len(p.args):
         return m._fail(f"{describe(v.target)} has {len(args)} arguments, expected {len(p.args)}", v)
     orders = [args] + ([[args[1], args[0], *args[2:]]] if p.commutative else [])
+    outer = m.holder
     for order in orders:
         saved = _save(m)
         m.nodes.append(v)
-        if all(_match(pa, a, m) for pa, a in zip(p.args, order)) and (p.name is None or _bind(m, p.name, v)) \
+        if _match_args(p.args, order, v, m) and (p.name is None or _bind(m, p.name, v)) \
                 and _check(p.where, v, m, v):
             m.nodes.remove(v)
             m.nodes.append(v)  # inner nodes first, the root last
+            m.holder = outer
             return True
         _restore(m, saved)
+    m.holder = outer
     return False
+
+
+def _match_args(patterns: Sequence[Any], values: Sequence[Any], holder: fx.Node, m: Match) -> bool:
+    for pa, a in zip(patterns, values):
+        m.holder = holder
+        if not _match(pa, a, m):
+            return False
+    return True
 
 
 def _match_through(p: Through, v: Any, m: Match) -> bool:
@@ -303,6 +316,8 @@ def match_multi(pattern: Multi, root: fx.Node, candidates: Callable[[Match, int]
     if not _match(pattern.roots[0], root, m):
         return m.failure or MatchFailure("no match", root)
 
+    missing: list[tuple[int, MatchFailure]] = []  # the furthest root no candidate matched, and why
+
     def rest(i: int) -> bool:
         if i == len(pattern.roots):
             return True
@@ -313,9 +328,13 @@ def match_multi(pattern: Multi, root: fx.Node, candidates: Callable[[Match, int]
             if _match(pattern.roots[i], node, m) and rest(i + 1):
                 return True
             _restore(m, saved)
-        return m._fail(f"no node matches root {i} of the pattern", root)
+        if not missing or missing[-1][0] < i:  # a later root that could not be placed says more
+            closest = f" (closest: {m.failure})" if m.failure else ""
+            missing.append((i, MatchFailure(f"no node matches root {i} of the pattern{closest}", root,
+                                            len(m.nodes), frozenset(m.bindings))))
+        return False
 
-    return m if rest(1) else (m.failure or MatchFailure("no match", root))
+    return m if rest(1) else missing[-1][1]
 
 
 def users_outside(nodes: Iterable[fx.Node], allowed: Sequence[fx.Node]) -> list[fx.Node]:

@@ -64,7 +64,9 @@ def _with_affine(core, bias: bool):
                   users=1 if bias else None)
     alts = [weighted, Cast(core(), name="core_out")]
     if bias:
-        alts.insert(0, Op(aten.add.Tensor, weighted, Var("bias", _affine("β")), 1, commutative=True))
+        beta = Var("bias", _affine("β"))
+        alts[:0] = [Op(aten.add.Tensor, weighted, beta, 1, commutative=True),
+                    Op(aten.add.Tensor, Cast(core(1), name="core_out"), beta, 1, commutative=True)]
     return AnyOf(*alts)
 
 

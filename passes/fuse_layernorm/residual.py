@@ -27,13 +27,22 @@ def check_residual(m) -> str | None:
     if va.shape != vb.shape or va.dtype != vb.dtype:
         return f"the add {add.name} before {norm.name} broadcasts or mixes dtypes"
     viewed = m["norm_in"] is not add
-    if viewed and (len(add.users) != 1 or len(m["norm_in"].users) != 1):
+    if viewed and any(len(v.users) != 1 for v in _views_below(m)):
         return f"the sum {add.name} is also read in its own shape before the view that {norm.name} normalizes"
     order = {n: i for i, n in enumerate(norm.graph.nodes)}
     rest = [r for r in tree_leaves(node_args(norm)[1:]) if isinstance(r, fx.Node)]
     if any(order[r] > order[add] for r in rest):
         return f"γ/β or the normalized shape of {norm.name} are computed after the residual add {add.name}"
     return None
+
+
+def _views_below(m) -> list[fx.Node]:
+    """The add and the views between it and the one the norm reads (each must have a single reader)."""
+    chain, cur = [], m["norm_in"]
+    while cur is not m["add"]:
+        cur = cur.args[0]
+        chain.append(cur)
+    return chain
 
 
 _RESIDUAL = {aten.layer_norm.default: ops.add_layer_norm, ops.rms_norm: ops.add_rms_norm}
@@ -45,11 +54,11 @@ def rewrite_residual(rw: Rewriter, m) -> None:
     norm, add, a, b = m.root, m["add"], m["a"], m["b"]
     fused_op = _RESIDUAL[norm.target]
     rest = node_args(norm)[1:len(fused_op._schema.arguments) - 1]
+    at = m["norm_in"].next  # the sum's other readers (in the shape the norm reads) read the fused op's sum
     if m["norm_in"] is not add:  # norm(view(a + b)) == norm(view(a) + view(b)): the add is elementwise
         shape = m["norm_in"].args[1]
-        a, b = (rw.call(aten.reshape.default, (t, shape), before=norm, like=m["norm_in"]) for t in (a, b))
-    at = norm if m["norm_in"] is not add else add.next  # the add's earlier users read the fused op's sum
+        a, b = (rw.call(aten.reshape.default, (t, shape), before=at, like=m["norm_in"]) for t in (a, b))
     fused = rw.call(fused_op, (a, b, *rest), before=at, like=norm)
     out, total = rw.getitem(fused, 0, before=fused.next), rw.getitem(fused, 1, before=fused.next.next)
-    rw.replace(add, total, keep=[m["norm_in"]] if m["norm_in"] is not add else [norm])
+    rw.replace(m["norm_in"], total, keep=[norm])
     rw.replace(norm, out)

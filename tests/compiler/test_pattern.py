@@ -113,8 +113,6 @@ def test_a_literal_float_matches_an_equal_int():
     assert "expected 2.0, got 1" in failure(Op(aten.add.Tensor, X, 2.0), only(gm, aten.add.Tensor)).reason
 
 
-@pytest.mark.xfail(strict=True, reason="a failure on a constant argument (Const where=, literal) carries node=None "
-                                       "instead of the op node holding the constant (pattern.py _match/_check)")
 def test_a_failure_on_a_constant_argument_names_the_op_node_holding_it():
     gm = graph(lambda s, x: x + 1, x3)
     add = only(gm, aten.add.Tensor)
@@ -217,8 +215,6 @@ def test_multi_matches_two_roots_sharing_their_input():
     assert isinstance(alone, MatchFailure) and {"x", "wq"} <= alone.bound
 
 
-@pytest.mark.xfail(strict=True, reason="match_multi reports the furthest candidate failure, which here is an unrelated "
-                                       "user of x (the _guards_fn call_module), not 'no node matches root 1'")
 def test_multi_with_no_second_root_says_so():
     gm = capture_graph(TwoLinears(), x3, y3, canonical=False)
     k_of_y = [n for n in gm.graph.nodes if n.target is aten.linear.default][-1]
