@@ -19,6 +19,29 @@ def fuse(model, *args, **options):
     return gm, run_pass(FuseLayerNorm(**options), gm, *args)
 
 
+class FlattenedResidual(nn.Module):
+    """OPT's FFN block: the sum is flattened to tokens, and the flattened sum is both normalized and the next
+    residual (read before and after the norm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(16), nn.Linear(16, 16)
+
+    def forward(self, x, y):
+        h = (x + y).reshape(-1, x.size(-1))
+        before = h * 2
+        return (h + self.fc(self.norm(h))).view(x.shape), before
+
+
+def test_a_flattened_sum_that_is_also_the_next_residual_is_computed_once():
+    args = (torch.randn(2, 5, 16), torch.randn(2, 5, 16))
+    gm, result = fuse(FlattenedResidual(), *args)
+    ops = count_ops(result.graph_module)
+    assert ops["fxopt.add_layer_norm"] == 1 and ops["aten.layer_norm"] == 0, (ops, result.reasons)
+    assert ops["aten.add"] == count_ops(gm)["aten.add"] - 1  # the residual add is gone, not duplicated
+    assert_pass_contract(FuseLayerNorm(), gm, result.graph_module, *args)
+
+
 class MixedDtypeResidual(nn.Module):
     def forward(self, x16, y32):
         return F.layer_norm((x16 + y32).reshape(-1, 16), (16,))
