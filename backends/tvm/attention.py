@@ -15,9 +15,14 @@ Unused producers are removed by dead-code elimination in the build pipeline.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
+import torch
+from torch import fx
 from tvm import relax, tirx
+
+from fxopt.pattern import VIEWS, AnyOf, Match, Op, Var, explain
 
 from . import convention
 from .convention import SdpaCall, View
@@ -25,29 +30,34 @@ from .relax_util import arg, cast, dtype_of, emit, env_or_value, shape_of
 
 # the library call's names and argument layout: convention.py
 _SWAP = [0, 2, 1, 3]
+aten = torch.ops.aten
 
 
-def _target(node: Any) -> str:
-    return getattr(node.target, "__name__", "") if getattr(node, "op", None) == "call_function" else ""
+_SPLIT = Op((aten.split_with_sizes.default, aten.split.Tensor), Var("packed"), Var("sizes"), Var("dim"))
+# permute(view(x, [B, S, H, D]), [0, 2, 1, 3]), x one chunk of a packed [B, S, 3·H·D] projection or any tensor
+_HEADS_FIRST = Op(aten.permute.default, AnyOf(
+    Op(VIEWS, Op(operator.getitem, _SPLIT, Var("index")), Var("shape"), name="bshd"), Var("bshd")), _SWAP)
+
+
+def qkv_view(node: fx.Node) -> tuple[fx.Node, View]:
+    """The tensor to hand the library for the q/k/v operand `node`, and how to read it (convention.View)."""
+    val = node.meta.get("val")
+    m = explain(_HEADS_FIRST, node) if val is not None and val.dim() == 4 else None
+    if not isinstance(m, Match):
+        return node, View()
+    heads, width = int(val.shape[1]), int(val.shape[1] * val.shape[3])
+    if "packed" in m:
+        packed, sizes, index = m["packed"], m["sizes"], m["index"]
+        ndim = packed.meta["val"].dim()
+        offset = index * sizes if isinstance(sizes, int) else sum(sizes[:index])
+        if ndim == 3 and int(m["dim"]) % ndim == ndim - 1 and isinstance(offset, int):
+            return packed, View(convention.VIEW_PACKED, offset, heads, width)
+    return m["bshd"], View(convention.VIEW_BSHD, 0, heads, width)
 
 
 def _source(node: Any, imp: Any) -> tuple[relax.Expr, View]:
-    """The tensor to pass for q/k/v ``node`` and its view (convention.View)."""
-    val = imp.env[node]
-    if len(shape_of(val)) != 4 or _target(node) != "permute.default" or list(node.args[1]) != _SWAP:
-        return val, View()
-    bshd = node.args[0]
-    heads, width = int(node.meta["val"].shape[1]), int(node.meta["val"].shape[1] * node.meta["val"].shape[3])
-    view_src = bshd.args[0] if _target(bshd) in ("view.default", "reshape.default") else None
-    if view_src is not None and _target(view_src) == "getitem":
-        split, index = view_src.args
-        if _target(split) in ("split_with_sizes.default", "split.Tensor"):
-            dim, ndim = int(arg(split, 2, "dim", 0)), len(split.args[0].meta["val"].shape)
-            sizes = split.args[1]
-            offset = index * sizes if isinstance(sizes, int) else sum(sizes[:index])
-            if dim % ndim == ndim - 1 and ndim == 3 and isinstance(offset, int):
-                return imp.env[split.args[0]], View(convention.VIEW_PACKED, offset, heads, width)
-    return imp.env[bshd], View(convention.VIEW_BSHD, 0, heads, width)
+    src, view = qkv_view(node)
+    return imp.env[src], view
 
 
 def _float_mask(imp: Any, node: Any, mask: relax.Expr, dtype: str) -> relax.Expr:

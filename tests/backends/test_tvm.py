@@ -171,3 +171,25 @@ def test_constant_causal_mask_becomes_is_causal_and_input_masks_stay():
     mask[1, 12:] = 0  # padding: the mask depends on an input and must stay
     ep = decompose(torch.export.export(bert.eval(), (ids,), {"attention_mask": mask}, strict=False))
     assert simplify_constant_masks(ep) == {}
+
+
+def test_library_attention_reads_q_k_v_in_place_from_the_projection():
+    """GPT-2's packed c_attn output is handed over once, with each operand's offset; BERT's per-projection
+    [B, S, H, D] views are handed over unpermuted; anything else goes as it is ([B, H, S, D])."""
+    from fxopt.backends.tvm import convention
+    from fxopt.backends.tvm.attention import qkv_view
+    from fxopt.backends.tvm.lower import decompose
+
+    def first_sdpa_operands(name):
+        model, kwargs = _hf(name)
+        ep = decompose(torch.export.export(model.eval(), (torch.randint(0, 128, (2, 16)),), kwargs, strict=False))
+        sdpa = next(n for n in ep.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default)
+        return [qkv_view(a) for a in sdpa.args[:3]]
+
+    packed = first_sdpa_operands("gpt2")
+    assert len({src for src, _ in packed}) == 1
+    assert [(v.mode, v.offset, v.heads, v.width) for _, v in packed] == [
+        (convention.VIEW_PACKED, offset, 4, 64) for offset in (0, 64, 128)]
+    separate = first_sdpa_operands("bert")
+    assert [v.mode for _, v in separate] == [convention.VIEW_BSHD] * 3
+    assert all(src.target is torch.ops.aten.view.default for src, _ in separate)
