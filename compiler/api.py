@@ -33,8 +33,6 @@ class OptimizedModule(nn.Module):
         self._runtime()  # built now, so torch.compile never traces the copies
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        # While torch.compile traces, run the fused ops' decompositions so Inductor fuses through them; in
-        # eager, the ops themselves (their CUDA kernels on a GPU). The exported graph always keeps the ops.
         # Eager: the fused ops' kernels called directly, shape-only masks folded (fxopt.torch_runtime). While
         # torch.compile traces: the ops' decompositions, so Inductor fuses through them. The exported graph
         # (what backends get) keeps the ops.
@@ -67,7 +65,8 @@ class OptimizedModule(nn.Module):
 
 def optimize(model: nn.Module, example_inputs: Any = None, passes: Sequence[str | Pass] = (), *,
              example_kwargs: Mapping[str, Any] | None = None, calibration: Iterable | None = None,
-             check_numerics: bool = True, progress: bool | None = None) -> OptimizedModule:
+             check_numerics: bool = True, progress: bool | None = None,
+             share_weights: bool = False) -> OptimizedModule:
     """Capture `model` on the example inputs, run `passes` in order, and return the optimized module.
 
     The graph is canonicalized first (a reported step; not with `passes=[]`). After every step it is verified
@@ -76,6 +75,10 @@ def optimize(model: nn.Module, example_inputs: Any = None, passes: Sequence[str 
     a DataLoader) of inputs, iterated once per pass that calibrates and never held in memory as a whole (see
     fxopt.calibration for the item forms and what is refused before anything runs). `progress`: calibration
     progress bars (None: when stderr is a terminal).
+
+    The optimized module owns its tensors; `model` is left as it was (parameters, buffers, flags). Parameters
+    are copied unless `share_weights=True` (then they share storage: no memory doubled, conversions such as
+    `.half()` stay apart, in-place writes to weights are seen by both; see fxopt.capture.own_state).
     """
     from fxopt import passes as registry
 
@@ -96,7 +99,7 @@ def optimize(model: nn.Module, example_inputs: Any = None, passes: Sequence[str 
     from .pipeline import check_requirements
 
     check_requirements(resolved, ctx)  # refuse before the (slow) capture
-    gm, info, dynamic_shapes = capture(model, args, kwargs)
+    gm, info, dynamic_shapes = capture(model, args, kwargs, share_weights)
     gm, pass_reports = run_pipeline(gm, resolved, ctx, check_numerics=check_numerics, progress=progress)
     report = Report(info, pass_reports)
     log.info("fxopt report\n%s", report)

@@ -38,6 +38,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from .errors import CalibrationError, CalibrationInputError
+from .numerics import preserved_buffers
 from .observers import (
     BlockIO,
     BlockSamples,
@@ -233,7 +234,7 @@ def calibrate(gm: fx.GraphModule, specs: Sequence[Observe], source: Iterable, *,
     total = len(source) if hasattr(source, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(source, total=total, desc=f"calibrating {label}", unit="batch", leave=False,
                disable=not show_progress(progress))
-    with torch.no_grad():
+    with torch.no_grad(), preserved_buffers(gm):  # the graph's buffers (a cache, a counter) as they were
         for index, item in enumerate(bar):
             flat = binder.flat(item, index)
             try:

@@ -67,7 +67,8 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-def capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, CaptureInfo, dict | None]:
+def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = False
+            ) -> tuple[fx.GraphModule, CaptureInfo, dict | None]:
     import time
 
     if not isinstance(model, nn.Module):
@@ -96,7 +97,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule
                 attempts.append((how, _first_line(e)))
                 continue
             info = CaptureInfo(method=how, failed_attempts=attempts)
-            gm = ep.run_decompositions({}).module()
+            gm = own_state(ep.run_decompositions({}).module(), share_weights)
             _describe_dims(gm, info, dynamic_requested="dynamic" in how)
             info.seconds = time.perf_counter() - start
             return gm, info, dyn if "dynamic" in how else None
@@ -104,6 +105,38 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule
         for m, training in modes.items():
             m.training = training
     raise CaptureError(name, attempts)
+
+
+def own_state(gm: fx.GraphModule, share_weights: bool = False) -> fx.GraphModule:
+    """Give the captured graph tensors of its own, so that neither it nor the user's model can change the other.
+
+    torch.export's module holds the user's own Parameter and buffer objects: `opt.half()` would convert the
+    user's model, and a buffer the forward mutates (a counter, a KV cache) would be written in the user's model
+    by every run of the graph. Buffers and tensor constants are always copied. Parameters are copied too
+    (`share_weights=False`), so in-place edits on either side (`load_state_dict`, an optimizer step) stay on that
+    side; with `share_weights=True` they are new Parameter objects over the same storage: conversions
+    (`.half()`, `.to()`) stay apart and no memory is doubled, but in-place writes are seen by both. Tied weights
+    stay tied (one copy per original tensor).
+    """
+    copies: dict[int, torch.Tensor] = {}
+
+    def own(t: torch.Tensor, parameter: bool) -> torch.Tensor:
+        if id(t) not in copies:
+            data = t.detach() if parameter and share_weights else t.detach().clone()
+            copies[id(t)] = nn.Parameter(data, requires_grad=t.requires_grad) if parameter else data
+        return copies[id(t)]
+
+    for module in gm.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = own(p, parameter=True)
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = own(b, parameter=False)
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                setattr(module, name, own(value, parameter=False))
+    return gm
 
 
 def _export(model, args, kwargs, dynamic_shapes):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +24,21 @@ class Numerics:
     detail: str = ""
 
 
+@contextlib.contextmanager
+def preserved_buffers(gm: torch.nn.Module) -> Iterator[None]:
+    """Buffers the graph writes (a call counter, a cache) are put back afterwards: every check starts from the
+    same state, and a check leaves the module as it found it."""
+    saved = [(b, b.detach().clone()) for b in gm.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
 def run_graph(gm: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    with torch.no_grad():
+    with torch.no_grad(), preserved_buffers(gm):
         return gm(*args, **kwargs)
 
 
@@ -44,7 +58,7 @@ def overflowed(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, names: Seque
 
     flat = pytree.tree_leaves((args, kwargs)) if not hasattr(gm, "_in_spec") else \
         torch.fx._pytree.tree_flatten_spec((args, kwargs), gm._in_spec)
-    with torch.no_grad():
+    with torch.no_grad(), preserved_buffers(gm):
         Probe(gm).run(*flat)
     return found
 

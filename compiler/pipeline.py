@@ -152,6 +152,11 @@ def _check_numerics(state: _Run, p: Pass, result: PassResult, ran_before: list[s
             numerics, ok=True, detail=f"not compared: the graph before the pass overflowed or underflowed "
             f"at {', '.join(blown)} on the example inputs")
     if not numerics.ok:
+        again = compare(state.before, run_graph(state.gm, args, kwargs), tolerance)
+        if not again.ok:  # the graph before the pass does not reproduce its own outputs
+            raise NumericsError(f"the model's outputs differ between two runs on the same inputs (randomness "
+                                f"or state the forward keeps outside its buffers), so pass {p.name!r} cannot be "
+                                f"checked: {again.detail}")
         own = " (the bound it stated for this run)" if result.tolerance is not None else ""
         raise NumericsError(f"pass {p.name!r} ({p.exactness.value}) broke its numerical contract{own} "
                             f"on the example inputs: {numerics.detail}")
