@@ -22,6 +22,13 @@ class Numerics:
     nonfinite_before: int  # positions excluded because the graph before the pass was inf/NaN there
     ok: bool
     detail: str = ""
+    compared: int = 0  # finite floating-point output values compared (0 with every output non-finite: unchecked)
+
+    def summary(self) -> str:
+        """What was checked, for a report line: a max error only over values that could be compared."""
+        if self.nonfinite_before and not self.compared:
+            return f"not checked: all {self.nonfinite_before} output values were non-finite before the pass"
+        return f"{self.nonfinite_before} non-finite output values not compared" if self.nonfinite_before else ""
 
 
 @contextlib.contextmanager
@@ -68,7 +75,7 @@ def compare(before: Any, after: Any, tol: Tolerance) -> Numerics:
     leaves_a, spec_a = pytree.tree_flatten(after)
     if spec_b != spec_a:
         return Numerics(float("inf"), float("inf"), -1.0, 0.0, 0, False, "output structure changed")
-    worst_abs, worst_rel, worst_cos, worst_bound, excluded, failures = 0.0, 0.0, 1.0, 0.0, 0, []
+    worst_abs, worst_rel, worst_cos, worst_bound, excluded, failures, compared = 0.0, 0.0, 1.0, 0.0, 0, [], 0
     for i, (b, a) in enumerate(zip(leaves_b, leaves_a)):
         if not isinstance(b, torch.Tensor):
             if b != a:
@@ -88,6 +95,7 @@ def compare(before: Any, after: Any, tol: Tolerance) -> Numerics:
         b64, a64 = b.double()[finite], a.double()[finite]
         if b64.numel() == 0:
             continue
+        compared += b64.numel()
         err = (a64 - b64).abs().max().item() if a64.numel() else 0.0
         if not torch.isfinite(a64).all():
             err = float("inf")
@@ -103,4 +111,5 @@ def compare(before: Any, after: Any, tol: Tolerance) -> Numerics:
         if err >= worst_abs:
             worst_abs, worst_bound = err, bound
         worst_rel, worst_cos = max(worst_rel, rel), min(worst_cos, cos)
-    return Numerics(worst_abs, worst_rel, worst_cos, worst_bound, excluded, not failures, "; ".join(failures))
+    return Numerics(worst_abs, worst_rel, worst_cos, worst_bound, excluded, not failures, "; ".join(failures),
+                    compared)

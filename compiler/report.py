@@ -62,10 +62,13 @@ class Report:
         lines.append(f"{'pass':<20} {'applied':<8} {'seconds':>8} {'max|err|':>10} {'max rel':>10}  stats / why not")
         for p in self.passes:
             num = p.numerics
-            err = f"{num.max_abs:10.3g} {num.max_rel:10.3g}" if num else f"{'-':>10} {'-':>10}"
+            unchecked = num is not None and num.nonfinite_before and not num.compared
+            err = f"{num.max_abs:10.3g} {num.max_rel:10.3g}" if num and not unchecked else f"{'-':>10} {'-':>10}"
             stats = ", ".join(f"{k}={v}" for k, v in sorted(p.stats.items()) if v)
             lines.append(f"{p.name:<20} {p.applied!s:<8} {p.seconds:8.3f} {err}  "
                          + (stats if p.applied else f"not applied: {p.why_not}"))
+            if num is not None and num.summary():
+                lines.append(f"    numerics: {num.summary()}")
             if tuple(p.reasons) != (p.why_not,):  # a single reason is already the why-not
                 lines += [f"    near-miss: {r}" for r in p.reasons]
         return "\n".join(lines)

@@ -27,7 +27,7 @@ from torch import fx
 
 from fxopt import ops
 from fxopt.capture import export_graph_module
-from fxopt.errors import FxoptError, UnsupportedOpError
+from fxopt.errors import FxoptError, PassOptionError, UnsupportedOpError
 from fxopt.signature import Signature
 
 from .translations import RMS_NORMALIZATION_OPSET, translation_table
@@ -287,6 +287,19 @@ def op_counts(model: Any) -> Counter[str]:
     return counts
 
 
+MIN_OPSET = 18  # the dynamo exporter writes no lower opset (it would silently raise a lower request to 18)
+
+
+def _checked_opset(opset: Any) -> int:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise PassOptionError("export_onnx", "opset", f"must be an int from {MIN_OPSET} (the lowest the exporter "
+                              f"writes) to {newest} (the newest this onnx knows), got {opset!r}")
+    return opset
+
+
 def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int | None = None,
                 external_data: bool | None = None, ort_fusions: bool = False, optimize: bool = True,
                 check: bool = True, extra_translations: Mapping[Any, Callable] | None = None) -> ExportResult:
@@ -295,7 +308,7 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
 
     path = Path(path)
     gm = _graph_module(opt)
-    opset = opset or default_opset(gm)
+    opset = default_opset(gm) if opset is None else _checked_opset(opset)
     table = {**translation_table(opset), **(extra_translations or {})}
     legalize(gm, opset=opset, extra_translations=extra_translations)
     if isinstance(opt, torch.export.ExportedProgram):

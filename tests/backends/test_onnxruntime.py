@@ -362,3 +362,18 @@ def test_legalize_accepts_every_node_of_the_hf_graphs():
         opt = fxopt.optimize(hf_model(name, "sdpa"), args, passes=list(passes.EXACT_PIPELINE),
                              example_kwargs=kwargs)
         assert ort_backend.legalize(opt) == []
+
+
+@pytest.mark.parametrize("opset", [9, 17, 10_000, "20", True])
+def test_an_opset_the_exporter_cannot_write_is_refused_before_anything_is_written(opset, tmp_path):
+    opt = fxopt.optimize(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), (torch.randn(2, 4),), passes=[])
+    with pytest.raises(fxopt.PassOptionError, match="opset"):
+        fxopt.export_onnx(opt, tmp_path / "m.onnx", opset=opset)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_requested_opset_is_the_one_written(tmp_path):
+    opt = fxopt.optimize(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), (torch.randn(2, 4),), passes=[])
+    path = fxopt.export_onnx(opt, tmp_path / "m.onnx", opset=19)
+    written = {o.domain: o.version for o in onnx.load(str(path)).opset_import}
+    assert written[""] == 19

@@ -150,3 +150,15 @@ def test_batch_of_one_is_reported_static():
     (static,) = opt.report.capture.static_dims.values()
     assert static == [0, 1]  # batch 1 is specialized; the feature dim is forced by the Linear
     assert any("static" in n for n in opt.report.capture.notes)
+
+
+def test_the_report_does_not_claim_an_error_it_could_not_measure():
+    """A NaN weight makes every output NaN: the report says nothing was compared instead of 'max|err| 0'."""
+    model = toy.HandWrittenBlock(16)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    opt = fxopt.optimize(model, (torch.randn(2, 5, 16),), passes=["fuse_layernorm"])
+    fused = opt.report["fuse_layernorm"]
+    assert fused.applied and fused.numerics.compared == 0 and fused.numerics.nonfinite_before > 0
+    line = next(ln for ln in str(opt.report).splitlines() if ln.startswith("fuse_layernorm"))
+    assert " 0 " not in line and "not checked: all" in str(opt.report)
