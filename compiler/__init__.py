@@ -2,6 +2,7 @@
 
 from . import ops  # noqa: F401  (defines the fxopt:: torch.library ops the optimized graphs use)
 from .api import OptimizedModule, compile, export_onnx, export_tvm, optimize
+from .artifact import ArtifactError, load, save
 from .errors import (
                      CalibrationError,
                      CalibrationInputError,
@@ -21,6 +22,7 @@ from .report import PassReport, Report
 from .structure import Structure, analyze, analyze_graph
 
 __all__ = [
+                     "ArtifactError",
                      "CalibrationError",
                      "CalibrationInputError",
                      "CaptureError",
@@ -48,6 +50,8 @@ __all__ = [
                      "compile",
                      "export_onnx",
                      "export_tvm",
+                     "load",
                      "optimize",
+                     "save",
 ]
 __version__ = "0.1.0"

@@ -56,6 +56,11 @@ class OptimizedModule(nn.Module):
         self.training = False
         return self
 
+    def __reduce__(self):  # torch.save(opt) / pickle: the fxopt artifact format (fxopt.artifact)
+        from .artifact import from_bytes, to_bytes
+
+        return from_bytes, (to_bytes(self),)
+
     def exported_program(self, dynamic: bool = True) -> torch.export.ExportedProgram:
         """The optimized graph re-exported (for backends): with the capture's dynamic batch/seq dims, or with
         every dim static at the example inputs' sizes (`dynamic=False`)."""

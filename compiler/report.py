@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .capture import CaptureInfo
 from .numerics import Numerics
 from .pass_base import Tolerance
@@ -50,6 +52,13 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"capture": dataclasses.asdict(self.capture), "passes": [p.to_dict() for p in self.passes]}
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Report:
+        """The report `to_dict()` (or the JSON of `to_json()`) describes."""
+        cap = dict(data["capture"])
+        cap["failed_attempts"] = [tuple(a) for a in cap.get("failed_attempts", [])]
+        return cls(CaptureInfo(**cap), [_pass_from_dict(p) for p in data["passes"]])
+
     def to_json(self, indent: int | None = 2) -> str:
         """JSON of `to_dict()`; a non-finite error (an output that became inf) is written as a string."""
         return json.dumps(_finite(self.to_dict()), indent=indent, default=str)
@@ -72,6 +81,17 @@ class Report:
             if tuple(p.reasons) != (p.why_not,):  # a single reason is already the why-not
                 lines += [f"    near-miss: {r}" for r in p.reasons]
         return "\n".join(lines)
+
+
+def _pass_from_dict(d: Mapping[str, Any]) -> PassReport:
+    num, tol = d.get("numerics"), d.get("tolerance")
+    numerics = None if num is None else Numerics(**{
+        k: float(v) if k in ("max_abs", "max_rel", "cosine", "bound") else v for k, v in num.items()})
+    tolerance = None if tol is None else Tolerance(
+        {getattr(torch, k): v for k, v in tol["rtol"].items()}, float(tol["atol"]), tol["min_cosine"],
+        tol["whole_output_if_nonfinite"])
+    return PassReport(d["name"], d["applied"], d["exactness"], d["seconds"], dict(d["stats"]), d["why_not"],
+                      tuple(d["reasons"]), numerics, tolerance)
 
 
 def _finite(v: Any) -> Any:
