@@ -54,7 +54,7 @@ def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict) -> dict | No
     for name, value in bound.arguments.items():
         kind = inspect.signature(model.forward).parameters[name].kind
         if kind is inspect.Parameter.VAR_KEYWORD:
-            shapes.update({k: spec(v) for k, v in value.items()})
+            shapes[name] = {k: spec(v) for k, v in value.items()}  # nested under the **kwargs parameter
         elif kind is inspect.Parameter.VAR_POSITIONAL:
             shapes[name] = tuple(spec(v) for v in value)
         else:
@@ -80,8 +80,11 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
     modes = {m: m.training for m in model.modules()}
     attempts: list[tuple[str, str]] = []
     start = time.perf_counter()
+    named = _named_var_kwargs(model, kwargs)
     try:
         model.eval()  # inference capture; the flags are restored below
+        if named is not None:
+            model.forward = named  # removed below; the class's forward is untouched
         dyn = dynamic_shapes_for(model, args, kwargs)
         tries = [("torch.export(strict=False, dynamic batch/seq)", lambda: _export(model, args, kwargs, dyn)),
                  ("torch.export(strict=False, static shapes)", lambda: _export(model, args, kwargs, None)),
@@ -104,7 +107,32 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
     finally:
         for m, training in modes.items():
             m.training = training
+        if named is not None:
+            del model.forward
     raise CaptureError(name, attempts)
+
+
+def _named_var_kwargs(model: nn.Module, kwargs: dict) -> Any:
+    """For `forward(..., **kwargs)` called with keyword inputs that land in `**kwargs`: a forward whose signature
+    names them as keyword-only parameters. torch.export cannot mark dims of inputs inside `**kwargs` dynamic
+    (its constraint solver fails on the nesting), but it can for named parameters; the call is the same."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    params = list(sig.parameters.values())
+    extra = [k for k in kwargs if k not in sig.parameters]
+    if not extra or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    original = model.forward
+
+    def forward(*args: Any, **kw: Any) -> Any:
+        return original(*args, **kw)
+
+    kept = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    forward.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=kept + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in extra])
+    return forward
 
 
 def own_state(gm: fx.GraphModule, share_weights: bool = False) -> fx.GraphModule:

@@ -162,3 +162,26 @@ def test_the_report_does_not_claim_an_error_it_could_not_measure():
     assert fused.applied and fused.numerics.compared == 0 and fused.numerics.nonfinite_before > 0
     line = next(ln for ln in str(opt.report).splitlines() if ln.startswith("fuse_layernorm"))
     assert " 0 " not in line and "not checked: all" in str(opt.report)
+
+
+class KeywordsOnly(nn.Module):
+    """forward(**kwargs), the way wrappers and pipelines write it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, **kwargs):
+        return self.norm(self.proj(kwargs["hidden"]) + kwargs["residual"])
+
+
+def test_inputs_passed_through_var_keyword_arguments_keep_dynamic_dims():
+    x, r = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    model = KeywordsOnly()
+    opt = fxopt.optimize(model, example_kwargs={"hidden": x, "residual": r}, passes=["fuse_layernorm"])
+    assert "dynamic" in opt.report.capture.method and not opt.report.capture.failed_attempts
+    assert opt.report.capture.dynamic_dims == {"hidden": [0, 1], "residual": [0, 1]}
+    x, r = torch.randn(5, 7, 8), torch.randn(5, 7, 8)
+    with torch.no_grad():
+        assert_within(opt(hidden=x, residual=r), model(hidden=x, residual=r))
+    assert "forward" not in vars(model)  # the signature used for capture was the model's only while capturing
