@@ -19,6 +19,7 @@ from .errors import (
 )
 from .pass_base import Exactness, Pass, PassContext, PassResult, Requirement, Tolerance
 from .report import PassReport, Report
+from .signature import InputMismatchError
 from .structure import Structure, analyze, analyze_graph
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
                      "CaptureError",
                      "Exactness",
                      "FxoptError",
+                     "InputMismatchError",
                      "MissingInputsError",
                      "NumericsError",
                      "OptimizedModule",

@@ -10,11 +10,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .capture import capture, export_graph_module
+from .capture import SIGNATURE, capture, export_graph_module
 from .errors import MissingInputsError, PassOptionError
 from .pass_base import Pass, PassContext
 from .pipeline import run_pipeline
 from .report import Report
+from .signature import InputMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,18 @@ class OptimizedModule(nn.Module):
         # (what backends get) keeps the ops.
         if torch.compiler.is_compiling():
             return self._runtime()[2](*args, **kwargs)
-        return self._runtime()[1](args, kwargs)
+        signature = self.graph_module.meta.get(SIGNATURE)
+        if signature is not None:  # a typed error naming the argument, before anything runs
+            signature.bind(args, kwargs)
+            kwargs = {**signature.constants_left_out(args, kwargs), **kwargs}
+        try:
+            return self._runtime()[1](args, kwargs)
+        except AssertionError as e:
+            if "Guard failed" not in str(e):
+                raise
+            dims = ", ".join(f"{k}{v}" for k, v in self.report.capture.dynamic_dims.items())
+            raise InputMismatchError(None, f"the input shapes are outside what the captured program accepts "
+                                     f"({str(e).strip()}); dynamic dims at capture: {dims or 'none'}") from e
 
     def _runtime(self) -> tuple:
         from .torch_kernels import decomposed_graph

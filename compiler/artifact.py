@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
+from .capture import SIGNATURE
 from .errors import FxoptError
+from .signature import Signature
 
 FORMAT = "fxopt.artifact/1"
 _REPORT, _INPUTS, _FORMAT, _MODULES = ("fxopt/report.json", "fxopt/inputs.b64", "fxopt/format",
@@ -110,4 +112,6 @@ def from_bytes(data: bytes, name: str = "<bytes>") -> Any:
                             f"(a plain torch.export archive is not an fxopt artifact)")
     inputs = torch.load(io.BytesIO(base64.b64decode(extra[_INPUTS])), weights_only=False)
     report = Report.from_dict(json.loads(extra[_REPORT]))
-    return OptimizedModule(program.module(), report, inputs["args"], inputs["kwargs"], inputs["dynamic_shapes"])
+    gm = program.module()
+    gm.meta[SIGNATURE] = Signature.of(program)
+    return OptimizedModule(gm, report, inputs["args"], inputs["kwargs"], inputs["dynamic_shapes"])

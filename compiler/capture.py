@@ -25,8 +25,11 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, MissingInputsError
+from .signature import Signature
 
 log = logging.getLogger(__name__)
+
+SIGNATURE = "fxopt_signature"  # gm.meta key: the captured call signature (fxopt.signature.Signature)
 
 
 @dataclass
@@ -100,7 +103,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
                 attempts.append((how, _first_line(e)))
                 continue
             info = CaptureInfo(method=how, failed_attempts=attempts)
-            gm = own_state(ep.run_decompositions({}).module(), share_weights)
+            functional = ep.run_decompositions({})
+            gm = own_state(functional.module(), share_weights)
+            gm.meta[SIGNATURE] = Signature.of(functional, forward=model.forward)
             _describe_dims(gm, info, dynamic_requested="dynamic" in how)
             info.seconds = time.perf_counter() - start
             return gm, info, dyn if "dynamic" in how else None

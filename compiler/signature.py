@@ -54,6 +54,8 @@ class Leaf:
     name: str
     kind: str  # TENSOR | SYMINT | CONSTANT
     value: Any = None
+    dtype: str | None = None  # a tensor's dtype at capture ("float32"); None: not checked
+    shape: tuple | None = None  # a tensor's dims at capture: an int where static, None where dynamic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +116,11 @@ class Signature:
                 raise InputMismatchError(a.name, "missing")
         return values
 
+    def constants_left_out(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The captured values of single-constant keyword arguments the call leaves out."""
+        return {a.name: a.leaves[0].value for a in self.arguments
+                if a.keyword and a.constant and len(a.leaves) == 1 and a.spec is None and a.name not in kwargs}
+
     def unflatten(self, tensors: Sequence[Any]) -> Any:
         n = sum(leaf.kind != CONSTANT for leaf in self.outputs)
         if len(tensors) != n:
@@ -137,9 +144,9 @@ class Signature:
     def from_json(cls, data: Mapping[str, Any]) -> Signature:
         if data.get("format") != FORMAT:
             raise ValueError(f"signature format {data.get('format')!r}; this loader reads format {FORMAT}")
-        arguments = tuple(Argument(a["name"], a["keyword"], tuple(Leaf(**x) for x in a["leaves"]), _loads(a["spec"]))
+        arguments = tuple(Argument(a["name"], a["keyword"], tuple(_leaf(x) for x in a["leaves"]), _loads(a["spec"]))
                           for a in data["arguments"])
-        return cls(arguments, tuple(Leaf(**x) for x in data["outputs"]), _loads(data["out_spec"]))
+        return cls(arguments, tuple(_leaf(x) for x in data["outputs"]), _loads(data["out_spec"]))
 
 
 def _check_leaves(a: Argument, value: Any) -> list[Any]:
@@ -158,9 +165,31 @@ def _check_leaves(a: Argument, value: Any) -> list[Any]:
                                          f"capture (fxopt.optimize) again to change it")
         elif leaf.kind == TENSOR and not isinstance(got, torch.Tensor):
             raise InputMismatchError(a.name, f"must be a tensor, got {type(got).__name__}")
+        elif leaf.kind == TENSOR:
+            _check_tensor(a.name, got, leaf)
+            flat.append(got)
         else:
             flat.append(got)
     return flat
+
+
+def _check_tensor(name: str, got: Any, leaf: Leaf) -> None:
+    dtype = str(got.dtype).removeprefix("torch.")
+    if leaf.dtype is not None and dtype != leaf.dtype:
+        raise InputMismatchError(name, f"has dtype {dtype}; the graph was captured for {leaf.dtype}")
+    if leaf.shape is None:
+        return
+    if got.dim() != len(leaf.shape):
+        raise InputMismatchError(name, f"has {got.dim()} dims; the graph was captured for {len(leaf.shape)} "
+                                 f"(shape {_shape_text(leaf.shape)})")
+    for d, (size, want) in enumerate(zip(got.shape, leaf.shape)):
+        if want is not None and size != want:
+            raise InputMismatchError(name, f"has size {size} in dim {d}, which the graph has static at {want} "
+                                     f"(shape {_shape_text(leaf.shape)}; '?' dims are dynamic)")
+
+
+def _shape_text(shape: tuple) -> str:
+    return "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
 
 
 def _same_constant(got: Any, captured: Any) -> bool:
@@ -176,7 +205,14 @@ def _same_constant(got: Any, captured: Any) -> bool:
 
 def _leaf_json(leaf: Leaf) -> dict[str, Any]:
     value = leaf.value if isinstance(leaf.value, _JSON_SCALARS) else repr(leaf.value)
-    return {"name": leaf.name, "kind": leaf.kind, "value": value}
+    return {"name": leaf.name, "kind": leaf.kind, "value": value, "dtype": leaf.dtype,
+            "shape": None if leaf.shape is None else list(leaf.shape)}
+
+
+def _leaf(data: Mapping[str, Any]) -> Leaf:
+    shape = data.get("shape")
+    return Leaf(data["name"], data["kind"], data.get("value"), data.get("dtype"),
+                None if shape is None else tuple(shape))
 
 
 def _dumps(spec: Any) -> str | None:
@@ -206,10 +242,18 @@ def _loads(text: str | None) -> Any:
 def _from_exported_program(ep: Any, forward: Callable | None) -> Signature:
     from torch.export.graph_signature import ConstantArgument, SymIntArgument
 
+    placeholders = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+
     def leaf(spec: Any) -> Leaf:
         if isinstance(spec.arg, ConstantArgument):
             return Leaf(spec.arg.name, CONSTANT, spec.arg.value)
-        return Leaf(spec.arg.name, SYMINT if isinstance(spec.arg, SymIntArgument) else TENSOR)
+        if isinstance(spec.arg, SymIntArgument):
+            return Leaf(spec.arg.name, SYMINT)
+        val = placeholders.get(spec.arg.name)
+        if val is None or not hasattr(val, "shape"):
+            return Leaf(spec.arg.name, TENSOR)
+        shape = tuple(s if isinstance(s, int) else None for s in val.shape)  # SymInts are dynamic
+        return Leaf(spec.arg.name, TENSOR, None, str(val.dtype).removeprefix("torch."), shape)
 
     flat = [leaf(s) for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     in_spec = ep.call_spec.in_spec

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import fxopt
+import fxopt.testing
 from fxopt.signature import InputMismatchError, Signature
 
 pytest.importorskip("tvm")
@@ -110,3 +111,47 @@ def test_the_loader_refuses_another_convention_or_a_missing_requirement(optimize
                              cwd=tmp_path)
         assert res.returncode == 0, res.stderr
         assert res.stdout.startswith("ConventionError") and message in res.stdout, res.stdout
+
+
+def _runner(optimized, name):
+    return optimized if name == "torch" else fxopt.compile(optimized, backend=name)
+
+
+BAD_CALLS = {  # what is wrong -> (args, kwargs, the argument named)
+    "an extra positional argument": (("a", "b", "b"), {}, None),
+    "an unknown keyword": (("a", "b"), {"c": "b"}, "c"),
+    "a missing input": (("a",), {}, "b"),
+    "a changed captured constant": (("a", "b"), {"scale": 3.0}, "scale"),
+    "another dtype": (("a64", "b"), {}, "a"),
+    "another rank": (("a", "b2d"), {}, "b"),
+    "another size in a static dim": (("a", "b_wide"), {}, "b"),
+}
+
+
+@pytest.fixture(scope="module", params=["torch", "onnxruntime", "tvm"])
+def runner(request, optimized):
+    return request.param, _runner(optimized, request.param)
+
+
+def test_every_runner_binds_by_name_and_refuses_the_same_bad_calls_the_same_way(runner, optimized):
+    name, run = runner
+    values = {"a": torch.randn(3, 5, 4), "b": torch.randn(3, 5, 4)}
+    values.update(a64=values["a"].double(), b2d=torch.randn(3, 4), b_wide=torch.randn(3, 5, 6))
+    with torch.no_grad():
+        want = optimized(values["a"], values["b"], scale=2.0)["out"]
+        fxopt.testing.assert_within(run(b=values["b"], a=values["a"], scale=2.0)["out"], want)
+        for what, (args, kwargs, argument) in BAD_CALLS.items():
+            kwargs = {"scale": 2.0, **{k: values.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}}
+            with pytest.raises(InputMismatchError) as info:
+                run(*(values[x] for x in args), **kwargs)
+            assert info.value.argument == argument, (name, what, str(info.value))
+
+
+def test_the_torch_runner_names_a_dim_outside_the_captured_range():
+    class FifthToken(nn.Module):
+        def forward(self, x):
+            return x[:, 4] * 2
+
+    opt = fxopt.optimize(FifthToken(), (torch.randn(2, 6, 3),))
+    with pytest.raises(InputMismatchError, match=r"outside what the captured program accepts.*x.size\(\)\[1\] >= 5"):
+        opt(torch.randn(2, 3, 3))
