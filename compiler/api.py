@@ -138,13 +138,19 @@ def export_onnx(opt: OptimizedModule, path: str | Path, **options: Any) -> Path:
 
 def export_tvm(opt: OptimizedModule, path: str | Path, target: str = "cpu", **options: Any) -> Path:
     """Write a TVM artifact directory for `target` (see fxopt.backends.tvm.export); returns the path."""
-    return _backend("export_tvm", "tvm").export(opt, path, target=target, **options)
+    chosen = _backend("export_tvm", "tvm")
+    _check_target("export_tvm", chosen, target)
+    return chosen.export(opt, path, target=target, **options)
+
+
+def _check_target(function: str, backend: Any, target: str) -> None:
+    if target not in backend.targets:
+        raise PassOptionError(function, "target", f"must be {' or '.join(map(repr, backend.targets))}, "
+                              f"got {target!r}")
 
 
 def compile(opt: OptimizedModule, backend: str = "onnxruntime", target: str = "cpu", **options: Any):
     """A callable running `opt` on `backend` for `target`, taking and returning torch tensors."""
     chosen = _backend("compile", backend)
-    if target not in chosen.targets:
-        raise PassOptionError("compile", "target", f"must be {' or '.join(map(repr, chosen.targets))}, "
-                              f"got {target!r}")
+    _check_target("compile", chosen, target)
     return chosen.compile(opt, target, **options)

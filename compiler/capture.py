@@ -76,6 +76,10 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
 
     if not isinstance(model, nn.Module):
         raise CaptureError(type(model).__name__, [("type check", "fxopt.optimize takes a torch.nn.Module")])
+    if isinstance(model, torch.jit.ScriptModule):
+        raise CaptureError(type(model).__name__, [("type check", "a TorchScript module (torch.jit.trace/script) "
+                                                   "cannot be captured by torch.export; pass the nn.Module it was "
+                                                   "made from")])
     if not args and not kwargs:
         raise MissingInputsError(
             "example inputs are required: pass example_inputs=(tensor, ...) and/or example_kwargs={...}")
@@ -85,7 +89,10 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
     start = time.perf_counter()
     named = _named_var_kwargs(model, kwargs)
     try:
-        model.eval()  # inference capture; the flags are restored below
+        try:
+            model.eval()  # inference capture; the flags are restored below
+        except NotImplementedError:  # an ExportedProgram.module(): already a captured graph, its mode fixed
+            log.info("%s refuses eval(); captured in the mode it was exported in", name)
         if named is not None:
             model.forward = named  # removed below; the class's forward is untouched
         dyn = dynamic_shapes_for(model, args, kwargs)

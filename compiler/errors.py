@@ -87,3 +87,13 @@ class CalibrationInputError(CalibrationError, TypeError):
         self.index, self.argument = index, argument
         at = f"input {argument!r} of calibration item {index}" if argument else f"calibration item {index}"
         super().__init__(f"{at} {problem}")
+
+
+class ExampleInputsError(FxoptError):
+    """The captured model does not run on its example inputs (a dtype or device mismatch, a meta tensor), or
+    they cannot be checked; says what to change."""
+
+
+class DeviceUnavailableError(FxoptError, RuntimeError):
+    """A backend target needs a device this machine does not have (`target="cuda"` without a GPU); raised before
+    anything is built."""

@@ -19,11 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from .calibration import calibrate, check_source
 from .canonicalize import canonicalize_graph
-from .errors import NumericsError, PassError, RequirementError
+from .errors import ExampleInputsError, NumericsError, PassError, RequirementError
 from .numerics import Numerics, compare, overflowed, run_graph
 from .pass_base import Pass, PassContext, PassResult, Requirement
 from .report import PassReport
@@ -90,10 +92,26 @@ def run_pipeline(gm: fx.GraphModule, passes: Sequence[Pass], ctx: PassContext, *
     """Run `passes` (with canonicalization steps) on `gm`; `progress`: calibration bars (None: when a TTY)."""
     check_requirements(passes, ctx)
     steps = with_canonicalization(passes)
-    before = run_graph(gm, ctx.example_args, dict(ctx.example_kwargs)) if check_numerics else None
+    before = _reference_run(gm, ctx) if check_numerics else None
     state = _Run(gm, ctx, output_signature(gm), before, check_numerics, progress)
     reports = [_step(state, p, [q.name for q in steps[:i]]) for i, p in enumerate(steps)]
     return state.gm, reports
+
+
+def _reference_run(gm: fx.GraphModule, ctx: PassContext) -> Any:
+    """The captured graph's outputs on the example inputs, which every pass is checked against."""
+    tensors = [t for t in (*gm.parameters(), *gm.buffers(), *pytree.tree_leaves((ctx.example_args,
+               dict(ctx.example_kwargs)))) if isinstance(t, torch.Tensor)]
+    if any(t.is_meta for t in tensors):
+        raise ExampleInputsError("the model or its example inputs are on the meta device, where outputs have no "
+                                 "values to check; pass check_numerics=False, or use real tensors")
+    try:
+        return run_graph(gm, ctx.example_args, dict(ctx.example_kwargs))
+    except Exception as e:
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()})
+        raise ExampleInputsError(f"the captured model does not run on its example inputs ({type(e).__name__}: "
+                                 f"{str(e).strip().splitlines()[0][:300]}); floating dtypes among its weights and "
+                                 f"inputs: {', '.join(dtypes) or 'none'}") from e
 
 
 def _graph_code(gm: fx.GraphModule) -> str:

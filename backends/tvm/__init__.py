@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from fxopt import signature
-from fxopt.errors import UnsupportedOpError
+from fxopt.errors import DeviceUnavailableError, UnsupportedOpError
 
 from . import convention, runtime
 from .lower import Lowered, to_relax, unsupported_nodes
@@ -78,6 +78,10 @@ def _manifest(lowered: Lowered, target: str, extern: bool) -> dict[str, Any]:
 
 def compile(opt: Any, target: str = "cpu", *, extern: bool | None = None, **build_opts: Any) -> runtime.Module:
     """Compile ``opt`` for ``target`` and return a callable taking the model's own arguments."""
+    if target == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError("tvm: compile(target='cuda') runs the result here, and this machine has no "
+                                     "CUDA device torch can use; export_tvm(..., target='cuda') builds an "
+                                     "artifact for a GPU machine without one")
     lowered, ex = _lower_and_build(opt, target, extern, **build_opts)
     manifest = _manifest(lowered, target, (target == "cuda") if extern is None else extern)
     tvm = runtime.import_tvm_runtime(target == "cuda")
