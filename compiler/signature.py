@@ -125,7 +125,8 @@ class Signature:
         n = sum(leaf.kind != CONSTANT for leaf in self.outputs)
         if len(tensors) != n:
             raise InputMismatchError(None, f"the backend returned {len(tensors)} outputs, the graph has {n}")
-        leaves = [leaf.value if leaf.kind == CONSTANT else tensors[int(leaf.name)] for leaf in self.outputs]
+        leaves = [leaf.value if leaf.kind == CONSTANT else _as_captured(tensors[int(leaf.name)], leaf)
+                  for leaf in self.outputs]
         if self.out_spec is None:
             return leaves[0] if len(leaves) == 1 else tuple(leaves)
         from torch.utils import _pytree as pytree
@@ -171,6 +172,16 @@ def _check_leaves(a: Argument, value: Any) -> list[Any]:
         else:
             flat.append(got)
     return flat
+
+
+def _as_captured(value: Any, leaf: Leaf) -> Any:
+    """A backend's output in the form the model returned it: a SymInt output as an int, a 0-d tensor as 0-d
+    (runtimes hand both back as 1-element arrays)."""
+    if leaf.kind == SYMINT and hasattr(value, "numel") and value.numel() == 1:
+        return int(value.reshape(()).item())
+    if leaf.shape == () and hasattr(value, "numel") and value.numel() == 1 and value.dim() != 0:
+        return value.reshape(())
+    return value
 
 
 def _check_tensor(name: str, got: Any, leaf: Leaf) -> None:
@@ -270,14 +281,22 @@ def _from_exported_program(ep: Any, forward: Callable | None) -> Signature:
                                   None if child.is_leaf() else child))
         start += child.num_leaves
     outputs, k = [], 0
-    for s in ep.graph_signature.output_specs:
+    output_node = next(n for n in ep.graph.nodes if n.op == "output")
+    for s, value in zip(ep.graph_signature.output_specs, output_node.args[0]):
         if s.kind.name != "USER_OUTPUT":
             continue
         if isinstance(s.arg, ConstantArgument):
             outputs.append(Leaf(s.arg.name, CONSTANT, s.arg.value))
+            continue
+        val = value.meta.get("val") if hasattr(value, "meta") else None
+        if isinstance(s.arg, SymIntArgument):  # a size the model returns: an int, not a tensor of one
+            outputs.append(Leaf(str(k), SYMINT))
+        elif val is not None and hasattr(val, "shape"):
+            outputs.append(Leaf(str(k), TENSOR, None, str(val.dtype).removeprefix("torch."),
+                                tuple(d if isinstance(d, int) else None for d in val.shape)))
         else:
             outputs.append(Leaf(str(k), TENSOR))
-            k += 1
+        k += 1
     return Signature(tuple(arguments), tuple(outputs), ep.call_spec.out_spec)
 
 
