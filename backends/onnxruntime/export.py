@@ -193,6 +193,9 @@ def _output_names(ep: torch.export.ExportedProgram) -> list[str] | None:
     from torch.utils import _pytree as pytree
 
     specs = [s for s in ep.graph_signature.output_specs if s.kind.name == "USER_OUTPUT"]
+    inputs = {s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
+    if any(getattr(s.arg, "name", None) in inputs for s in specs):
+        return None  # naming an output that is an input would rename the input ("x" -> "1_orig")
     try:
         tree = pytree.tree_unflatten(list(range(len(specs))), ep.call_spec.out_spec)
         paths = [path for path, _ in pytree.tree_flatten_with_path(tree)[0]]

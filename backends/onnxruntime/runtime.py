@@ -110,9 +110,12 @@ class OrtModule:
         return self.session.run(None, dict(feeds))
 
     def feeds(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
-        wanted = set(self.input_names)  # the exporter drops inputs the graph does not read
-        return {name: _to_numpy(value) for name, value in zip(self._io.input_names, self._io.bind(args, kwargs))
-                if name in wanted}
+        # the exporter drops inputs the graph does not read, and renames an input that is also an output
+        # ("x" -> "x_orig", feeding an Identity)
+        wanted = set(self.input_names)
+        names = {n: n if n in wanted else f"{n}_orig" for n in self._io.input_names}
+        return {names[name]: _to_numpy(value) for name, value in zip(self._io.input_names, self._io.bind(args, kwargs))
+                if names[name] in wanted}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         results = self.run_numpy(self.feeds(*args, **kwargs))

@@ -184,3 +184,16 @@ def test_a_returned_size_comes_back_from_onnxruntime_as_an_int():
     opt = fxopt.optimize(ScalarAndSize(), (torch.randn(2, 4),))
     total, size = fxopt.compile(opt, backend="onnxruntime")(x)
     assert type(size) is int and size == 6 and total.dim() == 0
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_an_output_that_is_an_input_comes_back(backend):
+    class Passthrough(nn.Module):
+        def forward(self, x):
+            return x * 2, x
+
+    x = torch.randn(3, 4)
+    opt = fxopt.optimize(Passthrough(), (torch.randn(2, 4),))
+    doubled, same = fxopt.compile(opt, backend=backend)(x)
+    assert torch.equal(same, x)
+    fxopt.testing.assert_within(doubled, x * 2)
