@@ -41,8 +41,11 @@ class OptimizedModule(nn.Module):
             return self._runtime()[2](*args, **kwargs)
         signature = self.graph_module.meta.get(SIGNATURE)
         if signature is not None:  # a typed error naming the argument, before anything runs
-            signature.bind(args, kwargs)
-            kwargs = {**signature.constants_left_out(args, kwargs), **kwargs}
+            signature.bind(args, kwargs, check_dtype=False)  # opt.half() may have changed the dtypes
+            if left_out := signature.constants_left_out(args, kwargs):
+                name, value = next(iter(left_out.items()))  # the model's default need not be what was captured
+                raise InputMismatchError(name, f"was captured as the constant {value!r}; pass it (the graph does "
+                                         f"not compute the model's default)")
         try:
             return self._runtime()[1](args, kwargs)
         except AssertionError as e:

@@ -88,6 +88,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
     attempts: list[tuple[str, str]] = []
     start = time.perf_counter()
     named = _named_var_kwargs(model, kwargs)
+    own_forward = vars(model).get("forward")  # a forward the user set on the instance is put back below
     try:
         try:
             model.eval()  # inference capture; the flags are restored below
@@ -120,7 +121,10 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
         for m, training in modes.items():
             m.training = training
         if named is not None:
-            del model.forward
+            if own_forward is None:
+                del model.forward
+            else:
+                model.forward = own_forward
     raise CaptureError(name, attempts)
 
 

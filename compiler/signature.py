@@ -88,13 +88,13 @@ class Signature:
 
     # -- binding ---------------------------------------------------------------------------------------------
 
-    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Any]:
+    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any], check_dtype: bool = True) -> list[Any]:
         values = self._match(tuple(args), dict(kwargs))
         flat: list[Any] = []
         for a in self.arguments:
             if a.name not in values:
                 continue  # a constant keyword left out
-            flat += _check_leaves(a, values[a.name])
+            flat += _check_leaves(a, values[a.name], check_dtype)
         return flat
 
     def _match(self, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -150,7 +150,7 @@ class Signature:
         return cls(arguments, tuple(_leaf(x) for x in data["outputs"]), _loads(data["out_spec"]))
 
 
-def _check_leaves(a: Argument, value: Any) -> list[Any]:
+def _check_leaves(a: Argument, value: Any, check_dtype: bool = True) -> list[Any]:
     import torch
     from torch.utils import _pytree as pytree
 
@@ -167,7 +167,7 @@ def _check_leaves(a: Argument, value: Any) -> list[Any]:
         elif leaf.kind == TENSOR and not isinstance(got, torch.Tensor):
             raise InputMismatchError(a.name, f"must be a tensor, got {type(got).__name__}")
         elif leaf.kind == TENSOR:
-            _check_tensor(a.name, got, leaf)
+            _check_tensor(a.name, got, leaf, check_dtype)
             flat.append(got)
         else:
             flat.append(got)
@@ -184,9 +184,9 @@ def _as_captured(value: Any, leaf: Leaf) -> Any:
     return value
 
 
-def _check_tensor(name: str, got: Any, leaf: Leaf) -> None:
+def _check_tensor(name: str, got: Any, leaf: Leaf, check_dtype: bool = True) -> None:
     dtype = str(got.dtype).removeprefix("torch.")
-    if leaf.dtype is not None and dtype != leaf.dtype:
+    if check_dtype and leaf.dtype is not None and dtype != leaf.dtype:
         raise InputMismatchError(name, f"has dtype {dtype}; the graph was captured for {leaf.dtype}")
     if leaf.shape is None:
         return

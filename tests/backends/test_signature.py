@@ -138,10 +138,12 @@ def test_every_runner_binds_by_name_and_refuses_the_same_bad_calls_the_same_way(
     values = {"a": torch.randn(3, 5, 4), "b": torch.randn(3, 5, 4)}
     values.update(a64=values["a"].double(), b2d=torch.randn(3, 4), b_wide=torch.randn(3, 5, 6))
     with torch.no_grad():
-        want = optimized(values["a"], values["b"], scale=2.0)["out"]
-        fxopt.testing.assert_within(run(b=values["b"], a=values["a"], scale=2.0)["out"], want)
+        want = optimized(values["a"], values["b"], scale=2.0, use_cache=False)["out"]
+        fxopt.testing.assert_within(run(b=values["b"], a=values["a"], scale=2.0, use_cache=False)["out"], want)
         for what, (args, kwargs, argument) in BAD_CALLS.items():
-            kwargs = {"scale": 2.0, **{k: values.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}}
+            kwargs = {"scale": 2.0, "use_cache": False, **{k: values.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}}
+            if name == "torch" and what == "another dtype":
+                continue  # the torch module may be converted (opt.half()): dtypes are the backends' contract
             with pytest.raises(InputMismatchError) as info:
                 run(*(values[x] for x in args), **kwargs)
             assert info.value.argument == argument, (name, what, str(info.value))

@@ -110,3 +110,47 @@ def test_a_model_that_does_not_reproduce_its_outputs_is_named_as_the_cause():
 
     with pytest.raises(fxopt.NumericsError, match="differ between two runs on the same inputs"):
         fxopt.optimize(Noisy(), (torch.randn(2, 3, 8),), passes=["fuse_layernorm"])
+
+
+def test_a_converted_module_runs_in_its_new_dtype():
+    x = torch.randn(2, 3, 8)
+    opt = fxopt.optimize(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).eval(), (x,), passes=list(EXACT_PIPELINE))
+    with torch.no_grad():
+        want = opt(x)
+        got = opt.to(torch.float64)(x.double())
+    assert got.dtype == torch.float64
+    assert_within(got.float(), want)
+
+
+def test_a_keyword_captured_as_a_constant_must_be_passed():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, x, scale: float = 1.0):
+            return self.norm(x) * scale
+
+    x = torch.randn(2, 3, 8)
+    opt = fxopt.optimize(Scaled().eval(), (x,), example_kwargs={"scale": 2.0}, passes=["fuse_layernorm"])
+    with pytest.raises(fxopt.InputMismatchError, match="'scale'.*captured as the constant 2.0"):
+        opt(x)  # the model would use its default 1.0: never answer with the captured 2.0 silently
+
+
+def test_a_forward_the_user_set_on_the_instance_is_kept():
+    model = KeywordsOnlyWithHook()
+    hook = model.forward
+    fxopt.optimize(model, (torch.randn(2, 3, 8),), example_kwargs={"bias": torch.randn(2, 3, 8)},
+                   passes=["fuse_layernorm"])
+    assert vars(model)["forward"] is hook
+
+
+class KeywordsOnlyWithHook(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        original = type(self).forward
+        self.forward = lambda x, **kw: original(self, x, **kw)  # what accelerate-style hooks do
+
+    def forward(self, x, **kwargs):
+        return self.norm(x + kwargs["bias"])
