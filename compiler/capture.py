@@ -95,7 +95,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
         except NotImplementedError:  # an ExportedProgram.module(): already a captured graph, its mode fixed
             log.info("%s refuses eval(); captured in the mode it was exported in", name)
         if named is not None:
-            model.forward = named  # removed below; the class's forward is untouched
+            model.forward = named  # the instance attribute as it was is put back below
         dyn = dynamic_shapes_for(model, args, kwargs)
         tries = [("torch.export(strict=False, dynamic batch/seq)", lambda: _export(model, args, kwargs, dyn)),
                  ("torch.export(strict=False, static shapes)", lambda: _export(model, args, kwargs, None)),

@@ -260,11 +260,7 @@ def _from_exported_program(ep: Any, forward: Callable | None) -> Signature:
             return Leaf(spec.arg.name, CONSTANT, spec.arg.value)
         if isinstance(spec.arg, SymIntArgument):
             return Leaf(spec.arg.name, SYMINT)
-        val = placeholders.get(spec.arg.name)
-        if val is None or not hasattr(val, "shape"):
-            return Leaf(spec.arg.name, TENSOR)
-        shape = tuple(s if isinstance(s, int) else None for s in val.shape)  # SymInts are dynamic
-        return Leaf(spec.arg.name, TENSOR, None, str(val.dtype).removeprefix("torch."), shape)
+        return _tensor_leaf(spec.arg.name, placeholders.get(spec.arg.name))
 
     flat = [leaf(s) for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     in_spec = ep.call_spec.in_spec
@@ -291,13 +287,18 @@ def _from_exported_program(ep: Any, forward: Callable | None) -> Signature:
         val = value.meta.get("val") if hasattr(value, "meta") else None
         if isinstance(s.arg, SymIntArgument):  # a size the model returns: an int, not a tensor of one
             outputs.append(Leaf(str(k), SYMINT))
-        elif val is not None and hasattr(val, "shape"):
-            outputs.append(Leaf(str(k), TENSOR, None, str(val.dtype).removeprefix("torch."),
-                                tuple(d if isinstance(d, int) else None for d in val.shape)))
         else:
-            outputs.append(Leaf(str(k), TENSOR))
+            outputs.append(_tensor_leaf(str(k), val))
         k += 1
     return Signature(tuple(arguments), tuple(outputs), ep.call_spec.out_spec)
+
+
+def _tensor_leaf(name: str, val: Any) -> Leaf:
+    """A tensor leaf with the dtype and dims of its fake value (None where a dim is a SymInt: dynamic)."""
+    if val is None or not hasattr(val, "shape"):
+        return Leaf(name, TENSOR)
+    return Leaf(name, TENSOR, None, str(val.dtype).removeprefix("torch."),
+                tuple(d if isinstance(d, int) else None for d in val.shape))
 
 
 def _positional_names(forward: Callable | None, count: int) -> list[str] | None:
