@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import torch_kernels
+from . import quant_ops, torch_kernels
 
 NAMESPACE = "fxopt"
 
@@ -93,6 +93,7 @@ DECLARATIONS = (
            "float eps) -> (Tensor, Tensor)",
            _add_rms_norm_ref, doc="(rms_norm(x + residual), x + residual): residual add + RMSNorm",
            decomposition=_add_rms_norm_ref, cuda_kernel=torch_kernels.add_rms_norm_cuda),
+    *quant_ops.declarations(),  # quantize_int8, int8_linear (the int8 family's convention: compiler/quant_ops.py)
 )
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -107,4 +108,6 @@ def decomposition_table(registry: Mapping[torch._ops.OpOverload, OpDecl] = REGIS
 rms_norm = torch.ops.fxopt.rms_norm.default
 add_layer_norm = torch.ops.fxopt.add_layer_norm.default
 add_rms_norm = torch.ops.fxopt.add_rms_norm.default
+quantize_int8 = torch.ops.fxopt.quantize_int8.default
+int8_linear = torch.ops.fxopt.int8_linear.default
 FUSED_OPS = tuple(REGISTRY)

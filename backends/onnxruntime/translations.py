@@ -17,7 +17,15 @@ still one norm op. ORT registers SimplifiedLayerNormalization in the ONNX domain
 it, so a file using it would fail `onnx.checker`; below opset 23 RMSNorm is therefore written in primitive
 ops, which ORT's own graph optimizer fuses back into SimplifiedLayerNormalization at session creation.
 
-Later passes extend `translation_table` (int8 matmuls, GQA) in the same way: one trace-only function per op.
+The int8 family (convention: fxopt/quant_ops.py), in standard ops that ORT's CPU provider runs as integer kernels:
+
+    fxopt.quantize_int8(x, pre, scale, g)   -> s = Max(ReduceMax(Abs(x32 * pre)), SCALE_MIN) / 127 (per token:
+                                               axes [-1], keepdims), q = Cast(Clip(Round(x32 * pre / s)), int8)
+    fxopt.int8_linear(q, s, wq, ws, b, dt)  -> Cast(Cast(MatMulInteger(q, Transpose(wq)), float) * s * ws + b, dt)
+
+The weights are int8 initializers; the Transpose of a constant is folded by ORT when the session is created.
+
+Later passes extend `translation_table` (GQA) in the same way: one trace-only function per op.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from onnxscript.onnx_opset import opset23 as op23
 from onnxscript.values import Op, Opset
 
 from fxopt import ops
+from fxopt.quant_ops import QMAX, SCALE_MIN
 
 TFloat = TypeVar("TFloat", bound=Union[FLOAT16, FLOAT, DOUBLE, BFLOAT16])  # noqa: UP007 (torch.onnx reads typing.Union)
 
@@ -148,11 +157,37 @@ def _make_add_rms_norm(opset: int) -> Callable:
     return fxopt_add_rms_norm
 
 
+def fxopt_quantize_int8(x: TFloat, pre_scale: TFloat | None = None, scale: TFloat | None = None,
+                        granularity: str = "token"):
+    xw = op.Cast(x, to=onnx.TensorProto.FLOAT)
+    if pre_scale is not None:
+        xw = op.Mul(xw, op.Cast(pre_scale, to=onnx.TensorProto.FLOAT))
+    if scale is not None:
+        s = op.Cast(scale, to=onnx.TensorProto.FLOAT)
+    else:
+        peak = op.ReduceMax(op.Abs(xw), op.Constant(value_ints=[-1]), keepdims=1) if granularity == "token" \
+            else op.ReduceMax(op.Abs(xw), keepdims=0)
+        s = op.Div(op.Max(peak, op.Constant(value_float=SCALE_MIN)), op.Constant(value_float=float(QMAX)))
+    r = op.Clip(op.Round(op.Div(xw, s)), op.Constant(value_float=-float(QMAX)), op.Constant(value_float=float(QMAX)))
+    return op.Cast(r, to=onnx.TensorProto.INT8), s
+
+
+def fxopt_int8_linear(q, scale, wq, w_scale, bias=None, out_dtype: int = onnx.TensorProto.FLOAT):
+    acc = op.MatMulInteger(q, op.Transpose(wq, perm=[1, 0]))
+    y = op.Mul(op.Mul(op.Cast(acc, to=onnx.TensorProto.FLOAT), scale), op.Cast(w_scale, to=onnx.TensorProto.FLOAT))
+    if bias is not None:
+        y = op.Add(y, op.Cast(bias, to=onnx.TensorProto.FLOAT))
+    to = _onnx_dtype(out_dtype) if isinstance(out_dtype, torch.dtype) else int(out_dtype)
+    return op.Cast(y, to=to)
+
+
 def translation_table(opset: int) -> dict[torch._ops.OpOverload, Callable]:
     """fxopt op overload -> trace-only ONNX translation, for the dynamo exporter at `opset`."""
     return {
         ops.rms_norm: _make_rms_norm(opset),
         ops.add_layer_norm: fxopt_add_layer_norm,
         ops.add_rms_norm: _make_add_rms_norm(opset),
+        ops.quantize_int8: fxopt_quantize_int8,
+        ops.int8_linear: fxopt_int8_linear,
     }
 

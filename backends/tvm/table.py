@@ -20,6 +20,7 @@ from fxopt import ops
 from fxopt.errors import LoweringTableError, UnsupportedOpError
 
 from . import convert as cv
+from . import quant
 from .attention import make_sdpa, permute_passthrough, view_passthrough
 
 aten = torch.ops.aten
@@ -40,6 +41,8 @@ def lowerings(extern: bool = False) -> dict[torch._ops.OpOverload, Converter]:
         ops.rms_norm: cv.rms_norm,
         ops.add_rms_norm: cv.add_rms_norm,
         ops.add_layer_norm: cv.add_layer_norm,
+        ops.quantize_int8: quant.quantize_int8,
+        ops.int8_linear: quant.int8_linear,
         aten.linear.default: cv.make_linear(extern),
         aten.addmm.default: cv.make_addmm(extern),
         aten.mm.default: matmul,

@@ -14,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fxopt import ops
 from fxopt.backends import BACKENDS, missing_lowerings
 from fxopt.ops import OpDecl
+from fxopt.quant_ops import quantize_weight_int8
 
 SHAPE = (2, 3, 4, 8)  # the last dim is normalized
 LAYOUTS = [p for p in itertools.permutations(range(4))]  # memory order of the dims
@@ -27,8 +28,21 @@ def laid_out(order: tuple[int, ...], dtype: torch.dtype, step: int = 1) -> torch
     return t[..., ::step] if step > 1 else t
 
 
+def quant_args(op: torch._ops.OpOverload, x: torch.Tensor, with_weight: bool) -> list:
+    """The int8 family: `x` (laid out) is quantized; int8_linear reads its codes and per-token scales."""
+    channels = SHAPE[-1]
+    pre = torch.rand(channels) + 0.5 if with_weight else None
+    if op is ops.quantize_int8:
+        return [x, pre, None, "token" if with_weight else "tensor"]
+    q, s = ops.quantize_int8(x, pre, None, "token")
+    wq, ws = quantize_weight_int8(torch.randn(5, channels))
+    return [q, s, wq, ws, torch.randn(5) if with_weight else None, x.dtype]
+
+
 def op_args(op: torch._ops.OpOverload, x: torch.Tensor, other: torch.Tensor, with_weight: bool) -> list:
     """Arguments for `op` from its schema: tensors named x / residual get the laid-out inputs."""
+    if op in (ops.quantize_int8, ops.int8_linear):
+        return quant_args(op, x, with_weight)
     args = []
     for a in op._schema.arguments:
         kind = str(a.type)
@@ -79,7 +93,8 @@ def test_a_norm_after_a_head_transpose_keeps_the_transposed_layout():
 
 def test_the_registry_lists_every_fxopt_op_once_with_its_declaration():
     assert list(ops.REGISTRY) == list(ops.FUSED_OPS)
-    assert {decl.name for decl in ops.REGISTRY.values()} == {"rms_norm", "add_layer_norm", "add_rms_norm"}
+    assert {decl.name for decl in ops.REGISTRY.values()} == {"rms_norm", "add_layer_norm", "add_rms_norm",
+                                                             "quantize_int8", "int8_linear"}
     for op, decl in ops.REGISTRY.items():
         assert op.namespace == ops.NAMESPACE and op._schema.name == f"fxopt::{decl.name}" and decl.doc
 
@@ -117,7 +132,8 @@ def test_a_declared_op_runs_its_reference_and_exposes_its_decomposition():
     assert torch.equal(op(x), 2 * x)
     assert_fake_matches_reference(op, [x])
     assert ops.decomposition_table({**ops.REGISTRY, **THROWAWAY})[op] is _double
-    assert set(ops.decomposition_table()) == set(ops.REGISTRY)  # every fused op declares one (torch.compile)
+    # every fused norm declares one (torch.compile fuses through it); int8_linear is opaque (its CUDA kernel)
+    assert set(ops.decomposition_table()) == set(ops.REGISTRY) - {ops.int8_linear}
 
 
 @pytest.mark.parametrize("op", list(ops.REGISTRY))

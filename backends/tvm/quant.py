@@ -1,0 +1,52 @@
+"""Relax lowerings of the int8 op family (convention: fxopt/quant_ops.py), TVM generating every kernel.
+
+    quantize_int8(x, pre, scale, g) -> q = astype(clip(round(x32 * pre / s), -127, 127), int8), s
+                                       s = max(absmax(x32 * pre), SCALE_MIN) / 127 (per token or per tensor)
+    int8_linear(q, s, wq, ws, b, dt) -> astype(astype(matmul(q, wqᵀ, out_dtype=int32), f32) * s * ws + b, dt)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tvm import relax
+
+from fxopt.quant_ops import QMAX, SCALE_MIN
+
+from .relax_util import arg, cast, emit, env_or_value
+
+_F32 = "float32"
+_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+
+
+def _const(v: float) -> relax.Expr:
+    return relax.const(v, _F32)
+
+
+def quantize_int8(node: Any, imp: Any) -> relax.Expr:
+    x = cast(imp, imp.env[node.args[0]], _F32)
+    pre, scale = env_or_value(imp, arg(node, 1, "pre_scale")), env_or_value(imp, arg(node, 2, "scale"))
+    granularity = arg(node, 3, "granularity")
+    if pre is not None:
+        x = emit(imp, relax.op.multiply(x, cast(imp, pre, _F32)))
+    if scale is not None:
+        s = cast(imp, scale, _F32)
+    else:
+        axis = [-1] if granularity == "token" else None
+        peak = emit(imp, relax.op.max(emit(imp, relax.op.abs(x)), axis=axis, keepdims=granularity == "token"))
+        s = emit(imp, relax.op.divide(emit(imp, relax.op.maximum(peak, _const(SCALE_MIN))), _const(QMAX)))
+    r = emit(imp, relax.op.round(emit(imp, relax.op.divide(x, s))))
+    q = emit(imp, relax.op.astype(emit(imp, relax.op.clip(r, -QMAX, QMAX)), "int8"))
+    return emit(imp, relax.Tuple([q, s]))
+
+
+def int8_linear(node: Any, imp: Any) -> relax.Expr:
+    q, s, wq, ws = (imp.env[a] for a in node.args[:4])
+    bias = env_or_value(imp, arg(node, 4, "bias"))
+    out_dtype = _DTYPES[arg(node, 5, "out_dtype")]
+    acc = emit(imp, relax.op.matmul(q, emit(imp, relax.op.permute_dims(wq, [1, 0])), out_dtype="int32"))
+    y = emit(imp, relax.op.multiply(emit(imp, relax.op.multiply(cast(imp, acc, _F32), s)), cast(imp, ws, _F32)))
+    if bias is not None:
+        y = emit(imp, relax.op.add(y, cast(imp, bias, _F32)))
+    return cast(imp, y, out_dtype)
