@@ -82,6 +82,8 @@ class PassResult:
     # the bound this run promises, when it depends on what the pass did (an int8 pass: <= 2 * its scales);
     # None: the class's declared `tolerance`
     tolerance: Tolerance | None = None
+    # what was done where, one line per site ("layer.0.q.weight: scale in norm ln_1, α=0.5, int8")
+    notes: Sequence[str] = ()
 
 
 @dataclass(frozen=True)

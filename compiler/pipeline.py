@@ -140,7 +140,7 @@ def _step(state: _Run, p: Pass, ran_before: list[str]) -> PassReport:
     numerics = _check_numerics(state, p, result, ran_before) if state.check_numerics else None
     state.gm = result.graph_module
     return PassReport(p.name, True, p.exactness.value, time.perf_counter() - start, dict(result.stats), None,
-                      tuple(result.reasons), numerics, result.tolerance or p.tolerance)
+                      tuple(result.reasons), numerics, result.tolerance or p.tolerance, tuple(result.notes))
 
 
 def _calibrated(state: _Run, p: Pass, gm: fx.GraphModule, ran_before: list[str]) -> PassContext:

@@ -27,6 +27,7 @@ class PassReport:
     reasons: Sequence[str] = ()  # near-misses: "node: reason" for candidates left unchanged
     numerics: Numerics | None = None
     tolerance: Tolerance | None = None  # the bound the numerics were checked against (the pass's own, or its run's)
+    notes: Sequence[str] = ()  # what the pass did where, one line per site
 
     def to_dict(self) -> dict[str, Any]:
         tol = self.tolerance
@@ -35,7 +36,8 @@ class PassReport:
                 "numerics": dataclasses.asdict(self.numerics) if self.numerics else None,
                 "tolerance": None if tol is None else {
                     "rtol": {str(k).removeprefix("torch."): v for k, v in tol.rtol.items()}, "atol": tol.atol,
-                    "min_cosine": tol.min_cosine, "whole_output_if_nonfinite": tol.whole_output_if_nonfinite}}
+                    "min_cosine": tol.min_cosine, "whole_output_if_nonfinite": tol.whole_output_if_nonfinite},
+                "notes": list(self.notes)}
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Report:
                 lines.append(f"    numerics: {num.summary()}")
             if tuple(p.reasons) != (p.why_not,):  # a single reason is already the why-not
                 lines += [f"    near-miss: {r}" for r in p.reasons]
+            lines += [f"    {n}" for n in p.notes]
         return "\n".join(lines)
 
 
@@ -88,10 +91,10 @@ def _pass_from_dict(d: Mapping[str, Any]) -> PassReport:
     numerics = None if num is None else Numerics(**{
         k: float(v) if k in ("max_abs", "max_rel", "cosine", "bound") else v for k, v in num.items()})
     tolerance = None if tol is None else Tolerance(
-        {getattr(torch, k): v for k, v in tol["rtol"].items()}, float(tol["atol"]), tol["min_cosine"],
+        {getattr(torch, k): float(v) for k, v in tol["rtol"].items()}, float(tol["atol"]), tol["min_cosine"],
         tol["whole_output_if_nonfinite"])
     return PassReport(d["name"], d["applied"], d["exactness"], d["seconds"], dict(d["stats"]), d["why_not"],
-                      tuple(d["reasons"]), numerics, tolerance)
+                      tuple(d["reasons"]), numerics, tolerance, tuple(d.get("notes", ())))
 
 
 def _finite(v: Any) -> Any:

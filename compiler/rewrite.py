@@ -81,8 +81,9 @@ class Rewriter:
 
     # -- editing arguments and parameters ------------------------------------------------------------
     def set_arg(self, node: fx.Node, index: int, value: Any) -> None:
-        """Set positional argument `index` of `node` and re-propagate shapes downstream."""
-        args = list(node.args)
+        """Set positional argument `index` of `node` (trailing defaults left out become None first) and
+        re-propagate shapes downstream."""
+        args = list(node.args) + [None] * (index + 1 - len(node.args))
         args[index] = value
         node.args = tuple(args)
         node.meta["fxopt_pass"] = self.origin
@@ -94,7 +95,7 @@ class Rewriter:
         if node.op != "get_attr":
             raise TypeError(f"replace_param expects a get_attr node, got {node.op} {node.name}")
         old = node.target
-        was_param = isinstance(_get_attr(self.gm, old), torch.nn.Parameter)
+        was_param = isinstance(get_attr(self.gm, old), torch.nn.Parameter)
         new = self.constant(str(old), tensor.detach(), before=node, parameter=was_param)
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
@@ -132,6 +133,15 @@ class Rewriter:
                     pending.remove(n)
                     changed = True
 
+    def drop_unread_attributes(self) -> list[str]:
+        """Delete the parameters and buffers no get_attr reads any more (a weight replaced by its int8 codes),
+        so the module does not carry them; the names dropped."""
+        read = {n.target for n in self.graph.nodes if n.op == "get_attr"}
+        names = [k for k, _ in (*self.gm.named_parameters(), *self.gm.named_buffers()) if k not in read]
+        for k in names:
+            _delete_attr(self.gm, k)
+        return names
+
     def finish(self) -> fx.GraphModule:
         self.graph.eliminate_dead_code(is_impure_node=is_impure)
         self.graph.lint()
@@ -151,7 +161,8 @@ def propagate_meta(node: fx.Node, fake_mode) -> Any:
         return node.target(*tree_map(fake, node.args), **tree_map(fake, node.kwargs))
 
 
-def _get_attr(gm: fx.GraphModule, qualname: str) -> Any:
+def get_attr(gm: fx.GraphModule, qualname: str) -> Any:
+    """The module attribute (parameter, buffer, constant) a get_attr node reads."""
     owner = gm
     for part in qualname.split("."):
         owner = getattr(owner, part)

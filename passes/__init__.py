@@ -8,9 +8,10 @@ from fxopt.errors import UnknownPassError
 from fxopt.pass_base import Pass
 
 from .fuse_layernorm import FuseLayerNorm
+from .smoothquant import SmoothQuant
 from .stabilize_softmax import StabilizeSoftmax
 
-PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (FuseLayerNorm, StabilizeSoftmax)}
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (FuseLayerNorm, SmoothQuant, StabilizeSoftmax)}
 
 # the passes that keep the function exactly (up to float rounding), in a sensible order
 EXACT_PIPELINE: tuple[str, ...] = ("stabilize_softmax", "fuse_layernorm")
@@ -23,4 +24,4 @@ def get(name: str, **options: Any) -> Pass:
     return PASSES[name].configure(**options)
 
 
-__all__ = ["EXACT_PIPELINE", "PASSES", "FuseLayerNorm", "StabilizeSoftmax", "get"]
+__all__ = ["EXACT_PIPELINE", "PASSES", "FuseLayerNorm", "SmoothQuant", "StabilizeSoftmax", "get"]

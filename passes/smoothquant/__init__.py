@@ -1,0 +1,148 @@
+"""SmoothQuant: migrate activation outliers into the weights, then W8A8 int8 (Xiao et al. 2023; algorithms.md §4).
+
+    X·Wᵀ + b = (X·diag(s)⁻¹)·(W·diag(s))ᵀ + b                                  (smoothing: exact)
+             ≈ int8_linear(quantize_int8(X·diag(s)⁻¹), Q(W·diag(s)), b)         (W8A8: approximate)
+
+s[j] = max(act_max[j]^α / w_max[j]^(1-α), 1e-5) per smoothing group (linears reading one activation share it:
+q/k/v, gate/up), act_max the per-channel abs-max of X over the calibration data, w_max over the group's weights.
+diag(s)⁻¹ is folded into the norm producing X (γ/s, β/s) when every reader of the norm's output is one of the
+group's linears; otherwise (a post-LN model's norm output that is also the residual, o_proj, down_proj, fc2) it
+is the quantizer's per-channel pre-scale, free inside a fused quantize kernel. Only the transformer blocks'
+linears are quantized by default (layers="blocks"; an LM head, pooler or classifier stays float).
+
+Options: alpha (float in [0, 1] or "auto": per group, the α of a grid minimising the fake-quantized output
+error on the kept calibration tokens), act ("token" dynamic per token, "tensor" dynamic per tensor,
+"tensor_static" per tensor from calibration), weight ("channel" or "tensor"), smooth=False (W8A8 without
+smoothing, the baseline), smooth_only=True (stop after the exact folds; groups whose scale would go into the
+quantizer are left alone), layers ("blocks" or "all"), min_cosine (the contract below).
+
+Requires: SHAPES, CALIBRATION.  Exactness: smooth_only is exact up to float rounding (ROUNDING). W8A8 is
+approximate: every output's cosine similarity to the unquantized graph's is at least `min_cosine` on the
+example inputs; each int8 linear is within 2 output scales of its fake-quant reference (the op family's
+convention, compiler/quant_ops.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import fx
+
+from fxopt.calibration import BlockIO, ChannelAbsMax
+from fxopt.pass_base import ROUNDING, Exactness, Pass, PassContext, PassResult, Requirement, Tolerance, is_bool
+from fxopt.rewrite import Rewriter, get_attr
+from fxopt.structure import analyze_graph
+
+from .plan import Group, block_linears, plan_groups
+from .rewrite import fold_into_norm, quantize_site, quantizer, smooth_weight, smoothed_weight, static_scale
+from .scales import best_alpha, out_in, smoothing_scale, tokens, weight_max
+
+_INF = float("inf")
+
+
+def _alpha_ok(v) -> bool:
+    return v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1)
+
+
+@dataclass(frozen=True)
+class SmoothQuant(Pass):
+    """Smoothing scales folded into norms (or the activation quantizer), then W8A8 int8 linears."""
+
+    alpha: float | str = 0.5
+    act: str = "token"
+    weight: str = "channel"
+    smooth: bool = True
+    smooth_only: bool = False
+    layers: str = "blocks"
+    min_cosine: float = 0.95
+    auto_batches: int = 8
+
+    name: ClassVar[str] = "smoothquant"
+    requires: ClassVar = frozenset({Requirement.SHAPES, Requirement.CALIBRATION})
+    exactness: ClassVar = Exactness.APPROXIMATE
+    option_checks: ClassVar = {
+        "alpha": (_alpha_ok, "a number in [0, 1] or 'auto'"),
+        "act": (lambda v: v in ("token", "tensor", "tensor_static"), "'token', 'tensor' or 'tensor_static'"),
+        "weight": (lambda v: v in ("channel", "tensor"), "'channel' or 'tensor'"),
+        "smooth": (is_bool, "a bool"), "smooth_only": (is_bool, "a bool"),
+        "layers": (lambda v: v in ("blocks", "all"), "'blocks' or 'all'"),
+        "min_cosine": (lambda v: isinstance(v, (int, float)) and -1 <= v <= 1, "a number in [-1, 1]"),
+        "auto_batches": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.smooth_only and not self.smooth:
+            from fxopt.errors import PassOptionError
+            raise PassOptionError(self.name, "smooth_only", "needs smooth=True (smoothing is all it would do)")
+
+    def _groups(self, gm: fx.GraphModule) -> list[Group]:
+        structure = analyze_graph(gm)
+        targets = block_linears(structure) if self.layers == "blocks" else list(structure.linears)
+        return plan_groups(structure, set(targets))
+
+    def calibration_spec(self, gm: fx.GraphModule):
+        inputs = [x.name for g in self._groups(gm) for x in g.inputs]
+        specs = [ChannelAbsMax(x) for x in inputs]
+        if self.alpha == "auto" and self.smooth:
+            specs += [BlockIO((x,), (), self.auto_batches) for x in inputs]
+        return specs
+
+    def _scale(self, gm, group: Group, ctx: PassContext) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        """(act_max, s, α) of one group; s ≡ 1 without smoothing."""
+        act = torch.stack([ctx.stats.of(ChannelAbsMax(x.name)).double() for x in group.inputs]).amax(0)
+        smoothed = group.sites if group.norm is not None else group.quantized
+        weights = [out_in(get_attr(gm, s.weight.target).detach(), s.layout) for s in smoothed]
+        if not self.smooth:
+            return act, torch.ones_like(act), None
+        alpha = self.alpha
+        if alpha == "auto":
+            kept = [b[0] for x in group.inputs for b in ctx.stats.of(BlockIO((x.name,), (), self.auto_batches)).inputs]
+            alpha = best_alpha(tokens(kept), weights, act, self.act == "token", self.weight == "channel")
+        return act, smoothing_scale(act, weight_max(weights), float(alpha)), float(alpha)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        groups = self._groups(gm)
+        if not groups:
+            return PassResult(gm, False, reasons=("no linear of a transformer block in the graph"
+                                                  if self.layers == "blocks" else "no linear in the graph",))
+        if self.smooth_only:
+            skipped = [g for g in groups if g.norm is None]
+            groups = [g for g in groups if g.norm is not None]
+        plans = [(g, *self._scale(gm, g, ctx)) for g in groups]  # everything computed before the first edit
+        rw, notes = Rewriter(gm, self.name), []
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for g, act, s, alpha in plans:
+            where = g.destination if self.smooth else "none (smooth=False)"
+            if self.smooth and g.norm is not None:
+                fold_into_norm(rw, g, s)
+                for site in (g.sites if self.smooth_only else [t for t in g.sites if t not in g.quantized]):
+                    smooth_weight(rw, site, s)
+                    rw.counts["smoothed_into_norm"] += 1
+            if not self.smooth_only:
+                self._quantize(rw, g, act, s, order)
+            a = "" if alpha is None else f", α={alpha:g}"
+            notes += [f"{t.weight_name}: scale in {where}{a}" + ("" if g.norm is not None or not self.smooth else
+                      f" ({g.why_quantizer})") + (", int8" if t in g.quantized and not self.smooth_only else ", float")
+                      for t in g.sites]
+        rw.finish()
+        rw.drop_unread_attributes()
+        reasons = [f"{t.weight_name}: left unsmoothed: {g.why_quantizer} (smooth_only: its scale would go into "
+                   f"the quantizer)" for g in skipped for t in g.sites] if self.smooth_only else []
+        tolerance = ROUNDING if self.smooth_only else Tolerance(
+            rtol={dt: _INF for dt in ROUNDING.rtol}, atol=_INF, min_cosine=self.min_cosine)
+        return PassResult(gm, bool(plans), dict(rw.counts), reasons, tolerance=tolerance, notes=notes)
+
+    def _quantize(self, rw: Rewriter, g: Group, act: torch.Tensor, s: torch.Tensor, order: dict) -> None:
+        granularity = "token" if self.act == "token" else "tensor"
+        pre = 1 / s if self.smooth and g.norm is None else None
+        static = static_scale(act, s) if self.act == "tensor_static" else None
+        for x in dict.fromkeys(t.input for t in g.quantized):
+            readers = [t for t in g.quantized if t.input is x]
+            first = min((t.node for t in readers), key=order.__getitem__)
+            codes = quantizer(rw, x, first, pre, static, granularity)
+            for t in readers:
+                quantize_site(rw, t, codes, smoothed_weight(rw, t, s), self.weight)
+                rw.counts["smoothed_into_norm" if pre is None and self.smooth else
+                          "smoothed_in_quantizer" if self.smooth else "unsmoothed"] += 1

@@ -1,0 +1,115 @@
+"""SmoothQuant's analysis: which linears share one smoothing scale, and where its 1/s can go. Plain data; the
+graph is never touched here.
+
+A *smoothing group* is a set of linear sites that read one activation X (q/k/v of one attention, gate/up of one
+MLP) and therefore share s. Its 1/s goes
+
+  - into a norm ("norm"): X is the output of a norm op whose every reader is one of the group's linears, through
+    casts and views that keep the channel (last) dim, and whose γ/β are constants (or absent) of shape [C];
+  - otherwise into the activation quantizer ("quantizer"): x·(1/s) inside quantize_int8, free in a fused kernel.
+    Only the quantized linears of such a group are smoothed (a float reader of X keeps its weight).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from fxopt.pattern import CAST_TARGETS
+from fxopt.sites import LinearSite, NormGroup, is_call, val
+from fxopt.structure import Structure
+
+aten = torch.ops.aten
+_KEEPS_CHANNELS = (*CAST_TARGETS, aten.clone.default, aten.contiguous.default, aten.alias.default)
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+@dataclass(frozen=True, eq=False)
+class Group:
+    sites: tuple[LinearSite, ...]  # every linear that gets the scale s (all read X, through channel-keeping ops)
+    quantized: tuple[LinearSite, ...]  # those of `sites` the W8A8 rewrite replaces
+    inputs: tuple[fx.Node, ...]  # the distinct input nodes of `sites` (one X, maybe seen through views)
+    norm: NormGroup | None  # where 1/s is folded, or None: into the quantizer
+    why_quantizer: str | None = None  # why no norm absorbs 1/s
+
+    @property
+    def destination(self) -> str:
+        return f"norm {self.norm.norm.name}" if self.norm is not None else "quantizer"
+
+    @property
+    def channels(self) -> int:
+        return self.sites[0].in_features
+
+
+def _weight_arg(group: NormGroup) -> tuple[int, int | None]:
+    """Positions of γ and β in the norm op's arguments (β None for RMSNorm)."""
+    fused = group.fused_residual
+    return (3, 4 if group.kind == "layer_norm" else None) if fused else (2, 3 if group.kind == "layer_norm" else None)
+
+
+def _keeps_channels(x: fx.Node, out: fx.Node, channels: int) -> bool:
+    """Whether `x` is `out` seen through casts and reshapes that keep the last dim (channel j stays j)."""
+    n = x
+    while n is not out:
+        if not is_call(n, (*_KEEPS_CHANNELS, *_RESHAPES)):
+            return False
+        src = n.args[0]
+        if is_call(n, _RESHAPES) and (val(src) is None or val(src).shape[-1] != channels
+                                      or val(n).shape[-1] != channels):
+            return False
+        n = src
+    return True
+
+
+def why_not_foldable(group: NormGroup, sites: tuple[LinearSite, ...]) -> str | None:
+    """Why the norm of `group` cannot absorb 1/s for its linears `sites`; None when it can."""
+    norm = group.norm
+    if group.other_readers:
+        return f"norm {norm.name}'s output is also read by {', '.join(n.name for n in group.other_readers)}"
+    shape_at = 2 if group.fused_residual else 1
+    shape = list(norm.args[shape_at])
+    channels = sites[0].in_features
+    if shape != [channels]:
+        return f"norm {norm.name} normalizes {shape}, not the {channels} input channels"
+    for i in (p for p in _weight_arg(group) if p is not None):
+        a = norm.args[i] if len(norm.args) > i else None
+        if a is not None and (not isinstance(a, fx.Node) or a.op != "get_attr" or tuple(val(a).shape) != (channels,)):
+            return f"norm {norm.name}'s affine argument {i} is not a [{channels}] constant"
+    if not all(_keeps_channels(s.input, group.output, channels) for s in sites):
+        return f"a linear reads norm {norm.name} through a view that moves channels"
+    return None
+
+
+def plan_groups(structure: Structure, quantize: set[LinearSite]) -> list[Group]:
+    """Smoothing groups covering every site in `quantize` (and the float linears that share a norm with them)."""
+    groups, claimed = [], set()
+    for ng in structure.norm_groups:
+        sites = tuple(ng.linears)
+        if not sites or not any(s in quantize for s in sites):
+            continue
+        if len({s.in_features for s in sites}) == 1 and (why := why_not_foldable(ng, sites)) is None:
+            inputs = tuple(dict.fromkeys(s.input for s in sites))
+            groups.append(Group(sites, tuple(s for s in sites if s in quantize), inputs, ng))
+            claimed |= set(sites)
+    by_input: dict[fx.Node, list[LinearSite]] = {}
+    for s in structure.linears:
+        if s in quantize and s not in claimed:
+            by_input.setdefault(s.input, []).append(s)
+    for x, sites in by_input.items():
+        ng = next((g for g in structure.norm_groups if any(t in g.linears for t in sites)), None)
+        why = "no norm op produces its input" if ng is None else why_not_foldable(ng, tuple(ng.linears))
+        groups.append(Group(tuple(sites), tuple(sites), (x,), None, why or "its norm feeds other linears too"))
+    return groups
+
+
+def block_linears(structure: Structure) -> list[LinearSite]:
+    """The q/k/v/o and MLP linears of every transformer block (not an LM head, a pooler or a classifier)."""
+    found = []
+    for b in structure.blocks:
+        if b.attention is not None:
+            found += [b.attention.q, b.attention.k, b.attention.v, b.attention.o]
+        if b.mlp is not None:
+            found += [s for s in (b.mlp.gate, b.mlp.up, b.mlp.down) if s is not None]
+    return list(dict.fromkeys(found))

@@ -1,0 +1,65 @@
+"""SmoothQuant's scales (algorithms.md §4.1), computed in float64:
+
+    w_max[j] = max(max over the group's linears and output rows |W[:, j]|, 1e-5)
+    s[j]     = max(act_max[j]^α / w_max[j]^(1-α), 1e-5)
+
+so that X·Wᵀ = (X·diag(s)⁻¹)·(W·diag(s))ᵀ. At α = 0.5 with one consumer the smoothed maxima balance:
+max|X'_j| = max|W'_j| = sqrt(act_max[j]·w_max[j]). `alpha="auto"` picks, per group, the α of ALPHA_GRID whose
+fake-quantized outputs on the kept calibration tokens are closest (squared error) to the float ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxopt.quant_ops import QMAX, scale_of
+
+CLAMP = 1e-5  # the reference code's floor for w_max and s: a dead channel gives no inf/NaN
+ALPHA_GRID = tuple(i / 20 for i in range(21))
+MAX_TOKENS = 1024  # calibration tokens the α search evaluates per group
+
+
+def out_in(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    return weight if layout == "out_in" else weight.t()
+
+
+def weight_max(weights: list[torch.Tensor]) -> torch.Tensor:
+    """Per input channel abs-max over every [out, in] weight of the group."""
+    return torch.stack([w.detach().double().abs().amax(0) for w in weights]).amax(0).clamp_min(CLAMP)
+
+
+def smoothing_scale(act_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    return (act_max.double().pow(alpha) / w_max.pow(1 - alpha)).clamp_min(CLAMP)
+
+
+def _fake(t: torch.Tensor, dim: int | None) -> torch.Tensor:
+    peak = t.abs().amax() if dim is None else t.abs().amax(dim, keepdim=True)
+    s = scale_of(peak)
+    return torch.clamp(torch.round(t / s), -QMAX, QMAX) * s
+
+
+def quantized_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, per_token: bool,
+                    per_channel: bool) -> float:
+    """Σ over the group's linears of ||Q(x/s)·Q(W·s)ᵀ - x·Wᵀ||², in float32."""
+    xs = _fake((x / s).float(), -1 if per_token else None)
+    total = 0.0
+    for w in weights:
+        wf = w.double()
+        ws = _fake((wf * s).float(), -1 if per_channel else None)
+        total += float(((xs @ ws.t()) - (x.float() @ wf.float().t())).pow(2).sum())
+    return total
+
+
+def tokens(samples: list[torch.Tensor]) -> torch.Tensor:
+    """Up to MAX_TOKENS calibration tokens, evenly spaced, as [tokens, channels] float64."""
+    x = torch.cat([t.reshape(-1, t.shape[-1]).double() for t in samples])
+    step = max(1, x.shape[0] // MAX_TOKENS)
+    return x[::step][:MAX_TOKENS]
+
+
+def best_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_max: torch.Tensor, per_token: bool,
+               per_channel: bool) -> float:
+    w_max = weight_max(weights)
+    errors = {a: quantized_error(x, weights, smoothing_scale(act_max, w_max, a), per_token, per_channel)
+              for a in ALPHA_GRID}
+    return min(errors, key=lambda a: (errors[a], abs(a - 0.5)))
