@@ -14,7 +14,7 @@ Options: alpha (float in [0, 1] or "auto": per group, the α of a grid minimisin
 error on the kept calibration tokens), act ("token" dynamic per token, "tensor" dynamic per tensor,
 "tensor_static" per tensor from calibration), weight ("channel" or "tensor"), smooth=False (W8A8 without
 smoothing, the baseline), smooth_only=True (stop after the exact folds; groups whose scale would go into the
-quantizer are left alone), layers ("blocks" or "all"), min_cosine (the contract below).
+quantizer get it as an explicit multiply x·(1/s) instead), layers ("blocks" or "all"), min_cosine (the contract below).
 
 Requires: SHAPES, CALIBRATION.  Exactness: smooth_only is exact up to float rounding (ROUNDING). W8A8 is
 approximate: every output's cosine similarity to the unquantized graph's is at least `min_cosine` on the
@@ -36,7 +36,15 @@ from fxopt.rewrite import Rewriter, get_attr
 from fxopt.structure import analyze_graph
 
 from .plan import Group, block_linears, plan_groups
-from .rewrite import fold_into_norm, quantize_site, quantizer, smooth_weight, smoothed_weight, static_scale
+from .rewrite import (
+    fold_into_norm,
+    prescale_input,
+    quantize_site,
+    quantizer,
+    smooth_weight,
+    smoothed_weight,
+    static_scale,
+)
 from .scales import best_alpha, out_in, smoothing_scale, tokens, weight_max
 
 _INF = float("inf")
@@ -107,20 +115,20 @@ class SmoothQuant(Pass):
         if not groups:
             return PassResult(gm, False, reasons=("no linear of a transformer block in the graph"
                                                   if self.layers == "blocks" else "no linear in the graph",))
-        if self.smooth_only:
-            skipped = [g for g in groups if g.norm is None]
-            groups = [g for g in groups if g.norm is not None]
         plans = [(g, *self._scale(gm, g, ctx)) for g in groups]  # everything computed before the first edit
         rw, notes = Rewriter(gm, self.name), []
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for g, act, s, alpha in plans:
-            where = g.destination if self.smooth else "none (smooth=False)"
+            where = ("none (smooth=False)" if not self.smooth else
+                     "a multiply x·(1/s)" if self.smooth_only and g.norm is None else g.destination)
             if self.smooth and g.norm is not None:
                 fold_into_norm(rw, g, s)
                 for site in (g.sites if self.smooth_only else [t for t in g.sites if t not in g.quantized]):
                     smooth_weight(rw, site, s)
                     rw.counts["smoothed_into_norm"] += 1
-            if not self.smooth_only:
+            if self.smooth_only and g.norm is None:
+                self._prescale(rw, g, s, order)
+            elif not self.smooth_only:
                 self._quantize(rw, g, act, s, order)
             a = "" if alpha is None else f", α={alpha:g}"
             notes += [f"{t.weight_name}: scale in {where}{a}" + ("" if g.norm is not None or not self.smooth else
@@ -128,11 +136,18 @@ class SmoothQuant(Pass):
                       for t in g.sites]
         rw.finish()
         rw.drop_unread_attributes()
-        reasons = [f"{t.weight_name}: left unsmoothed: {g.why_quantizer} (smooth_only: its scale would go into "
-                   f"the quantizer)" for g in skipped for t in g.sites] if self.smooth_only else []
         tolerance = ROUNDING if self.smooth_only else Tolerance(
             rtol={dt: _INF for dt in ROUNDING.rtol}, atol=_INF, min_cosine=self.min_cosine)
-        return PassResult(gm, bool(plans), dict(rw.counts), reasons, tolerance=tolerance, notes=notes)
+        return PassResult(gm, bool(plans), dict(rw.counts), tolerance=tolerance, notes=notes)
+
+    def _prescale(self, rw: Rewriter, g: Group, s: torch.Tensor, order: dict) -> None:
+        for x in dict.fromkeys(t.input for t in g.quantized):
+            readers = [t for t in g.quantized if t.input is x]
+            first = min((t.reshapes[0] if t.reshapes else t.node for t in readers), key=order.__getitem__)
+            prescale_input(rw, x, readers, 1 / s, first)
+            for t in readers:
+                smooth_weight(rw, t, s)
+                rw.counts["smoothed_by_multiply"] += 1
 
     def _quantize(self, rw: Rewriter, g: Group, act: torch.Tensor, s: torch.Tensor, order: dict) -> None:
         granularity = "token" if self.act == "token" else "tensor"

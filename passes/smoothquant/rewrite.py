@@ -57,6 +57,15 @@ def smooth_weight(rw: Rewriter, site: LinearSite, s: torch.Tensor) -> None:
     _swap_weight(rw, site, w if site.layout == "out_in" else w.t())
 
 
+def prescale_input(rw: Rewriter, x: fx.Node, sites: list[LinearSite], inv_s: torch.Tensor, before: fx.Node) -> None:
+    """x·(1/s) as an explicit multiply read by `sites` (smooth_only's form of the quantizer's pre-scale)."""
+    scale = rw.constant(f"{x.name}_smooth", inv_s.to(val(x).dtype), before=before)
+    scaled = rw.call(torch.ops.aten.mul.Tensor, (x, scale), before=before, like=x)
+    for site in sites:
+        reader = site.reshapes[0] if site.reshapes else site.node  # the site's node that reads x
+        rw.set_arg(reader, list(reader.args).index(x), scaled)
+
+
 def quantizer(rw: Rewriter, x: fx.Node, before: fx.Node, pre: torch.Tensor | None, static: torch.Tensor | None,
               granularity: str) -> tuple[fx.Node, fx.Node]:
     """(codes, scale) nodes of `x`, inserted before `before`."""

@@ -1,0 +1,214 @@
+"""smoothquant: smoothing is exact (folded into norms, or an explicit x·(1/s)); W8A8 keeps its cosine contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.calibration import ChannelAbsMax, calibrate
+from fxopt.passes import FuseLayerNorm, SmoothQuant
+from fxopt.structure import analyze_graph
+from fxopt.testing import assert_within, count_ops
+from tests.models.hf_families import FAMILIES
+
+torch.manual_seed(0)
+
+
+class PreNormBlock(nn.Module):
+    """A pre-LN block as users write it: x + fc2(gelu(fc1(ln(x)))), with a few outlier channels."""
+
+    def __init__(self, d: int = 16, outliers: float = 1.0, affine: bool = True):
+        super().__init__()
+        self.ln = nn.LayerNorm(d, elementwise_affine=affine)
+        self.fc1, self.fc2 = nn.Linear(d, 3 * d), nn.Linear(3 * d, d)
+        if affine:
+            with torch.no_grad():
+                self.ln.weight[:3] *= outliers
+
+    def forward(self, x):
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln(x))))
+
+
+def calibration(shape, n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(n)]
+
+
+def smoothquant(model, x, calib, fuse=True, **options):
+    passes = ([FuseLayerNorm()] if fuse else []) + [SmoothQuant(**options)]
+    return fxopt.optimize(model, (x,), passes=passes, calibration=calib)
+
+
+def test_smoothing_alone_is_exact_and_balances_activation_and_weight_maxima_at_alpha_half():
+    model, x = PreNormBlock(outliers=40.0).eval(), torch.randn(2, 6, 16)
+    calib = calibration((2, 6, 16))
+    opt = smoothquant(model, x, calib, smooth_only=True, alpha=0.5)
+    assert_within(opt(x), model(x))
+    gm = opt.graph_module
+    (group,) = [g for g in analyze_graph(gm).norm_groups if g.linears]
+    x_max = calibrate(gm, [ChannelAbsMax(group.output.name)], calib).of(ChannelAbsMax(group.output.name))
+    w_max = getattr(gm, group.linears[0].weight.target).detach().abs().amax(0)
+    torch.testing.assert_close(x_max, w_max, rtol=1e-5, atol=0)  # max|X'_j| == max|W'_j| on the calibration data
+    report = opt.report["smoothquant"]
+    assert report.stats == {"smoothed_into_norm": 1, "smoothed_by_multiply": 1}
+
+
+def test_the_balance_is_what_the_unsmoothed_maxima_predict():
+    """max|X'_j| = sqrt(act_max_j · w_max_j) at α = 0.5: the scale comes from the calibration statistics."""
+    model, x = PreNormBlock().eval(), torch.randn(2, 6, 16)
+    calib = calibration((2, 6, 16))
+    plain = fxopt.optimize(model, (x,), passes=[FuseLayerNorm()])
+    (g0,) = [g for g in analyze_graph(plain.graph_module).norm_groups if g.linears]
+    act = calibrate(plain.graph_module, [ChannelAbsMax(g0.output.name)], calib).of(ChannelAbsMax(g0.output.name))
+    predicted = (act * model.fc1.weight.detach().abs().amax(0)).sqrt()
+    gm = smoothquant(model, x, calib, smooth_only=True).graph_module
+    (g1,) = [g for g in analyze_graph(gm).norm_groups if g.linears]
+    torch.testing.assert_close(getattr(gm, g1.linears[0].weight.target).detach().abs().amax(0), predicted,
+                               rtol=1e-5, atol=0)
+
+
+def test_a_dead_channel_and_a_zero_weight_column_give_no_inf_or_nan():
+    model, x = PreNormBlock().eval(), torch.randn(2, 6, 16)
+    with torch.no_grad():
+        model.ln.weight[5] = model.ln.bias[5] = 0.0  # channel 5 of the norm output is always 0
+        model.fc1.weight[:, 7] = 0.0
+    for options in ({"smooth_only": True}, {}):
+        opt = smoothquant(model, x, calibration((2, 6, 16)), **options)
+        assert all(torch.isfinite(t).all() for t in opt.graph_module.state_dict().values() if t.is_floating_point())
+        assert torch.isfinite(opt(x)).all()
+
+
+def test_a_norm_without_affine_parameters_gets_one():
+    model, x = PreNormBlock(affine=False).eval(), torch.randn(2, 6, 16)
+    opt = smoothquant(model, x, calibration((2, 6, 16)), smooth_only=True)
+    assert opt.report["smoothquant"].stats["smoothed_into_norm"] == 1
+    assert_within(opt(x), model(x))
+
+
+def _block_linears(family, model) -> int:
+    return sum(len(family.roles(layer)) for layer in family.layers(model))
+
+
+SMOOTHED = ("smoothed_into_norm", "smoothed_by_multiply")
+
+
+FAST = ("opt", "llama_gqa", "gpt2", "bert")  # the rest run with -m slow
+
+
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(FAMILIES)])
+def test_smoothing_alone_keeps_every_family_exact_and_smooths_every_block_linear(name):
+    family = FAMILIES[name]
+    model = family.build("eager")
+    args, kwargs = family.inputs(seed=0)
+    calib = [family.inputs(seed=i) for i in range(1, 4)]
+    opt = fxopt.optimize(model, args, passes=[FuseLayerNorm(), SmoothQuant(smooth_only=True)], example_kwargs=kwargs,
+                         calibration=calib)
+    stats = opt.report["smoothquant"].stats
+    assert sum(stats.get(k, 0) for k in SMOOTHED) == _block_linears(family, model), stats
+    if not family.post_ln:  # every block's input norms absorb their scales
+        assert stats["smoothed_into_norm"] >= 2 * len(family.layers(model)) - (1 if family.parallel else 0), stats
+    else:  # the norm output is also the residual: a fold would corrupt it
+        assert "smoothed_into_norm" not in stats, stats
+    fresh_args, fresh_kwargs = family.inputs(seed=9, batch=3, seq=7)
+    with torch.no_grad():
+        want = model(*fresh_args, **fresh_kwargs)[0]
+    assert_within(opt(*fresh_args, **fresh_kwargs)[0], want)
+
+
+def _column_scales(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    return after.detach().double().abs().amax(0) / before.detach().double().abs().amax(0)
+
+
+def test_q_k_and_v_share_one_scale_and_gate_and_up_another():
+    family = FAMILIES["llama_gqa"]
+    model = family.build("eager")
+    args, kwargs = family.inputs()
+    opt = fxopt.optimize(model, args, passes=[FuseLayerNorm(), SmoothQuant(smooth_only=True)], example_kwargs=kwargs,
+                         calibration=[family.inputs(seed=i) for i in range(1, 4)])
+    blocks = analyze_graph(opt.graph_module).blocks
+    def scale(layer, role, site):
+        return _column_scales(family.roles(layer)[role].weight, getattr(opt.graph_module, site.weight.target))
+
+    for layer, block in zip(family.layers(model), blocks):
+        a, m = block.attention, block.mlp
+        s_q, s_k, s_v = scale(layer, "q", a.q), scale(layer, "k", a.k), scale(layer, "v", a.v)
+        torch.testing.assert_close(s_k, s_q)
+        torch.testing.assert_close(s_v, s_q)
+        torch.testing.assert_close(scale(layer, "up", m.up), scale(layer, "gate", m.gate))
+        assert not torch.allclose(scale(layer, "up", m.up), s_q)
+
+
+@pytest.mark.parametrize("name", ["opt", "llama_gqa", "gpt2", "bert"])
+@pytest.mark.parametrize("act", ["token", "tensor_static"])
+def test_w8a8_replaces_every_block_linear_by_an_int8_linear_and_keeps_its_contract(name, act):
+    family = FAMILIES[name]
+    model = family.build("sdpa")
+    args, kwargs = family.inputs()
+    sq = SmoothQuant(act=act)
+    opt = fxopt.optimize(model, args, passes=[FuseLayerNorm(), sq], example_kwargs=kwargs,
+                         calibration=[family.inputs(seed=i) for i in range(1, 5)])
+    report = opt.report["smoothquant"]
+    n = _block_linears(family, model)
+    assert count_ops(opt.graph_module)["fxopt.int8_linear"] == n == report.stats["quantized_linear"]
+    assert report.numerics.cosine >= sq.min_cosine
+    int8 = [t for t in opt.graph_module.state_dict().values() if t.dtype == torch.int8]
+    assert len(int8) == n  # the int8 codes are stored; the float weights they replace are gone
+    names = {k for k, _ in model.named_parameters()}
+    for layer in family.layers(model):
+        for module in family.roles(layer).values():
+            name_of = next(k for k in names if model.get_parameter(k) is module.weight)
+            assert not hasattr(opt.graph_module, name_of.replace(".", "_"))
+
+
+OUTLIERS = [3, 17, 40]
+
+
+class OutlierMLP(nn.Module):
+    """An RMSNorm → gated MLP whose norm γ has a few channels 60× larger, as LLM outlier features are (and, as
+    there, the weights reading them are small: the outliers do not dominate the output, they dominate the scale)."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(d))
+        with torch.no_grad():
+            self.gamma[OUTLIERS] = 60.0
+        self.gate, self.up, self.down = nn.Linear(d, 2 * d, bias=False), nn.Linear(d, 2 * d, bias=False), \
+            nn.Linear(2 * d, d, bias=False)
+        with torch.no_grad():
+            self.gate.weight[:, OUTLIERS] /= 60.0
+            self.up.weight[:, OUTLIERS] /= 60.0
+
+    def forward(self, x):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.gamma
+        return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def test_smoothing_recovers_most_of_what_naive_per_tensor_w8a8_loses_on_outlier_channels():
+    model, x = OutlierMLP().eval(), torch.randn(4, 16, 64)
+    calib = calibration((4, 16, 64), n=8)
+    want = model(x)
+    mlp = want - x  # the MLP's own output (the residual is exact either way)
+
+    def error(**options):
+        opt = smoothquant(model, x, calib, act="tensor", min_cosine=0.0, **options)
+        return float((opt(x) - want).pow(2).mean() / mlp.pow(2).mean())
+
+    naive, smoothed, auto = error(smooth=False), error(alpha=0.5), error(alpha="auto")
+    assert smoothed < naive / 10 and auto < naive / 10, (naive, smoothed, auto)
+
+
+def test_options_are_checked():
+    with pytest.raises(fxopt.PassOptionError, match="alpha"):
+        SmoothQuant(alpha=1.5)
+    with pytest.raises(fxopt.PassOptionError, match="act"):
+        SmoothQuant(act="channel")
+    with pytest.raises(fxopt.PassOptionError, match="smooth_only"):
+        SmoothQuant(smooth=False, smooth_only=True)
+
+
+def test_without_calibration_nothing_runs():
+    with pytest.raises(fxopt.CalibrationError, match="smoothquant"):
+        fxopt.optimize(PreNormBlock().eval(), (torch.randn(2, 3, 16),), passes=[SmoothQuant()])
