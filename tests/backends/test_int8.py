@@ -1,0 +1,59 @@
+"""W8A8 graphs (smoothquant) on both backends: ONNX Runtime and TVM run the int8 op family with the torch graph's
+fidelity (cosine to FP32 within 0.001 of the torch int8 graph's), and the ONNX file stores int8 weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+import fxopt  # noqa: E402
+from fxopt.passes import FuseLayerNorm, SmoothQuant  # noqa: E402
+from tests.models.hf_families import FAMILIES  # noqa: E402
+
+FIDELITY = 1e-3  # acceptance: the exported int8 model's cosine equals the torch int8 graph's within this
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def main(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+@pytest.fixture(scope="module", params=["bert", "llama_gqa"])
+def quantized(request):
+    family = FAMILIES[request.param]
+    model = family.build("sdpa")
+    args, kwargs = family.inputs()
+    opt = fxopt.optimize(model, args, passes=[FuseLayerNorm(), SmoothQuant(act="token")], example_kwargs=kwargs,
+                         calibration=[family.inputs(seed=i) for i in range(1, 5)])
+    fresh = family.inputs(seed=7, batch=3, seq=9)
+    with torch.no_grad():
+        ref = main(model(*fresh[0], **fresh[1]))
+    return opt, fresh, ref
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("tvm", marks=pytest.mark.slow)])
+def test_the_int8_graph_runs_on_the_backend_with_the_torch_graphs_fidelity(quantized, backend):
+    if backend == "tvm":
+        pytest.importorskip("tvm")
+    opt, (args, kwargs), ref = quantized
+    in_torch = cosine(main(opt(*args, **kwargs)), ref)
+    on_backend = cosine(main(fxopt.compile(opt, backend)(*args, **kwargs)), ref)
+    assert abs(on_backend - in_torch) <= FIDELITY, (on_backend, in_torch)
+
+
+def test_the_onnx_file_stores_the_block_weights_as_int8(quantized, tmp_path):
+    opt, _, _ = quantized
+    path = fxopt.export_onnx(opt, tmp_path / "int8.onnx")
+    graph = onnx.load(path).graph
+    int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(int8) == opt.report["smoothquant"].stats["quantized_linear"]
+    assert {n.op_type for n in graph.node} >= {"MatMulInteger"}
+    float_2d = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2]
+    assert not [n for n in float_2d if any(r in n for r in ("query", "key", "value", "proj", "dense"))
+                and "embed" not in n and "pooler" not in n], float_2d
