@@ -26,7 +26,6 @@ from fxopt.pass_base import ROUNDING  # noqa: E402
 from fxopt.testing import assert_within  # noqa: E402
 
 
-
 def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert_within(out, ref, ROUNDING)
 

@@ -3,7 +3,6 @@ changes to the user's model never reach it."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fxopt
