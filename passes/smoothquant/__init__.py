@@ -10,11 +10,12 @@ group's linears; otherwise (a post-LN model's norm output that is also the resid
 is the quantizer's per-channel pre-scale, free inside a fused quantize kernel. Only the transformer blocks'
 linears are quantized by default (layers="blocks"; an LM head, pooler or classifier stays float).
 
-Options: alpha (float in [0, 1] or "auto": per group, the α of a grid minimising the fake-quantized output
-error on the kept calibration tokens), act ("token" dynamic per token, "tensor" dynamic per tensor,
-"tensor_static" per tensor from calibration), weight ("channel" or "tensor"), smooth=False (W8A8 without
-smoothing, the baseline), smooth_only=True (stop after the exact folds; groups whose scale would go into the
-quantizer get it as an explicit multiply x·(1/s) instead), layers ("blocks" or "all"), min_cosine (the contract below).
+Options: alpha (float in [0, 1] or "auto": per group, the α of a grid minimising the fake-quantized output error on
+the kept calibration tokens, or no smoothing where that error is smaller still), act ("token" dynamic per token,
+"tensor" dynamic per tensor, "tensor_static" per tensor from calibration), weight ("channel" or "tensor"),
+smooth=False (W8A8 without smoothing, the baseline), smooth_only=True (stop after the exact folds; groups whose
+scale would go into the quantizer get it as an explicit multiply x·(1/s) instead), layers ("blocks" or "all"),
+min_cosine (the contract below).
 
 Requires: SHAPES, CALIBRATION.  Exactness: smooth_only is exact up to float rounding (ROUNDING). W8A8 is
 approximate: every output's cosine similarity to the unquantized graph's is at least `min_cosine` on the
@@ -108,6 +109,8 @@ class SmoothQuant(Pass):
         if alpha == "auto":
             kept = [b[0] for x in group.inputs for b in ctx.stats.of(BlockIO((x.name,), (), self.auto_batches)).inputs]
             alpha = best_alpha(tokens(kept), weights, act, self.act == "token", self.weight == "channel")
+            if alpha is None:  # smoothing this group only adds quantization error
+                return act, torch.ones_like(act), None
         return act, smoothing_scale(act, weight_max(weights), float(alpha)), float(alpha)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -130,7 +133,8 @@ class SmoothQuant(Pass):
                 self._prescale(rw, g, s, order)
             elif not self.smooth_only:
                 self._quantize(rw, g, act, s, order)
-            a = "" if alpha is None else f", α={alpha:g}"
+            a = (f", α={alpha:g}" if alpha is not None else
+                 ", α=auto chose no smoothing" if self.smooth and self.alpha == "auto" else "")
             notes += [f"{t.weight_name}: scale in {where}{a}" + ("" if g.norm is not None or not self.smooth else
                       f" ({g.why_quantizer})") + (", int8" if t in g.quantized and not self.smooth_only else ", float")
                       for t in g.sites]

@@ -5,7 +5,8 @@
 
 so that X·Wᵀ = (X·diag(s)⁻¹)·(W·diag(s))ᵀ. At α = 0.5 with one consumer the smoothed maxima balance:
 max|X'_j| = max|W'_j| = sqrt(act_max[j]·w_max[j]). `alpha="auto"` picks, per group, the α of ALPHA_GRID whose
-fake-quantized outputs on the kept calibration tokens are closest (squared error) to the float ones.
+fake-quantized outputs on the kept calibration tokens are closest (squared error) to the float ones, or no
+smoothing at all (s ≡ 1; α = 0 is not the identity) when that is closer still.
 """
 
 from __future__ import annotations
@@ -58,8 +59,11 @@ def tokens(samples: list[torch.Tensor]) -> torch.Tensor:
 
 
 def best_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_max: torch.Tensor, per_token: bool,
-               per_channel: bool) -> float:
+               per_channel: bool) -> float | None:
+    """The α of ALPHA_GRID with the smallest error, or None when not smoothing is better than every α."""
     w_max = weight_max(weights)
     errors = {a: quantized_error(x, weights, smoothing_scale(act_max, w_max, a), per_token, per_channel)
               for a in ALPHA_GRID}
-    return min(errors, key=lambda a: (errors[a], abs(a - 0.5)))
+    best = min(errors, key=lambda a: (errors[a], abs(a - 0.5)))
+    unsmoothed = quantized_error(x, weights, torch.ones_like(act_max, dtype=torch.float64), per_token, per_channel)
+    return None if unsmoothed < errors[best] else best
