@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import operator
 
 import torch
 from torch import fx
@@ -201,6 +202,28 @@ def _sum_over_size(m) -> str | None:
     return None if same else "divides by the size of another tensor's dim"
 
 
+def _count(n):
+    """A divisor built from sizes as a (symbolic) int: constants, x.size(d) and their products; None otherwise."""
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    if is_call(n, [aten.sym_size.int]) and isinstance(_val(n.args[0]), torch.Tensor):
+        return _val(n.args[0]).shape[n.args[1]]
+    if isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.mul:
+        a, b = (_count(x) for x in n.args[:2])
+        return None if a is None or b is None else a * b
+    return None
+
+
+def _sum_over_sizes(m) -> str | None:
+    vx, n = _val(m["x"]), _count(m["n"])
+    if not _is_float(vx) or m.get("dtype") is not None or not m["dims"]:
+        return "not a float sum over given dims"
+    if n is None:
+        return "divides by something other than a product of sizes"
+    count = math.prod(vx.shape[d] for d in m["dims"])
+    return None if statically_known_true(n == count) else "divides by something else than the count"
+
+
 def _constants_last(m) -> str | None:
     k, a, b = m["k"], m["a"], m["b"]
     if not is_constant(k) or is_constant(a) or not isinstance(a, fx.Node) or is_constant(b):
@@ -230,6 +253,10 @@ ARITHMETIC = (
          Op(aten.div.Tensor, Op(aten.sum.dim_IntList, _X, Var("dims"), Var("keepdim"), Var("dtype")),
             Op(aten.sym_size.int, Var("y"), Var("d"))),
          lambda rw, m: _call(rw, m, aten.mean.dim, m["x"], list(m["dims"]), m["keepdim"]), _sum_over_size),
+    Rule("sum(x, dims) / (x.size(d1) * x.size(d2) ...) => mean(x, dims)",
+         Op(aten.div.Tensor, Op(aten.sum.dim_IntList, _X, Var("dims"), Var("keepdim"), Var("dtype")),
+            Op(operator.mul, Var("a"), Var("b"), name="n")),
+         lambda rw, m: _call(rw, m, aten.mean.dim, m["x"], list(m["dims"]), m["keepdim"]), _sum_over_sizes),
     Rule("a * reciprocal(b) => a / b",
          Op(aten.mul.Tensor, Var("a"), Op(aten.reciprocal.default, Var("b")), commutative=True),
          lambda rw, m: _call(rw, m, aten.div.Tensor, m["a"], m["b"]),

@@ -87,6 +87,9 @@ CASES = {
                                                ["aten.mean"], False),
     "sum(x, [d]) / x.size(d) => mean(x, [d])": (lambda s, x: x.sum(1) / x.shape[1], (_x(2, 3, 8),),
                                                 ["aten.sum", "aten.div"], ["aten.mean"], False),
+    "sum(x, dims) / (x.size(d1) * x.size(d2) ...) => mean(x, dims)": (
+        lambda s, x: x.sum((1, 2)) / (x.shape[1] * x.shape[2]), (_x(2, 3, 8),), ["aten.sum", "aten.div"],
+        ["aten.mean"], False),
     "a * reciprocal(b) => a / b": (lambda s, a, b: a * torch.reciprocal(b), (_x(2, 3, 8), _pos(2, 3, 8)),
                                    ["aten.reciprocal", "aten.mul"], ["aten.div"], False),
     "(k * a) * b => (a * b) * k": (lambda s, a, b: s.scale * a * b, (_x(2, 3, 8), _x(2, 3, 8)), [], ["aten.mul"],

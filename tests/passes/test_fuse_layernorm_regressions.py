@@ -217,3 +217,13 @@ def test_rms_norm_after_a_head_transpose_keeps_the_layout(layout):
     gm, result = fuse(QKNorm(), x)
     assert count_ops(result.graph_module)["fxopt.rms_norm"] == 1, result.reasons
     assert_pass_contract(FuseLayerNorm(), gm, result.graph_module, x)
+
+
+def test_a_sum_over_two_dims_divided_by_the_product_of_their_sizes_is_a_mean():
+    """Found by the property test above: sum(x², (-2, -1)) / (x.shape[-2] * x.shape[-1]) with one dim dynamic
+    traces to a Python product of a sym_size and a constant."""
+    norm = _rms_norms((1, 2), 1e-6)[3]
+    x = torch.randn(2, 2, 2) * 0.01
+    gm, result = fuse(Written(norm, None), x)
+    assert count_ops(result.graph_module)["fxopt.rms_norm"] == 1, result.reasons
+    assert_pass_contract(FuseLayerNorm(), gm, result.graph_module, x)
