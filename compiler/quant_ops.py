@@ -56,7 +56,11 @@ def _quantize_ref(x, pre_scale, scale, granularity: str):
 
 def _int8_linear_ref(q, s, wq, ws, bias, out_dtype):
     # integer products summed exactly: int8 values as fp64 are exact and so is their sum below 2^53
-    acc = torch.matmul(q.to(torch.float64), wq.to(torch.float64).t())
+    return _dequantize(torch.matmul(q.to(torch.float64), wq.to(torch.float64).t()), s, ws, bias, out_dtype)
+
+
+def _dequantize(acc, s, ws, bias, out_dtype):
+    """The epilogue: integer sums × activation scale × weight scale (+ bias), in fp32, cast to out_dtype."""
     y = acc.to(s.dtype) * s * ws.to(s.dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
@@ -70,10 +74,7 @@ def _int8_linear_cuda(q, s, wq, ws, bias, out_dtype):
     if m <= 16 or k % 8 or n % 8:
         return _int8_linear_ref(q, s, wq, ws, bias, out_dtype)
     acc = torch._int_mm(flat.contiguous(), wq.t()).view(*q.shape[:-1], n)
-    y = acc.to(s.dtype) * s * ws.to(s.dtype)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.to(out_dtype)
+    return _dequantize(acc, s, ws, bias, out_dtype)
 
 
 def quantize_weight_int8(w: torch.Tensor, granularity: str = "channel") -> tuple[torch.Tensor, torch.Tensor]:

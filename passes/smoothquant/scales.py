@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from fxopt.quant_ops import QMAX, scale_of
+from fxopt.quant_ops import codes, scale_of
 
 CLAMP = 1e-5  # the reference code's floor for w_max and s: a dead channel gives no inf/NaN
 ALPHA_GRID = tuple(i / 20 for i in range(21))
@@ -36,7 +36,7 @@ def smoothing_scale(act_max: torch.Tensor, w_max: torch.Tensor, alpha: float) ->
 def _fake(t: torch.Tensor, dim: int | None) -> torch.Tensor:
     peak = t.abs().amax() if dim is None else t.abs().amax(dim, keepdim=True)
     s = scale_of(peak)
-    return torch.clamp(torch.round(t / s), -QMAX, QMAX) * s
+    return codes(t, s).to(t.dtype) * s
 
 
 def quantized_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, per_token: bool,
