@@ -1,5 +1,7 @@
 """fuse_layernorm: the bugs found by running it on more architectures, and properties over user spellings and dtypes."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxopt.passes import FuseLayerNorm
-from fxopt.testing import assert_pass_contract, capture_graph, count_ops, run_pass
+from fxopt.testing import assert_pass_contract, assert_within, capture_graph, count_ops, run_pass
 from tests.models import toy
 
 aten = torch.ops.aten
@@ -177,22 +179,28 @@ class Written(nn.Module):
 @settings(max_examples=30, deadline=None)
 @given(shape=st.lists(st.integers(2, 6), min_size=2, max_size=4), k=st.integers(1, 2), rms=st.booleans(),
        spelling=st.integers(0, 3), affine=st.booleans(), eps=st.sampled_from([1e-6, 1e-5, 1e-3]),
-       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), scale=st.sampled_from([1e-2, 1.0, 30.0]))
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), scale=st.sampled_from([1e-2, 1.0, 30.0]),
+       seed=st.integers(0, 2**31 - 1))
 def test_every_spelling_in_every_dtype_fuses_within_the_contract_and_keeps_the_layout(
-        shape, k, rms, spelling, affine, eps, dtype, scale):
+        shape, k, rms, spelling, affine, eps, dtype, scale, seed):
     k = min(k, len(shape) - 1)
     dims = tuple(range(len(shape) - k, len(shape)))
     norm = (_rms_norms if rms else _layer_norms)(dims, eps)[spelling]
-    weight = (torch.rand(shape[-k:]) + 0.5).to(dtype) if affine else None
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.rand(shape[-k:], generator=generator) + 0.5).to(dtype) if affine else None
     model = Written(norm, weight)
-    # a mean far from 0 in fp32 only: in fp16/bf16 the original's own x - μ cancels catastrophically there,
-    # and its error (not the fused op's) would exceed the rounding contract
-    offset = scale if dtype == torch.float32 else 0.0
-    x = ((torch.randn(shape) * scale) + offset).to(dtype)
+    x = ((torch.randn(shape, generator=generator) * scale) + scale).to(dtype)  # a mean far from 0
     gm, result = fuse(model, x)
     ops = count_ops(result.graph_module)
     assert ops["fxopt.rms_norm" if rms else "aten.layer_norm"] == 1, (ops, result.reasons)
-    assert_pass_contract(FuseLayerNorm(), gm, result.graph_module, x)
+    if dtype == torch.float32:
+        assert_pass_contract(FuseLayerNorm(), gm, result.graph_module, x)
+    else:
+        # in fp16/bf16 the original's own step-by-step x - mu and variance round at every step (over 2 channels
+        # they cancel catastrophically), so the reference is the same model in fp64: the fused op, which
+        # accumulates in fp32, must be within rounding of it
+        truth = copy.deepcopy(model).double()(x.double()).to(dtype)
+        assert_within(result.graph_module(x), truth, FuseLayerNorm().tolerance)
     out = result.graph_module(x)
     assert out.stride() == model(x).stride()
     assert not run_pass(FuseLayerNorm(), result.graph_module, x).modified  # idempotent
