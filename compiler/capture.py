@@ -113,6 +113,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
             info = CaptureInfo(method=how, failed_attempts=attempts)
             functional = ep.run_decompositions({})
             gm = own_state(functional.module(), share_weights)
+            _drop_unread_attributes(gm)
             gm.meta[SIGNATURE] = Signature.of(functional, forward=model.forward)
             _describe_dims(gm, info, dynamic_requested="dynamic" in how)
             info.seconds = time.perf_counter() - start
@@ -126,6 +127,16 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
             else:
                 model.forward = own_forward
     raise CaptureError(name, attempts)
+
+
+def _drop_unread_attributes(gm: fx.GraphModule) -> None:
+    """Erase get_attr nodes nothing reads: torch.export reads a tied weight under one of its names and leaves a
+    dead read of the other, which the first edit's dead-code sweep would otherwise remove behind a pass's back."""
+    dead = [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]
+    for n in dead:
+        gm.graph.erase_node(n)
+    if dead:
+        gm.recompile()
 
 
 def _named_var_kwargs(model: nn.Module, kwargs: dict) -> Any:

@@ -135,9 +135,10 @@ class Rewriter:
 
     def drop_unread_attributes(self) -> list[str]:
         """Delete the parameters and buffers no get_attr reads any more (a weight replaced by its int8 codes),
-        so the module does not carry them; the names dropped."""
+        so the module does not carry them; the names dropped. Every name of a tied tensor counts on its own."""
         read = {n.target for n in self.graph.nodes if n.op == "get_attr"}
-        names = [k for k, _ in (*self.gm.named_parameters(), *self.gm.named_buffers()) if k not in read]
+        names = [k for k, _ in (*self.gm.named_parameters(remove_duplicate=False),
+                                *self.gm.named_buffers(remove_duplicate=False)) if k not in read]
         for k in names:
             _delete_attr(self.gm, k)
         return names

@@ -13,7 +13,8 @@ linears are quantized by default (layers="blocks"; an LM head, pooler or classif
 Options: alpha (float in [0, 1] or "auto": per group, the α of a grid minimising the fake-quantized output error on
 the kept calibration tokens, or no smoothing where that error is smaller still), act ("token" dynamic per token,
 "tensor" dynamic per tensor, "tensor_static" per tensor from calibration), weight ("channel" or "tensor"),
-smooth=False (W8A8 without smoothing, the baseline), smooth_only=True (stop after the exact folds; groups whose
+smooth=False (W8A8 without smoothing, the baseline), embeddings (int8 embedding tables, one scale per row, where
+no float reader shares the table: embeddings.py), smooth_only=True (stop after the exact folds; groups whose
 scale would go into the quantizer get it as an explicit multiply x·(1/s) instead), layers ("blocks" or "all"),
 min_cosine (the contract below).
 
@@ -36,6 +37,7 @@ from fxopt.pass_base import ROUNDING, Exactness, Pass, PassContext, PassResult, 
 from fxopt.rewrite import Rewriter, get_attr
 from fxopt.structure import analyze_graph
 
+from .embeddings import plan_tables, quantize_table
 from .plan import Group, block_linears, plan_groups
 from .rewrite import (
     fold_into_norm,
@@ -67,6 +69,7 @@ class SmoothQuant(Pass):
     layers: str = "blocks"
     min_cosine: float = 0.95
     auto_batches: int = 8
+    embeddings: bool = True
 
     name: ClassVar[str] = "smoothquant"
     requires: ClassVar = frozenset({Requirement.SHAPES, Requirement.CALIBRATION})
@@ -75,7 +78,7 @@ class SmoothQuant(Pass):
         "alpha": (_alpha_ok, "a number in [0, 1] or 'auto'"),
         "act": (lambda v: v in ("token", "tensor", "tensor_static"), "'token', 'tensor' or 'tensor_static'"),
         "weight": (lambda v: v in ("channel", "tensor"), "'channel' or 'tensor'"),
-        "smooth": (is_bool, "a bool"), "smooth_only": (is_bool, "a bool"),
+        "smooth": (is_bool, "a bool"), "smooth_only": (is_bool, "a bool"), "embeddings": (is_bool, "a bool"),
         "layers": (lambda v: v in ("blocks", "all"), "'blocks' or 'all'"),
         "min_cosine": (lambda v: isinstance(v, (int, float)) and -1 <= v <= 1, "a number in [-1, 1]"),
         "auto_batches": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")}
@@ -119,7 +122,9 @@ class SmoothQuant(Pass):
             return PassResult(gm, False, reasons=("no linear of a transformer block in the graph"
                                                   if self.layers == "blocks" else "no linear in the graph",))
         plans = [(g, *self._scale(gm, g, ctx)) for g in groups]  # everything computed before the first edit
-        rw, notes = Rewriter(gm, self.name), []
+        tables, notes = ([], []) if self.smooth_only or not self.embeddings else \
+            plan_tables(gm, {t.node for g in groups for t in g.quantized})
+        rw = Rewriter(gm, self.name)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for g, act, s, alpha in plans:
             where = ("none (smooth=False)" if not self.smooth else
@@ -138,6 +143,9 @@ class SmoothQuant(Pass):
             notes += [f"{t.weight_name}: scale in {where}{a}" + ("" if g.norm is not None or not self.smooth else
                       f" ({g.why_quantizer})") + (", int8" if t in g.quantized and not self.smooth_only else ", float")
                       for t in g.sites]
+        for table in tables:
+            quantize_table(rw, table)
+            notes.append(f"{table.weight.target}: int8 embedding table, one scale per row")
         rw.finish()
         rw.drop_unread_attributes()
         tolerance = ROUNDING if self.smooth_only else Tolerance(

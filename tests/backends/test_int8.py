@@ -52,7 +52,8 @@ def test_the_onnx_file_stores_the_block_weights_as_int8(quantized, tmp_path):
     path = fxopt.export_onnx(opt, tmp_path / "int8.onnx")
     graph = onnx.load(path).graph
     int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
-    assert len(int8) == opt.report["smoothquant"].stats["quantized_linear"]
+    stats = opt.report["smoothquant"].stats
+    assert len(int8) == stats["quantized_linear"] + stats.get("int8_embedding", 0)
     assert {n.op_type for n in graph.node} >= {"MatMulInteger"}
     float_2d = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2]
     assert not [n for n in float_2d if any(r in n for r in ("query", "key", "value", "proj", "dense"))

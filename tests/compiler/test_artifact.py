@@ -26,7 +26,7 @@ FRESH_PROCESS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_a_saved_model_runs_in_a_fresh_process_with_the_same_outputs_and_report(family, tmp_path):
     model, key = hf.build(family, "sdpa")
     args, kwargs = hf.inputs(family, 2, 9)
