@@ -64,6 +64,11 @@ def define_all(decls: tuple[OpDecl, ...], lib: torch.library.Library) -> dict[to
 
 
 def _rms_norm_ref(x: torch.Tensor, normalized_shape, weight, eps: float) -> torch.Tensor:
+    if x.dtype in (torch.float32, torch.float64) and (weight is None or weight.dtype == x.dtype) \
+            and x.is_contiguous():  # (its output is contiguous: a transposed input keeps the composition)
+        # the same roundings (statistics in x's dtype, the weight multiply last) in one ATen kernel, which on
+        # the CPU is ~1.4x faster than the composition below for rows up to 2048 wide
+        return torch.nn.functional.rms_norm(x, list(normalized_shape), weight, eps)
     dims = tuple(range(-len(normalized_shape), 0))
     xc = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 statistics, or fp64 for fp64
     y = (xc * torch.rsqrt(xc.pow(2).mean(dims, keepdim=True) + eps)).to(x.dtype)

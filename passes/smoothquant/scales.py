@@ -40,14 +40,14 @@ def _fake(t: torch.Tensor, dim: int | None) -> torch.Tensor:
 
 
 def quantized_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, per_token: bool,
-                    per_channel: bool) -> float:
-    """Σ over the group's linears of ||Q(x/s)·Q(W·s)ᵀ - x·Wᵀ||², in float32."""
+                    per_channel: bool, reference: list[torch.Tensor] | None = None) -> float:
+    """Σ over the group's linears of ||Q(x/s)·Q(W·s)ᵀ - x·Wᵀ||², in float32 (`reference`: the x·Wᵀ, if known)."""
     xs = _fake((x / s).float(), -1 if per_token else None)
+    reference = reference or [x.float() @ w.float().t() for w in weights]
     total = 0.0
-    for w in weights:
-        wf = w.double()
-        ws = _fake((wf * s).float(), -1 if per_channel else None)
-        total += float(((xs @ ws.t()) - (x.float() @ wf.float().t())).pow(2).sum())
+    for w, ref in zip(weights, reference):
+        ws = _fake((w.double() * s).float(), -1 if per_channel else None)
+        total += float(((xs @ ws.t()) - ref).pow(2).sum())
     return total
 
 
@@ -62,8 +62,10 @@ def best_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_max: torch.Tens
                per_channel: bool) -> float | None:
     """The α of ALPHA_GRID with the smallest error, or None when not smoothing is better than every α."""
     w_max = weight_max(weights)
-    errors = {a: quantized_error(x, weights, smoothing_scale(act_max, w_max, a), per_token, per_channel)
+    reference = [x.float() @ w.float().t() for w in weights]  # the float products, once for every candidate
+    errors = {a: quantized_error(x, weights, smoothing_scale(act_max, w_max, a), per_token, per_channel, reference)
               for a in ALPHA_GRID}
     best = min(errors, key=lambda a: (errors[a], abs(a - 0.5)))
-    unsmoothed = quantized_error(x, weights, torch.ones_like(act_max, dtype=torch.float64), per_token, per_channel)
+    unsmoothed = quantized_error(x, weights, torch.ones_like(act_max, dtype=torch.float64), per_token, per_channel,
+                                 reference)
     return None if unsmoothed < errors[best] else best
