@@ -5,8 +5,8 @@ before and after smoothing (the paper's figure: outlier channels flattened in X,
 
 Activations: the per-input-channel abs-max over the calibration sentences of `int8_minilm.py`, measured by fxopt's
 calibration on the captured graph; weights: the per-input-channel abs-max over the group's linears (q, k and v
-share one scale). The group shown is the one with the largest activation max/median ratio unless --layer names a
-linear. Needs matplotlib (`pip install matplotlib`).
+share one scale). The group shown is the one whose activation max/median smoothing reduces most, unless --layer names a
+linear; every group's max/median before and after is printed. Needs matplotlib (`pip install matplotlib`).
 """
 
 from __future__ import annotations
@@ -49,10 +49,20 @@ def main() -> None:
     def act_max(g) -> torch.Tensor:
         return torch.stack([stats.of(ChannelAbsMax(x.name)).double() for x in g.inputs]).amax(0)
 
+    def spread(g) -> tuple[float, float]:
+        """max/median of the group's activation abs-max per channel, before and after smoothing."""
+        x = act_max(g)
+        w = weight_max([out_in(get_attr(gm, t.weight.target).detach(), t.layout) for t in g.sites])
+        xs = x / smoothing_scale(x, w, a.alpha)
+        return float(x.max() / x.median()), float(xs.max() / xs.median())
+
+    spreads = {g: spread(g) for g in groups}
+    for g, (before, after) in spreads.items():
+        print(f"{g.sites[0].weight_name}: activation max/median {before:.1f} -> {after:.1f}")  # noqa: T201
     if a.layer:
         group = next(g for g in groups if any(t.weight_name == a.layer for t in g.sites))
-    else:
-        group = max(groups, key=lambda g: float(act_max(g).max() / act_max(g).median()))
+    else:  # the group smoothing flattens most (the picture of the paper); every group's numbers are printed
+        group = max(groups, key=lambda g: spreads[g][0] / spreads[g][1])
     x_max = act_max(group)
     w_max = weight_max([out_in(get_attr(gm, t.weight.target).detach(), t.layout) for t in group.sites])
     s = smoothing_scale(x_max, w_max, a.alpha)
@@ -61,9 +71,9 @@ def main() -> None:
     fig, axes = plt.subplots(2, 2, figsize=(12, 6), sharex=True, sharey="row")
     for col, (label, xs, ws) in enumerate((("before smoothing", x_max, w_max),
                                            (f"after smoothing (α = {a.alpha:g})", x_max / s, w_max * s))):
-        axes[0, col].bar(range(len(xs)), xs.numpy(), width=1.0, color="tab:red")
+        axes[0, col].plot(xs.numpy(), lw=0.6, color="tab:red")
         axes[0, col].set_title(f"activation |X| max per channel, {label}")
-        axes[1, col].bar(range(len(ws)), ws.numpy(), width=1.0, color="tab:blue")
+        axes[1, col].plot(ws.numpy(), lw=0.6, color="tab:blue")
         axes[1, col].set_title(f"weight |W| max per input channel, {label}")
         axes[1, col].set_xlabel("input channel")
     for row in axes:
