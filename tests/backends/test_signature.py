@@ -141,7 +141,8 @@ def test_every_runner_binds_by_name_and_refuses_the_same_bad_calls_the_same_way(
         want = optimized(values["a"], values["b"], scale=2.0, use_cache=False)["out"]
         fxopt.testing.assert_within(run(b=values["b"], a=values["a"], scale=2.0, use_cache=False)["out"], want)
         for what, (args, kwargs, argument) in BAD_CALLS.items():
-            kwargs = {"scale": 2.0, "use_cache": False, **{k: values.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}}
+            kwargs = {"scale": 2.0, "use_cache": False,
+                      **{k: values.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}}
             if name == "torch" and what == "another dtype":
                 continue  # the torch module may be converted (opt.half()): dtypes are the backends' contract
             with pytest.raises(InputMismatchError) as info:
