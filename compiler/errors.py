@@ -50,6 +50,11 @@ class PassError(FxoptError):
                          f"{type(cause).__name__}: {cause}")
 
 
+class StructureError(FxoptError, ValueError):
+    """The model's structure does not admit what a pass was asked to do (no attention to convert, a head count
+    that does not divide); names the node and the numbers."""
+
+
 class VerificationError(FxoptError):
     """The graph after a pass is malformed (lint, missing or changed shape/dtype metadata)."""
 

@@ -8,10 +8,11 @@ from fxopt.errors import UnknownPassError
 from fxopt.pass_base import Pass
 
 from .fuse_layernorm import FuseLayerNorm
+from .mha_to_gqa import ConvertToGQA
 from .smoothquant import SmoothQuant
 from .stabilize_softmax import StabilizeSoftmax
 
-PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (FuseLayerNorm, SmoothQuant, StabilizeSoftmax)}
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (ConvertToGQA, FuseLayerNorm, SmoothQuant, StabilizeSoftmax)}
 
 # the passes that keep the function exactly (up to float rounding), in a sensible order
 EXACT_PIPELINE: tuple[str, ...] = ("stabilize_softmax", "fuse_layernorm")
@@ -24,4 +25,4 @@ def get(name: str, **options: Any) -> Pass:
     return PASSES[name].configure(**options)
 
 
-__all__ = ["EXACT_PIPELINE", "PASSES", "FuseLayerNorm", "SmoothQuant", "StabilizeSoftmax", "get"]
+__all__ = ["EXACT_PIPELINE", "PASSES", "ConvertToGQA", "FuseLayerNorm", "SmoothQuant", "StabilizeSoftmax", "get"]
