@@ -17,19 +17,30 @@ of an index tensor and must give exactly the original's heads 0, r', 2r', ... at
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import permutations
 
 import torch
 from torch import fx
 
 from fxopt.attention_analysis import NotUnderstood
-from fxopt.replay import IDENTITY_OPS, SHAPE_OPS, Replay, ReplayError, _attr, concrete, shape
+from fxopt.replay import IDENTITY_OPS, SHAPE_OPS, Replay, _attr, concrete, shape
 from fxopt.sites import LinearSite, val
-from fxopt.structure import ELEMENTWISE, Attention
+from fxopt.structure import Attention
+
+from .paths import (
+    POINTWISE,
+    SIZES_AT_1,
+    cone,
+    in_layout,
+    is_tensor,
+    passthrough,
+    pure_node,
+    scaled_args,
+    size_positions,
+    unflatten_at,
+    varying_dims,
+)
 
 aten = torch.ops.aten
-POINTWISE = frozenset(ELEMENTWISE - SHAPE_OPS)
-SIZES_AT_1 = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,112 +57,27 @@ class OperandPlan:
     size_reads: tuple[fx.Node, ...] = ()  # sym_size reads (of non-head dims) from outside the path
 
 
-def _cone(src: fx.Node, end: fx.Node) -> list[fx.Node]:
-    """Nodes that depend on `src` and that `end` depends on, in graph order (both included)."""
-    up, stack = set(), [end]
-    while stack:
-        n = stack.pop()
-        if n not in up:
-            up.add(n)
-            stack.extend(n.all_input_nodes)
-    down, stack = set(), [src]
-    while stack:
-        n = stack.pop()
-        if n not in down and n in up:
-            down.add(n)
-            stack.extend(n.users)
-    return [n for n in src.graph.nodes if n in down]
-
-
-def _passthrough(path: set):
-    """Replay shortcut: a pointwise op stands for its (same-shaped) input on the path — it moves no element."""
-    def shortcut(n: fx.Node):
-        if n.op == "call_function" and n.target in POINTWISE:
-            ins = [a for a in n.all_input_nodes if a in path]
-            if ins and shape(ins[0]) == shape(n):
-                return ins[0]
-        return None
-    return shortcut
-
-
-def _layout(u: torch.Tensor, t4: torch.Tensor) -> tuple[bool, tuple[int, ...] | None]:
-    merged = t4.flatten(-2)
-    if u.shape == merged.shape and torch.equal(u, merged):
-        return True, None
-    for perm in permutations(range(t4.dim())):
-        p = t4.permute(perm)
-        if p.shape == u.shape and torch.equal(p, u):
-            return True, perm
-    return False, None
-
-
-def in_layout(t4: torch.Tensor, perm: tuple[int, ...] | None) -> torch.Tensor:
-    return t4.flatten(-2) if perm is None else t4.permute(perm)
-
-
-def _tensor(n) -> bool:
-    return isinstance(val(n), torch.Tensor)
-
-
-def _pure(which: str, path: list[fx.Node], rp: Replay, t4: torch.Tensor, end: fx.Node):
-    """The first value of `path` that holds exactly t4's elements in a known layout and dominates `end`."""
-    features = int(val(path[0]).shape[-1])
-    wanted = set(t4.flatten().remainder(features).tolist())
-    on_path = set(path)
-    for i, n in enumerate(path):
-        if not _tensor(n) or val(n).numel() != t4.numel():
-            continue
-        try:
-            u = rp(n)
-        except (ReplayError, RuntimeError, TypeError, IndexError):
-            continue
-        if set(u.flatten().remainder(features).tolist()) != wanted:
-            continue
-        below = _dominated(n, path[i:], on_path)
-        if end not in below:
-            continue
-        found, perm = _layout(u, t4)
-        if found:
-            return n, perm, below
-    raise NotUnderstood(end, f"no value on the path from {path[0].name} holds only the {which} heads, in "
-                             "(tokens, heads, head_dim) order, on every way to the attention")
-
-
-def _dominated(n: fx.Node, rest: list[fx.Node], on_path: set) -> set:
-    """Nodes of `rest` (graph order, starting at n) every path input of which comes from n or its dominated."""
-    dom = {n}
-    for m in rest[1:]:
-        ins = [a for a in m.all_input_nodes if a in on_path]
-        if ins and all(a in dom for a in ins):
-            dom.add(m)
-    return dom
-
-
-def _varying(t: torch.Tensor) -> frozenset[int]:
-    return frozenset(d for d in range(t.dim()) if t.shape[d] > 1 and bool((t.diff(dim=d) != 0).any()))
-
-
 def operand_plan(a: Attention, which: str, groups: int | None) -> OperandPlan:
     """The plan for q (groups=None: only its pure node, for a fused linear being split) or k/v (G = groups)."""
     site, rows = a.q if which == "q" else a.k if which == "k" else a.v, getattr(a, f"{which}_rows")
     end = getattr(a.core, which)
-    path = _cone(site.output, end)
+    path = cone(site.output, end)
     enc = torch.arange(val(site.output).numel()).view(shape(site.output))
     t4 = enc[..., rows.flatten()].unflatten(-1, tuple(rows.shape))
-    rp = Replay({site.output: enc}, SHAPE_OPS, _passthrough(set(path)))
-    pure, perm, below = _pure(which, path, rp, t4, end)
+    rp = Replay({site.output: enc}, SHAPE_OPS, passthrough(set(path)))
+    pure, perm, below = pure_node(which, path, rp, t4, end)
     if groups is None:
         return OperandPlan(which, site, rows, pure, perm)
     heads = rows.shape[0]
     hid = torch.arange(heads).view(heads, 1).expand(rows.shape).expand(t4.shape)
-    rph = Replay({pure: in_layout(hid, perm)}, SHAPE_OPS, _passthrough(below))
+    rph = Replay({pure: in_layout(hid, perm)}, SHAPE_OPS, passthrough(below))
     chain = [n for n in path if n in below]
     e = _last_once(chain, rp, rph, heads, end)
-    region = [n for n in _cone(pure, e) if n is not pure]
-    head_dims = {n: _varying(rph(n)) for n in [pure, *region] if _tensor(n)}
+    region = [n for n in cone(pure, e) if n is not pure]
+    head_dims = {n: varying_dims(rph(n)) for n in [pure, *region] if is_tensor(n)}
     for n in region:
         _check_per_head(n, below, rph, head_dims, heads, groups)
-    size_reads = _outside_readers(chain, end, set(region) | {pure}, head_dims)
+    size_reads = _outside_readers(chain + cone(end, a.core.output)[1:], end, set(region) | {pure}, head_dims)
     plan = OperandPlan(which, site, rows, pure, perm, tuple(region), head_dims, e, end, tuple(size_reads))
     _prove(plan, t4, rp, heads, groups)
     return plan
@@ -161,12 +87,12 @@ def _last_once(chain: list[fx.Node], rp: Replay, rph: Replay, heads: int, end: f
     """The value nearest the core holding each kv head once on dim 1, with end = e.repeat_interleave(r, 1)."""
     want_end = rp(end)
     for n in reversed(chain):
-        if not _tensor(n) or val(n).dim() != val(end).dim() or shape(n)[1] != heads:
+        if not is_tensor(n) or val(n).dim() != val(end).dim() or shape(n)[1] != heads:
             continue
         if shape(n)[:1] + shape(n)[2:] != shape(end)[:1] + shape(end)[2:] or shape(end)[1] % heads:
             continue
         h = rph(n)
-        if _varying(h) != {1} or not torch.equal(h.select(0, 0).flatten(1)[:, 0], torch.arange(heads)):
+        if varying_dims(h) != {1} or not torch.equal(h.select(0, 0).flatten(1)[:, 0], torch.arange(heads)):
             continue
         if torch.equal(rp(n).repeat_interleave(shape(end)[1] // heads, 1), want_end):
             return n
@@ -184,52 +110,26 @@ def _check_per_head(n: fx.Node, path: set, rph: Replay, head_dims: dict, heads: 
             raise NotUnderstood(n, f"{n.name} combines different heads")
         rank = val(n).dim()
         for a in n.all_input_nodes:
-            if a not in path and _tensor(a):
+            if a not in path and is_tensor(a):
                 s = shape(a)
                 if any(s[d - rank + len(s)] != 1 for d in dims if d - rank + len(s) >= 0):
                     raise NotUnderstood(n, f"{n.name} reads {a.name}, which differs between heads")
     elif n.target not in SHAPE_OPS and n.target not in IDENTITY_OPS and n.target is not aten.sym_size.int:
         raise NotUnderstood(n, f"{n.name} ({getattr(n.target, '__name__', n.target)}) is not a shape op or "
                                "pointwise on the k/v path")
-    for i in _size_positions(n, dims):
-        size = n.args[1][i] if n.target in SIZES_AT_1 else n.args[2][i - _unflatten_at(n)]
+    for i in size_positions(n, dims):
+        size = n.args[1][i] if n.target in SIZES_AT_1 else n.args[2][i - unflatten_at(n)]
         if isinstance(size, int) and size != -1 and (size * groups) % heads:
             raise NotUnderstood(n, f"{n.name}'s size {size} on a head dim does not scale from {heads} to "
                                    f"{groups} heads")
 
 
-def _unflatten_at(n: fx.Node) -> int:
-    return n.args[1] % val(n).dim() if n.args[1] >= 0 else n.args[1] + val(n).dim() - len(n.args[2]) + 1
-
-
-def _size_positions(n: fx.Node, dims: frozenset) -> list[int]:
-    """The output dims of n whose literal size is written in its arguments and carry heads."""
-    if n.target in SIZES_AT_1:
-        return sorted(dims)
-    if n.target is aten.unflatten.int:
-        at = _unflatten_at(n)
-        return [d for d in sorted(dims) if at <= d < at + len(n.args[2])]
-    return []
-
-
-def scaled_args(n: fx.Node, lookup, head_dims: dict, heads: int, groups: int):
-    """n's arguments with nodes looked up and literal head-dim sizes scaled from `heads` to `groups`."""
-    args, kwargs = fx.node.map_arg((n.args, n.kwargs), lookup)
-    positions = _size_positions(n, head_dims.get(n, frozenset()))
-    if positions:
-        at, offset = (1, 0) if n.target in SIZES_AT_1 else (2, _unflatten_at(n))
-        sizes = list(args[at])
-        for d in positions:
-            if isinstance(sizes[d - offset], int) and sizes[d - offset] != -1:
-                sizes[d - offset] = sizes[d - offset] * groups // heads
-        args = (*args[:at], sizes, *args[at + 1:])
-    return args, kwargs
-
-
 def _outside_readers(chain: list[fx.Node], end: fx.Node, cloned: set, head_dims: dict) -> list[fx.Node]:
+    """The sym_size reads of cloned values from off the path (they move to the clone); NotUnderstood for any
+    other reader off the path from the projection through the attention core."""
     mine, reads = set(chain), []
-    for n in chain:
-        for u in n.users if n is not end else ():
+    for n in chain[:chain.index(end) + 1]:
+        for u in n.users:
             if u in mine:
                 continue
             if (u.target is aten.sym_size.int and n in cloned and u.args[1] % val(n).dim()
@@ -245,7 +145,7 @@ def _prove(p: OperandPlan, t4: torch.Tensor, rp: Replay, heads: int, groups: int
     """Run the region on G heads of the index tensor; `e` must hold the original's heads 0, r, 2r, ..."""
     keep = torch.arange(0, heads, heads // groups)
     values = {p.pure: in_layout(t4.index_select(-2, keep), p.perm)}
-    shortcut = _passthrough(set(p.region) | {p.pure})
+    shortcut = passthrough(set(p.region) | {p.pure})
 
     def lookup(a: fx.Node):
         if a in values:

@@ -1,0 +1,234 @@
+"""mha_to_gqa: the converted graph is the model with G mean-pooled kv heads, on any layout the analysis finds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+from fxopt.errors import PassError, PassOptionError, StructureError
+from fxopt.pass_base import ROUNDING
+from fxopt.passes import ConvertToGQA, FuseLayerNorm, StabilizeSoftmax
+from fxopt.structure import analyze_graph
+from fxopt.testing import assert_within
+from tests.models.hf_families import FAMILIES
+
+D, HEADS = 32, 8
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-LN self-attention as users write it, with `kv_heads` k/v heads (repeat_interleave to the query heads)."""
+
+    def __init__(self, kv_heads: int = HEADS, sdpa: bool = True, bias: bool = True):
+        super().__init__()
+        self.heads, self.kv_heads, self.dh, self.sdpa = HEADS, kv_heads, D // HEADS, sdpa
+        self.norm = nn.LayerNorm(D)
+        self.q = nn.Linear(D, D, bias=bias)
+        self.k = nn.Linear(D, kv_heads * self.dh, bias=bias)
+        self.v = nn.Linear(D, kv_heads * self.dh, bias=bias)
+        self.o = nn.Linear(D, D, bias=bias)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        h = self.norm(x)
+        q = self.q(h).view(b, s, self.heads, self.dh).transpose(1, 2)
+        k = self.k(h).view(b, s, self.kv_heads, self.dh).transpose(1, 2)
+        v = self.v(h).view(b, s, self.kv_heads, self.dh).transpose(1, 2)
+        k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.dh), dim=-1) @ v
+        return x + self.o(y.transpose(1, 2).reshape(b, s, D))
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.blocks = nn.Sequential(SelfAttentionBlock(**kw), SelfAttentionBlock(**kw))
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def pooled(w: torch.Tensor, kv: int, groups: int, dh: int) -> torch.Tensor:
+    """The definition: kv head g of the result is the mean of heads g·r … g·r + r − 1 (rows of w, or of a bias)."""
+    return w.reshape(groups, kv // groups, dh, *w.shape[1:]).mean(1).reshape(groups * dh, *w.shape[1:])
+
+
+def gqa_reference(model: TwoBlocks, groups: int) -> TwoBlocks:
+    kw = {"sdpa": model.blocks[0].sdpa, "bias": model.blocks[0].q.bias is not None}
+    ref = TwoBlocks(kv_heads=groups, **kw).eval()
+    state = {}
+    for name, t in model.state_dict().items():
+        is_kv = name.split(".")[-2] in ("k", "v")
+        state[name] = pooled(t, model.blocks[0].kv_heads, groups, D // HEADS) if is_kv else t
+    ref.load_state_dict(state)
+    return ref
+
+
+def convert(model, x, groups, **options):
+    passes = [FuseLayerNorm(), ConvertToGQA(num_kv_heads=groups, **options)]
+    return fxopt.optimize(model, (x,), passes=passes)
+
+
+@pytest.mark.parametrize("sdpa", [True, False], ids=["sdpa", "explicit"])
+@pytest.mark.parametrize("kv_heads,groups", [(8, 2), (8, 1), (4, 2)], ids=["mha-to-2", "mha-to-mqa", "gqa4-to-2"])
+def test_the_converted_graph_is_the_model_with_mean_pooled_kv_heads(sdpa, kv_heads, groups):
+    torch.manual_seed(0)
+    model, x = TwoBlocks(kv_heads=kv_heads, sdpa=sdpa).eval(), torch.randn(2, 6, D)
+    opt = convert(model, x, groups, min_cosine=-1)
+    x2 = torch.randn(3, 11, D)  # another batch size and length than captured
+    assert_within(opt(x2), gqa_reference(model, groups)(x2))
+    for b in analyze_graph(opt.graph_module).blocks:
+        a = b.attention
+        assert (a.num_heads, a.num_kv_heads) == (HEADS, groups)
+        assert a.k.out_features == a.v.out_features == groups * (D // HEADS)
+
+
+def test_the_kv_parameters_shrink_by_exactly_kv_over_g():
+    model, x = TwoBlocks().eval(), torch.randn(2, 6, D)
+    opt = convert(model, x, 2, min_cosine=-1)
+    kv = [p.numel() for n, p in model.named_parameters() if n.split(".")[-2] in ("k", "v")]
+    after = sum(p.numel() for p in opt.graph_module.parameters())
+    assert sum(p.numel() for p in model.parameters()) - after == sum(kv) - sum(kv) * 2 // HEADS
+
+
+def test_heads_already_equal_within_groups_give_the_same_function_and_the_pass_promises_rounding():
+    model, x = TwoBlocks().eval(), torch.randn(2, 6, D)
+    with torch.no_grad():
+        for blk in model.blocks:
+            for lin in (blk.k, blk.v):
+                lin.weight.copy_(pooled(lin.weight, HEADS, 2, D // HEADS).view(2, 1, -1, D).expand(2, 4, -1, D)
+                                 .reshape(D, D))
+                lin.bias.copy_(pooled(lin.bias, HEADS, 2, D // HEADS).view(2, 1, -1).expand(2, 4, -1).reshape(D))
+    opt = convert(model, x, 2)
+    assert opt.report["mha_to_gqa"].tolerance == ROUNDING
+    assert_within(opt(x), model(x))
+
+
+def test_g_equal_to_the_kv_heads_changes_nothing_and_says_so():
+    model, x = TwoBlocks(kv_heads=4).eval(), torch.randn(2, 6, D)
+    report = convert(model, x, 4).report["mha_to_gqa"]
+    assert not report.applied and all("already 4 kv heads" in r for r in report.reasons)
+
+
+def test_a_g_that_does_not_divide_the_kv_heads_is_a_typed_error_with_the_numbers():
+    model, x = TwoBlocks().eval(), torch.randn(2, 6, D)
+    with pytest.raises(PassError) as info:
+        convert(model, x, 3)
+    assert isinstance(info.value.__cause__, StructureError)
+    assert "num_kv_heads=3 does not divide the 8 kv heads" in str(info.value)
+
+
+def test_a_model_without_attention_is_a_typed_error():
+    mlp, x = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D)).eval(), torch.randn(2, 6, D)
+    with pytest.raises(PassError, match="no attention to convert") as info:
+        convert(mlp, x, 1)
+    assert isinstance(info.value.__cause__, StructureError)
+
+
+@pytest.mark.parametrize("option,value", [("num_kv_heads", 0), ("init", "median"), ("num_kv_heads", True)])
+def test_bad_options_are_refused_by_name(option, value):
+    with pytest.raises(PassOptionError, match=option):
+        ConvertToGQA(**{option: value})
+
+
+def test_init_first_keeps_the_first_head_of_each_group_and_random_is_seeded():
+    torch.manual_seed(0)
+    model, x = TwoBlocks(sdpa=False).eval(), torch.randn(2, 6, D)
+    dh = D // HEADS
+    first = convert(model, x, 2, init="first", min_cosine=-1).graph_module
+    k = next(p for n, p in first.named_parameters() if "blocks_0_k_weight" in n)
+    torch.testing.assert_close(k, model.blocks[0].k.weight.view(2, 4, dh, D)[:, 0].reshape(2 * dh, D), rtol=0, atol=0)
+    runs = [convert(model, x, 2, init="random", seed=s, min_cosine=-1) for s in (1, 1, 2)]
+    outs = [r(x) for r in runs]
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+class KeysReturned(SelfAttentionBlock):
+    """Returns its keys too (a cache a caller keeps): G heads there would change what the caller gets."""
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        k = self.k(x).view(b, s, self.heads, self.dh).transpose(1, 2)
+        q = self.q(x).view(b, s, self.heads, self.dh).transpose(1, 2)
+        v = self.v(x).view(b, s, self.heads, self.dh).transpose(1, 2)
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, D)), k
+
+
+def test_a_key_path_read_elsewhere_is_left_with_the_reason():
+    model, x = KeysReturned().eval(), torch.randn(2, 6, D)
+    report = fxopt.optimize(model, (x,), passes=[ConvertToGQA(num_kv_heads=2)]).report["mha_to_gqa"]
+    assert not report.applied and "is also read by" in report.reasons[0]
+
+
+# -- Hugging Face models ------------------------------------------------------------------------------------------
+
+HF = [pytest.param(n, marks=[] if n in ("llama_gqa", "gpt2", "gpt_neox", "bert") else [pytest.mark.slow])
+      for n in FAMILIES]
+
+
+def _equal_heads_within_groups(model, args, kwargs, groups):
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for b in fxopt.analyze(model, args, kwargs).blocks:
+            a = b.attention
+            for site, rows in ((a.k, a.k_rows), (a.v, a.v_rows)):
+                per, dh = rows.shape[0] // groups, rows.shape[1]
+                src = rows.view(groups, per, dh)[:, :1].expand(groups, per, dh).reshape(-1)
+                w = params[site.weight_name]
+                (w if site.layout == "out_in" else w.t())[rows.flatten()] = (
+                    w if site.layout == "out_in" else w.t())[src].clone()
+                if site.bias is not None:
+                    bias = params[str(site.bias.target)]
+                    bias[rows.flatten()] = bias[src].clone()
+
+
+@pytest.mark.parametrize("family", HF)
+def test_hf_models_with_equal_heads_in_each_group_keep_their_function_at_other_shapes(family):
+    fam = FAMILIES[family]
+    model = fam.build(fam.attn[-1])
+    args, kwargs = fam.inputs()
+    _equal_heads_within_groups(model, args, kwargs, 1)
+    opt = fxopt.optimize(model, args, example_kwargs=kwargs,
+                         passes=[StabilizeSoftmax(), FuseLayerNorm(), ConvertToGQA(num_kv_heads=1)])
+    report = opt.report["mha_to_gqa"]
+    assert report.tolerance == ROUNDING and report.stats["k_heads_pooled"] == len(fam.layers(model))
+    args, kwargs = fam.inputs(batch=3, seq=5, seed=1)
+    with torch.no_grad():
+        assert_within(opt(*args, **kwargs), model(*args, **kwargs))
+
+
+def test_hf_llama_converted_equals_hf_llamas_own_gqa_model_with_pooled_weights():
+    fam = FAMILIES["llama"]
+    model, (args, kwargs) = fam.build("sdpa"), fam.inputs()
+    opt = fxopt.optimize(model, args, example_kwargs=kwargs,
+                         passes=[FuseLayerNorm(), ConvertToGQA(num_kv_heads=2, min_cosine=-1)])
+    cfg = fam.config("sdpa")
+    cfg.num_key_value_heads = 2
+    ref = type(model)(cfg).eval()
+    dh = cfg.hidden_size // cfg.num_attention_heads
+    ref.load_state_dict({n: pooled(t, cfg.num_attention_heads, 2, dh) if n.endswith(("k_proj.weight", "v_proj.weight"))
+                         else t for n, t in model.state_dict().items()})
+    args, kwargs = fam.inputs(batch=3, seq=7, seed=2)
+    with torch.no_grad():
+        assert_within(opt(*args, **kwargs).logits, ref(*args, **kwargs).logits)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("tvm", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["gpt_neox", pytest.param("llama_gqa", marks=pytest.mark.slow)])
+def test_the_converted_graph_runs_on_the_backends(family, backend):
+    pytest.importorskip(backend)
+    fam = FAMILIES[family]
+    model, (args, kwargs) = fam.build("sdpa"), fam.inputs()
+    opt = fxopt.optimize(model, args, example_kwargs=kwargs,
+                         passes=[FuseLayerNorm(), ConvertToGQA(num_kv_heads=1, min_cosine=-1)])
+    args, kwargs = fam.inputs(batch=3, seq=5, seed=1)
+    with torch.no_grad():
+        assert_within(fxopt.compile(opt, backend)(*args, **kwargs).logits, opt(*args, **kwargs).logits)
