@@ -11,11 +11,14 @@ from their projection to the attention; they are repeated to the query heads the
 them). A fused QKV linear is split into q and the new k/v linears. The K/V parameters shrink by H_kv / G.
 
 Options: num_kv_heads (G; must divide every block's kv heads), init ("mean", "first": the first head of each
-group, "random": seeded normal with the group's std — the comparisons of the paper), seed, min_cosine.
+group, "random": seeded normal with the group's std — the comparisons of the paper), seed, min_cosine,
+uptrain_steps / uptrain_lr (distil the new K/V projections towards the MHA outputs on the calibration items:
+uptrain.py; 0 = none).
 
-Requires: SHAPES.  Exactness: approximate. The converted model is a different function (attention is not linear
-in K); the pass promises cosine ≥ `min_cosine` of every output to the MHA graph's on the example inputs. Where the
-heads in every group are already identical, pooling changes nothing and it promises ROUNDING instead.
+Requires: SHAPES (and CALIBRATION when uptrain_steps > 0).  Exactness: approximate. The converted model is a
+different function (attention is not linear in K); the pass promises cosine ≥ `min_cosine` of every output to
+the MHA graph's on the example inputs. Where the heads in every group are already identical, pooling changes
+nothing and it promises ROUNDING instead.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from torch import fx
 
 from fxopt.attention_analysis import NotUnderstood
 from fxopt.errors import StructureError
-from fxopt.pass_base import ROUNDING, Exactness, Pass, PassContext, PassResult, Tolerance
+from fxopt.pass_base import ROUNDING, Exactness, Pass, PassContext, PassResult, Requirement, Tolerance
+from fxopt.pipeline import clone_graph_module
 from fxopt.rewrite import Rewriter
 from fxopt.sites import val
 from fxopt.structure import Attention, analyze_graph
 
 from .plan import OperandPlan, operand_plan
 from .rewrite import apply, identical_within_groups, projection
+from .uptrain import distill
 
 _INF = float("inf")
 
@@ -59,6 +64,8 @@ class ConvertToGQA(Pass):
     init: str = "mean"
     seed: int = 0
     min_cosine: float = 0.5
+    uptrain_steps: int = 0
+    uptrain_lr: float = 1e-3
 
     name: ClassVar[str] = "mha_to_gqa"
     exactness: ClassVar = Exactness.APPROXIMATE
@@ -66,7 +73,13 @@ class ConvertToGQA(Pass):
         "num_kv_heads": (_count, "an int >= 1"),
         "init": (lambda v: v in ("mean", "first", "random"), "'mean', 'first' or 'random'"),
         "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
-        "min_cosine": (lambda v: isinstance(v, (int, float)) and -1 <= v <= 1, "a number in [-1, 1]")}
+        "min_cosine": (lambda v: isinstance(v, (int, float)) and -1 <= v <= 1, "a number in [-1, 1]"),
+        "uptrain_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0"),
+        "uptrain_lr": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")}
+
+    @property
+    def requires(self) -> frozenset[Requirement]:  # type: ignore[override]
+        return frozenset({Requirement.SHAPES} | ({Requirement.CALIBRATION} if self.uptrain_steps else set()))
 
     def _plan(self, a: Attention) -> _BlockPlan | None:
         g, kv = self.num_kv_heads, a.num_kv_heads
@@ -100,15 +113,17 @@ class ConvertToGQA(Pass):
                 plans.append(plan)
         if not plans:
             return PassResult(gm, False, reasons=tuple(reasons))
+        before = clone_graph_module(gm) if self.uptrain_steps else None
         rw = Rewriter(gm, self.name)
         g = self.num_kv_heads
         exact = all(identical_within_groups(rw, op, g) for p in plans for op in (p.k, p.v))
         weights = [(p, op, *projection(rw, op, None if op.which == "q" else g, self.init, self.seed + i))
                    for i, p in enumerate(plans) for op in (p.k, p.v, p.q) if op is not None]
-        notes = []
+        notes, trained = [], []
         for p, op, w, b in weights:
-            apply(rw, op, w, b, None if op.which == "q" else g, p.repeat)
+            names = apply(rw, op, w, b, None if op.which == "q" else g, p.repeat)
             if op.which != "q":
+                trained += names
                 notes.append(f"{op.site.weight_name}: {op.which} heads {p.attention.num_kv_heads} → {g} "
                              f"(init {self.init}), {tuple(w.shape)}")
         for p in plans:
@@ -118,6 +133,9 @@ class ConvertToGQA(Pass):
                          f"bytes per token per layer {per_token * a.num_kv_heads} → {per_token * g}")
         rw.finish()
         rw.drop_unread_attributes()
+        if before is not None:
+            notes.append(str(distill(before, gm, trained, ctx.calibration, ctx.example_kwargs, self.uptrain_steps,
+                                     self.uptrain_lr)))
         tolerance = ROUNDING if exact else Tolerance(rtol={dt: _INF for dt in ROUNDING.rtol}, atol=_INF,
                                                      min_cosine=self.min_cosine)
         return PassResult(gm, True, dict(rw.counts), tuple(reasons), tolerance=tolerance, notes=tuple(notes))

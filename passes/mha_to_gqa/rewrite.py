@@ -64,9 +64,9 @@ def identical_within_groups(rw: Rewriter, p: OperandPlan, groups: int) -> bool:
 
 
 def apply(rw: Rewriter, p: OperandPlan, weight: torch.Tensor, bias: torch.Tensor | None,
-          groups: int | None, repeat: int = 1) -> None:
+          groups: int | None, repeat: int = 1) -> list[str]:
     """Replace p's pure node by the new linear (and, for k/v, the region by its G-head clone, `end` by the
-    G heads repeated `repeat` times along dim 1)."""
+    G heads repeated `repeat` times along dim 1). Returns the new parameters' names."""
     before = p.pure
     w = rw.constant(p.site.weight_name, weight, before=before, parameter=True)
     b = None if bias is None else rw.constant(str(p.site.bias.target), bias, before=before, parameter=True)
@@ -77,9 +77,10 @@ def apply(rw: Rewriter, p: OperandPlan, weight: torch.Tensor, bias: torch.Tensor
         new = rw.call(aten.unflatten.int, (lin, -1, (weight.shape[0] // dim, dim)), before=before, like=before)
         if p.perm != tuple(range(len(p.perm))):
             new = rw.call(aten.permute.default, (new, list(p.perm)), before=before, like=before)
+    names = [str(w.target)] + ([] if b is None else [str(b.target)])
     if groups is None:
         rw.replace(p.pure, new, "split_fused_q")
-        return
+        return names
     heads = p.rows.shape[0]
     clones = {p.pure: new}
     for n in p.region:
@@ -94,3 +95,4 @@ def apply(rw: Rewriter, p: OperandPlan, weight: torch.Tensor, bias: torch.Tensor
         wide = rw.call(aten.expand.default, (up, [-1, -1, repeat] + [-1] * (rank - 2)), before=p.end, like=p.end)
         end = rw.call(aten.flatten.using_ints, (wide, 1, 2), before=p.end, like=p.end)
     rw.replace(p.end, end, f"{p.which}_heads_pooled")
+    return names

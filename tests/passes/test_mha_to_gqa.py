@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxopt
-from fxopt.errors import PassError, PassOptionError, StructureError
+from fxopt.errors import PassError, PassOptionError, RequirementError, StructureError
 from fxopt.pass_base import ROUNDING
 from fxopt.passes import ConvertToGQA, FuseLayerNorm, StabilizeSoftmax
 from fxopt.structure import analyze_graph
@@ -232,3 +232,24 @@ def test_the_converted_graph_runs_on_the_backends(family, backend):
     args, kwargs = fam.inputs(batch=3, seq=5, seed=1)
     with torch.no_grad():
         assert_within(fxopt.compile(opt, backend)(*args, **kwargs).logits, opt(*args, **kwargs).logits)
+
+
+def test_uptraining_brings_the_outputs_closer_to_the_mha_model_and_reports_the_loss():
+    torch.manual_seed(0)
+    model, x = TwoBlocks().eval(), torch.randn(2, 6, D)
+    calib = [torch.randn(4, 6, D) for _ in range(8)]
+    plain, trained = (fxopt.optimize(model, (x,), calibration=calib if steps else None, passes=[
+        FuseLayerNorm(), ConvertToGQA(num_kv_heads=1, uptrain_steps=steps, uptrain_lr=1e-2, min_cosine=-1)])
+        for steps in (0, 100))
+    report = trained.report["mha_to_gqa"]
+    assert report.numerics.cosine > plain.report["mha_to_gqa"].numerics.cosine
+    (line,) = [n for n in report.notes if n.startswith("uptrained 100 steps")]
+    before, after = (float(v) for v in line.split("outputs ")[1].split(" → "))
+    assert after < before
+    assert not any(p.requires_grad for n, p in trained.graph_module.named_parameters() if "_k_" in n or "_v_" in n)
+
+
+def test_uptraining_without_calibration_is_refused_before_anything_runs():
+    model, x = TwoBlocks().eval(), torch.randn(2, 6, D)
+    with pytest.raises(RequirementError, match="calibration"):
+        fxopt.optimize(model, (x,), passes=[ConvertToGQA(num_kv_heads=2, uptrain_steps=5)])
