@@ -3,7 +3,8 @@
 Cores:  aten.scaled_dot_product_attention(q, k, v[, mask], is_causal, scale, enable_gqa)          kind "sdpa"
         matmul(softmax(matmul(q, kᵀ) [· scale] [+ mask], dim=-1), v)                          kind "explicit"
 For each operand, the region between a linear's output and the core is replayed on `arange(out_features)`
-(compiler/replay.py), RoPE looked through (q·cos + rot(q)·sin, `rot` classified by replaying it on a probe:
+(compiler/replay.py), a static KV cache's update (index_copy into a buffer) and RoPE looked through
+(q·cos + rot(q)·sin, `rot` classified by replaying it on a probe:
 rotate-half or interleaved pairs). That gives `rows[h, d]`, the output feature of the linear feeding head h,
 dim d — fused or not. KV heads are the distinct k/v heads (repeat_kv's expand repeats them; SDPA's `enable_gqa`
 shares them by h // n_rep). The o projection's `cols[h, d]` is its input feature reading head h, dim d.
@@ -155,12 +156,23 @@ def _rotation(x: fx.Node, r: fx.Node) -> str | None:
     return None
 
 
+def cache_write(n: fx.Node) -> fx.Node | None:
+    """The cache buffer of `index_copy(cache, dim, positions, x)` (a static KV cache's update: x's entries at
+    `positions`, the cache's elsewhere), else None. For the rows, the new entries stand for the whole: the
+    cache holds what the same projection wrote at earlier steps."""
+    if is_call(n, (aten.index_copy.default,)) and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr":
+        return n.args[0]
+    return None
+
+
 def operand(core: Core, which: str, sites_by_output: dict[fx.Node, LinearSite]) -> Operand:
     """The linear feeding q, k or v of `core`, with rows[h, d] (output features of that linear)."""
     node = getattr(core, which)
     ropes: list[Rope] = []
 
     def shortcut(n: fx.Node):
+        if cache_write(n) is not None:
+            return n.args[3]
         found = match_rope(n)
         if found is None:
             return None

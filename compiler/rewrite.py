@@ -89,6 +89,15 @@ class Rewriter:
         node.meta["fxopt_pass"] = self.origin
         self.repropagate([node])
 
+    def set_kwarg(self, nodes: Iterable[fx.Node], key: str, value: Any) -> None:
+        """Set keyword argument `key` of every one of `nodes` (at once: shapes may agree only after all are set),
+        then re-propagate shapes downstream."""
+        nodes = list(nodes)
+        for node in nodes:
+            node.update_kwarg(key, value)
+            node.meta["fxopt_pass"] = self.origin
+        self.repropagate(nodes)
+
     def replace_param(self, node: fx.Node, tensor: torch.Tensor) -> fx.Node:
         """Read `tensor` (any shape) where the get_attr `node` read its parameter or buffer; a new attribute,
         never an in-place edit. The old attribute is deleted from this module when nothing reads it any more."""

@@ -12,8 +12,10 @@ them). A fused QKV linear is split into q and the new k/v linears. The K/V param
 
 Options: num_kv_heads (G; must divide every block's kv heads), init ("mean", "first": the first head of each
 group, "random": seeded normal with the group's std — the comparisons of the paper), seed, min_cosine,
-uptrain_steps / uptrain_lr (distil the new K/V projections towards the MHA outputs on the calibration items:
-uptrain.py; 0 = none).
+sdpa_gqa (SDPA reads the G heads itself, enable_gqa=True, instead of a repeat before it: no H-head copy
+of the cache per step), uptrain_steps / uptrain_lr (distil the new K/V projections towards the MHA outputs on
+the calibration items: uptrain.py; 0 = none). A static KV cache on the path (index_copy into a buffer) shrinks
+with it: the buffer keeps G heads, each group's mean.
 
 Requires: SHAPES (and CALIBRATION when uptrain_steps > 0).  Exactness: approximate. The converted model is a
 different function (attention is not linear in K); the pass promises cosine ≥ `min_cosine` of every output to
@@ -30,7 +32,7 @@ from torch import fx
 
 from fxopt.attention_analysis import NotUnderstood
 from fxopt.errors import StructureError
-from fxopt.pass_base import ROUNDING, Exactness, Pass, PassContext, PassResult, Requirement, Tolerance
+from fxopt.pass_base import ROUNDING, Exactness, Pass, PassContext, PassResult, Requirement, Tolerance, is_bool
 from fxopt.pipeline import clone_graph_module
 from fxopt.rewrite import Rewriter
 from fxopt.sites import val
@@ -54,6 +56,7 @@ class _BlockPlan:
     v: OperandPlan
     q: OperandPlan | None  # the q part of a fused projection, split off
     repeat: int  # G heads repeated this many times where the core reads them
+    set_gqa: bool  # SDPA reads the G heads itself: enable_gqa=True set on it
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class ConvertToGQA(Pass):
     min_cosine: float = 0.5
     uptrain_steps: int = 0
     uptrain_lr: float = 1e-3
+    sdpa_gqa: bool = True
 
     name: ClassVar[str] = "mha_to_gqa"
     exactness: ClassVar = Exactness.APPROXIMATE
@@ -75,6 +79,7 @@ class ConvertToGQA(Pass):
         "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
         "min_cosine": (lambda v: isinstance(v, (int, float)) and -1 <= v <= 1, "a number in [-1, 1]"),
         "uptrain_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0"),
+        "sdpa_gqa": (is_bool, "a bool"),
         "uptrain_lr": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")}
 
     @property
@@ -91,8 +96,8 @@ class ConvertToGQA(Pass):
         fused = a.q.node is a.k.node or a.q.node is a.v.node
         k, v = operand_plan(a, "k", g), operand_plan(a, "v", g)
         q = operand_plan(a, "q", None) if fused else None
-        repeat = 1 if a.core.enable_gqa else val(a.core.k).shape[1] // g
-        return _BlockPlan(a, k, v, q, repeat)
+        gqa = a.core.enable_gqa or (self.sdpa_gqa and a.kind == "sdpa" and len(a.core.node.args) <= 7)
+        return _BlockPlan(a, k, v, q, 1 if gqa else val(a.core.k).shape[1] // g, gqa and not a.core.enable_gqa)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         structure = analyze_graph(gm)
@@ -126,6 +131,7 @@ class ConvertToGQA(Pass):
                 trained += names
                 notes.append(f"{op.site.weight_name}: {op.which} heads {p.attention.num_kv_heads} → {g} "
                              f"(init {self.init}), {tuple(w.shape)}")
+        rw.set_kwarg([p.attention.core.node for p in plans if p.set_gqa], "enable_gqa", True)
         for p in plans:
             a = p.attention
             per_token = 2 * a.head_dim * val(a.core.k).element_size()

@@ -8,7 +8,7 @@ from itertools import permutations
 import torch
 from torch import fx
 
-from fxopt.attention_analysis import NotUnderstood
+from fxopt.attention_analysis import NotUnderstood, cache_write
 from fxopt.replay import SHAPE_OPS, Replay, ReplayError, shape
 from fxopt.sites import val
 from fxopt.structure import ELEMENTWISE
@@ -36,8 +36,11 @@ def cone(src: fx.Node, end: fx.Node) -> list[fx.Node]:
 
 
 def passthrough(path: set):
-    """Replay shortcut: a pointwise op stands for its (same-shaped) input on the path — it moves no element."""
+    """Replay shortcut: a pointwise op stands for its (same-shaped) input on the path — it moves no element — and
+    a KV-cache write for the entries it writes (attention_analysis.cache_write)."""
     def shortcut(n: fx.Node):
+        if cache_write(n) is not None and n.args[3] in path:
+            return n.args[3]
         if n.op == "call_function" and n.target in POINTWISE:
             ins = [a for a in n.all_input_nodes if a in path]
             if ins and shape(ins[0]) == shape(n):

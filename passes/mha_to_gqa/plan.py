@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxopt.attention_analysis import NotUnderstood
+from fxopt.attention_analysis import NotUnderstood, cache_write
 from fxopt.replay import IDENTITY_OPS, SHAPE_OPS, Replay, _attr, concrete, shape
 from fxopt.sites import LinearSite, val
 from fxopt.structure import Attention
@@ -54,7 +54,8 @@ class OperandPlan:
     head_dims: dict | None = None  # node -> the dims of its value that carry heads
     e: fx.Node | None = None
     end: fx.Node | None = None
-    size_reads: tuple[fx.Node, ...] = ()  # sym_size reads (of non-head dims) from outside the path
+    size_reads: tuple[fx.Node, ...] = ()  # off-path reads moved to the clone: sym_size (of a non-head dim), the
+    # copy_ of a KV-cache update back into its buffer
 
 
 def operand_plan(a: Attention, which: str, groups: int | None) -> OperandPlan:
@@ -114,6 +115,12 @@ def _check_per_head(n: fx.Node, path: set, rph: Replay, head_dims: dict, heads: 
                 s = shape(a)
                 if any(s[d - rank + len(s)] != 1 for d in dims if d - rank + len(s) >= 0):
                     raise NotUnderstood(n, f"{n.name} reads {a.name}, which differs between heads")
+    elif cache_write(n) is not None:
+        dim = n.args[1] % val(n).dim()
+        if dim in dims or n.args[3] not in path or shape(n.args[0]) != shape(n):
+            raise NotUnderstood(n, f"{n.name} writes the cache along a head dim, or not this path's values")
+        if any(shape(n)[d] != heads for d in dims):
+            raise NotUnderstood(n, f"{n.name}'s cache {n.args[0].name} does not keep the {heads} heads on one dim")
     elif n.target not in SHAPE_OPS and n.target not in IDENTITY_OPS and n.target is not aten.sym_size.int:
         raise NotUnderstood(n, f"{n.name} ({getattr(n.target, '__name__', n.target)}) is not a shape op or "
                                "pointwise on the k/v path")
@@ -133,12 +140,17 @@ def _outside_readers(chain: list[fx.Node], end: fx.Node, cloned: set, head_dims:
             if u in mine:
                 continue
             if (u.target is aten.sym_size.int and n in cloned and u.args[1] % val(n).dim()
-                    not in head_dims.get(n, ())):
+                    not in head_dims.get(n, ())) or (n in cloned and _writes_back(u, n)):
                 reads.append(u)
                 continue
             raise NotUnderstood(n, f"{n.name}, on the way from the projection to the attention, is also read by "
                                    f"{u.name}: it would see G heads")
     return reads
+
+
+def _writes_back(u: fx.Node, n: fx.Node) -> bool:
+    """u = copy_(cache, n): the in-place update of the cache buffer that n = index_copy(cache, ...) computed."""
+    return u.target is aten.copy_.default and cache_write(n) is not None and u.args[0] is n.args[0] and u.args[1] is n
 
 
 def _prove(p: OperandPlan, t4: torch.Tensor, rp: Replay, heads: int, groups: int) -> None:

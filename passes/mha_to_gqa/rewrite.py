@@ -4,14 +4,17 @@
     pure' = k' in pure's layout → the region's own ops, head-dim sizes scaled → e' (B, G, ...)
     end'  = e'.unsqueeze(2).expand(-1, -1, H_end / G, ...).flatten(1, 2)      (repeat_kv; none when H_end = G)
 
-A fused linear is split the same way: its q part becomes a linear of the q rows alone, laid out as q's pure
-node was, so nothing reads the fused product any more and its K/V rows go with it.
+A KV cache written on the path (index_copy into a buffer) gets a G-head buffer holding each group's mean, and
+its in-place update writes that buffer. A fused linear is split the same way: its q part becomes a linear of the
+q rows alone, laid out as q's pure node was, so nothing reads the fused product any more and its K/V rows go with it.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import fx
 
+from fxopt.attention_analysis import cache_write
 from fxopt.rewrite import Rewriter, get_attr
 from fxopt.sites import val
 
@@ -51,6 +54,13 @@ def projection(rw: Rewriter, p: OperandPlan, groups: int | None, init: str, seed
     return pool(rows, gen), None if brows is None else pool(brows, gen)
 
 
+def _pooled_cache(rw: Rewriter, write: fx.Node, dims: frozenset, groups: int) -> fx.Node:
+    cache = get_attr(rw.gm, write.args[0].target)
+    (d,) = dims
+    pooled = cache.double().unflatten(d, (groups, cache.shape[d] // groups)).mean(d + 1).to(cache.dtype)
+    return rw.constant(str(write.args[0].target), pooled.contiguous(), before=write)
+
+
 def identical_within_groups(rw: Rewriter, p: OperandPlan, groups: int) -> bool:
     """Whether every group's heads have the same weight rows (and bias): then pooling changes nothing."""
     w, b = _out_in(rw, p)
@@ -84,10 +94,15 @@ def apply(rw: Rewriter, p: OperandPlan, weight: torch.Tensor, bias: torch.Tensor
     heads = p.rows.shape[0]
     clones = {p.pure: new}
     for n in p.region:
+        if cache_write(n) is not None:  # the cache buffer itself gets G heads: each group's mean
+            clones[n.args[0]] = _pooled_cache(rw, n, p.head_dims[n], groups)
         args, kwargs = scaled_args(n, lambda a: clones.get(a, a), p.head_dims, heads, groups)
         clones[n] = rw.call(n.target, args, kwargs, before=n, like=n)
     for s in p.size_reads:
-        rw.replace(s, rw.call(s.target, (clones[s.args[0]], *s.args[1:]), before=s, like=s))
+        moved = rw.call(s.target, tuple(clones.get(a, a) for a in s.args), before=s, like=s)
+        rw.replace(s, moved)
+        if s.target is aten.copy_.default:
+            rw.graph.erase_node(s)
     end = clones[p.e]
     if repeat > 1:
         rank = val(p.end).dim()
