@@ -253,3 +253,35 @@ def test_uptraining_without_calibration_is_refused_before_anything_runs():
     model, x = TwoBlocks().eval(), torch.randn(2, 6, D)
     with pytest.raises(RequirementError, match="calibration"):
         fxopt.optimize(model, (x,), passes=[ConvertToGQA(num_kv_heads=2, uptrain_steps=5)])
+
+
+# -- decoding with a static KV cache ------------------------------------------------------------------------------
+
+def _decoder():
+    from examples.gqa_decode import CachedLlama
+    torch.manual_seed(0)
+    return CachedLlama(d=64, heads=8, layers=2, ffn=128, max_len=32).eval(), (torch.tensor([[1]]), torch.tensor([0]))
+
+
+def test_the_kv_cache_buffers_shrink_by_exactly_h_over_g():
+    from examples.gqa_decode import cache_bytes_per_token
+    model, example = _decoder()
+    opt = fxopt.optimize(model, example, passes=[ConvertToGQA(num_kv_heads=2, min_cosine=-1)])
+    assert cache_bytes_per_token(model, 32) == 4 * cache_bytes_per_token(opt.graph_module, 32)
+    assert {tuple(b.shape) for n, b in opt.graph_module.named_buffers() if "cache" in n} == {(1, 2, 32, 8)}
+
+
+@pytest.mark.parametrize("groups", [8, 2], ids=["g-equals-h", "equal-heads-in-groups"])
+def test_greedy_decoding_with_the_cache_gives_the_originals_tokens_when_the_conversion_is_exact(groups):
+    from examples.gqa_decode import greedy
+    model, example = _decoder()
+    if groups < 8:
+        with torch.no_grad():
+            for layer in model.layers:
+                for lin in (layer.attn.k_proj, layer.attn.v_proj):
+                    w = lin.weight.view(groups, 8 // groups, 8, 64)
+                    lin.weight.copy_(w[:, :1].expand_as(w).reshape(64, 64))
+    opt = fxopt.optimize(model, example, passes=[ConvertToGQA(num_kv_heads=groups)])
+    assert opt.report["mha_to_gqa"].applied == (groups < 8)
+    prompt = [5, 17, 42, 9]
+    assert greedy(opt, opt.graph_module, prompt, 12) == greedy(model, model, prompt, 12)
