@@ -3,6 +3,7 @@ dims that carry heads, and an op's literal sizes on those dims scaled from H to 
 
 from __future__ import annotations
 
+import math
 from itertools import permutations
 
 import torch
@@ -74,7 +75,7 @@ def pure_node(which: str, path: list[fx.Node], rp: Replay, t4: torch.Tensor, end
     wanted = set(t4.flatten().remainder(features).tolist())
     on_path = set(path)
     for i, n in enumerate(path):
-        if not is_tensor(n) or val(n).numel() != t4.numel():
+        if not is_tensor(n) or math.prod(shape(n)) != t4.numel():
             continue
         try:
             u = rp(n)

@@ -16,6 +16,7 @@ of an index tensor and must give exactly the original's heads 0, r', 2r', ... at
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +64,7 @@ def operand_plan(a: Attention, which: str, groups: int | None) -> OperandPlan:
     site, rows = a.q if which == "q" else a.k if which == "k" else a.v, getattr(a, f"{which}_rows")
     end = getattr(a.core, which)
     path = cone(site.output, end)
-    enc = torch.arange(val(site.output).numel()).view(shape(site.output))
+    enc = torch.arange(math.prod(shape(site.output))).view(shape(site.output))
     t4 = enc[..., rows.flatten()].unflatten(-1, tuple(rows.shape))
     rp = Replay({site.output: enc}, SHAPE_OPS, passthrough(set(path)))
     pure, perm, below = pure_node(which, path, rp, t4, end)
@@ -124,11 +125,44 @@ def _check_per_head(n: fx.Node, path: set, rph: Replay, head_dims: dict, heads: 
     elif n.target not in SHAPE_OPS and n.target not in IDENTITY_OPS and n.target is not aten.sym_size.int:
         raise NotUnderstood(n, f"{n.name} ({getattr(n.target, '__name__', n.target)}) is not a shape op or "
                                "pointwise on the k/v path")
+    if (d := _selected_dim(n, head_dims)) is not None:
+        raise NotUnderstood(n, f"{n.name} ({getattr(n.target, '__name__', n.target)}) selects or joins along a "
+                               f"head dim ({d}): heads are treated differently")
     for i in size_positions(n, dims):
         size = n.args[1][i] if n.target in SIZES_AT_1 else n.args[2][i - unflatten_at(n)]
         if isinstance(size, int) and size != -1 and (size * groups) % heads:
             raise NotUnderstood(n, f"{n.name}'s size {size} on a head dim does not scale from {heads} to "
                                    f"{groups} heads")
+
+
+# ops that pick, split or join along one dim (position of the dim argument, its default): on a head dim they
+# treat heads differently, and their bounds are written for H heads
+_ALONG_DIM = {aten.slice.Tensor: (1, 0), aten.narrow.default: (1, 0), aten.select.int: (1, 0),
+              aten.index_select.default: (1, 0), aten.split.Tensor: (2, 0), aten.split_with_sizes.default: (2, 0),
+              aten.chunk.default: (2, 0), aten.unbind.int: (1, 0), aten.cat.default: (1, 0),
+              aten.stack.default: (1, 0), aten.repeat_interleave.self_int: (2, None)}
+
+
+def _selected_dim(n: fx.Node, head_dims: dict) -> int | None:
+    """The head dim of n's input that n selects, splits, joins, indexes or repeats along, if any."""
+    first = n.args[0][0] if isinstance(n.args[0], (list, tuple)) else n.args[0]
+    heads = head_dims.get(first, frozenset()) if isinstance(first, fx.Node) else frozenset()
+    if not heads or not is_tensor(first):
+        return None
+    rank = val(first).dim()
+    if n.target is aten.repeat_interleave.self_int and n.args[1] == 1:
+        return None  # repeats nothing
+    if n.target in _ALONG_DIM:
+        at, default = _ALONG_DIM[n.target]
+        dim = n.args[at] if len(n.args) > at else n.kwargs.get("dim", default)
+        if dim is None:  # repeat_interleave without a dim flattens
+            return min(heads)
+        return dim % rank if dim % rank in heads else None
+    if n.target is aten.index.Tensor:
+        return next((d for d, i in enumerate(n.args[1]) if i is not None and d in heads), None)
+    if n.target is aten.repeat.default:
+        return next((d for d, r in enumerate(n.args[1][-rank:]) if r != 1 and d in heads), None)
+    return None
 
 
 def _outside_readers(chain: list[fx.Node], end: fx.Node, cloned: set, head_dims: dict) -> list[fx.Node]:

@@ -285,3 +285,40 @@ def test_greedy_decoding_with_the_cache_gives_the_originals_tokens_when_the_conv
     assert opt.report["mha_to_gqa"].applied == (groups < 8)
     prompt = [5, 17, 42, 9]
     assert greedy(opt, opt.graph_module, prompt, 12) == greedy(model, model, prompt, 12)
+
+
+def test_uptraining_reaches_every_layer_through_the_fused_norms():
+    torch.manual_seed(0)
+    model, x = TwoBlocks().eval(), torch.randn(2, 6, D)
+    calib = [torch.randn(4, 6, D) for _ in range(4)]
+    graphs = [fxopt.optimize(model, (x,), calibration=calib if steps else None, passes=[
+        FuseLayerNorm(), ConvertToGQA(num_kv_heads=2, uptrain_steps=steps, min_cosine=-1)]).graph_module
+        for steps in (0, 5)]
+    assert "add_layer_norm" in graphs[1].code  # block 1's norm reads block 0's residual through the fused op
+    first_k = [next(p for n, p in g.named_parameters() if n.startswith("blocks_0_k_weight")) for g in graphs]
+    assert not torch.equal(*first_k)
+
+
+class HalfTheKeysScaled(SelfAttentionBlock):
+    """Scales the keys of heads 4-7 only: the heads differ in more than their projection rows."""
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (lin(x).view(b, s, self.heads, self.dh).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        k = torch.cat([k[:, :4], k[:, 4:] * 2.0], dim=1)
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, D))
+
+
+def test_a_path_that_treats_heads_differently_is_left_with_the_reason():
+    model, x = HalfTheKeysScaled().eval(), torch.randn(2, 6, D)
+    report = fxopt.optimize(model, (x,), passes=[ConvertToGQA(num_kv_heads=2)]).report["mha_to_gqa"]
+    assert not report.applied and "selects or joins along a head dim" in report.reasons[0]
+
+
+def test_a_capture_with_one_dynamic_dim_keeps_it():
+    """Batch 1 at capture: only the length is dynamic, and must stay so (no size read as an int)."""
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    opt = convert(model, torch.randn(1, 6, D), 2, min_cosine=-1)
+    x = torch.randn(1, 9, D)
+    assert_within(opt(x), gqa_reference(model, 2)(x))
