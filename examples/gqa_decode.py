@@ -16,12 +16,12 @@ from torch import nn
 
 
 class CachedAttention(nn.Module):
-    def __init__(self, d: int, heads: int, max_len: int):
+    def __init__(self, d: int, heads: int, max_len: int, batch: int):
         super().__init__()
         self.heads, self.dh = heads, d // heads
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
-        self.register_buffer("k_cache", torch.zeros(1, heads, max_len, self.dh))
-        self.register_buffer("v_cache", torch.zeros(1, heads, max_len, self.dh))
+        self.register_buffer("k_cache", torch.zeros(batch, heads, max_len, self.dh))
+        self.register_buffer("v_cache", torch.zeros(batch, heads, max_len, self.dh))
 
     def forward(self, x, pos, cos, sin, mask):
         b, s, _ = x.shape
@@ -41,10 +41,10 @@ def rotate_half(x):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, d: int, heads: int, ffn: int, max_len: int):
+    def __init__(self, d: int, heads: int, ffn: int, max_len: int, batch: int):
         super().__init__()
         self.attn_norm, self.mlp_norm = nn.RMSNorm(d, eps=1e-6), nn.RMSNorm(d, eps=1e-6)
-        self.attn = CachedAttention(d, heads, max_len)
+        self.attn = CachedAttention(d, heads, max_len, batch)
         self.gate, self.up, self.down = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False), \
             nn.Linear(ffn, d, bias=False)
 
@@ -55,14 +55,15 @@ class DecoderLayer(nn.Module):
 
 
 class CachedLlama(nn.Module):
-    """forward(ids (1, s), positions (s,)) -> logits (1, s, vocab); the caches keep what earlier steps wrote."""
+    """forward(ids (batch, s), positions (s,)) -> logits (batch, s, vocab); the caches keep what earlier steps
+    wrote."""
 
     def __init__(self, vocab: int = 256, d: int = 128, heads: int = 8, layers: int = 2, ffn: int = 256,
-                 max_len: int = 64):
+                 max_len: int = 64, batch: int = 1):
         super().__init__()
         self.max_len = max_len
         self.embed = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList(DecoderLayer(d, heads, ffn, max_len) for _ in range(layers))
+        self.layers = nn.ModuleList(DecoderLayer(d, heads, ffn, max_len, batch) for _ in range(layers))
         self.norm, self.lm_head = nn.RMSNorm(d, eps=1e-6), nn.Linear(d, vocab, bias=False)
         dh = d // heads
         freq = 1.0 / (10000 ** (torch.arange(0, dh, 2).double() / dh))
@@ -74,7 +75,7 @@ class CachedLlama(nn.Module):
     def forward(self, ids, pos):
         x = self.embed(ids)
         cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]
-        mask = (torch.arange(self.max_len) <= pos[:, None])[None, None]
+        mask = (torch.arange(self.max_len, device=pos.device) <= pos[:, None])[None, None]
         for layer in self.layers:
             x = layer(x, pos, cos, sin, mask)
         return self.lm_head(self.norm(x))
