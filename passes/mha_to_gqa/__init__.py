@@ -121,7 +121,9 @@ class ConvertToGQA(Pass):
         before = clone_graph_module(gm) if self.uptrain_steps else None
         rw = Rewriter(gm, self.name)
         g = self.num_kv_heads
-        exact = all(identical_within_groups(rw, op, g) for p in plans for op in (p.k, p.v))
+        # pooling identical heads changes nothing; a random init or uptraining does
+        exact = self.init != "random" and not self.uptrain_steps and \
+            all(identical_within_groups(rw, op, g) for p in plans for op in (p.k, p.v))
         weights = [(p, op, *projection(rw, op, None if op.which == "q" else g, self.init, self.seed + i))
                    for i, p in enumerate(plans) for op in (p.k, p.v, p.q) if op is not None]
         notes, trained = [], []
