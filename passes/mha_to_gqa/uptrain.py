@@ -3,7 +3,8 @@
     min over the new Wk', bk', Wv', bv' of  mean over items and float outputs of |y_gqa − y_mha|² / mean(y_mha²)
 
 on the calibration items (the MHA graph's outputs are the targets), Adam, `steps` steps cycling over the items.
-Only the parameters the conversion created are trained; everything else stays as the model had it. The relative
+Only the parameters the conversion created are trained (through a copy whose fused ops are their plain-torch
+references, so that autograd differentiates every layer); everything else stays as the model had it. The relative
 MSE over all items is reported before and after, with the seconds it took.
 """
 
@@ -18,8 +19,10 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_leaves
 
+from fxopt import ops
 from fxopt.calibration import as_call
 from fxopt.errors import CalibrationError
+from fxopt.pipeline import clone_graph_module
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,17 @@ def _loss(got: list[torch.Tensor], want: list[torch.Tensor]) -> torch.Tensor:
     return sum(((g - w) ** 2).mean() / (w ** 2).mean().clamp_min(1e-12) for g, w in zip(got, want)) / len(want)
 
 
+def differentiable(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of gm (sharing its parameters) whose fxopt ops call their reference implementations: plain torch,
+    so autograd differentiates them (the ops themselves register no backward)."""
+    copy = clone_graph_module(gm)
+    for n in copy.graph.nodes:
+        if n.op == "call_function" and n.target in ops.REGISTRY:
+            n.target = ops.REGISTRY[n.target].reference
+    copy.recompile()
+    return copy
+
+
 def distill(before: fx.GraphModule, after: fx.GraphModule, trained: list[str], data: Iterable,
             example_kwargs: Mapping[str, Any], steps: int, lr: float) -> Uptraining:
     start = time.perf_counter()
@@ -61,6 +75,7 @@ def distill(before: fx.GraphModule, after: fx.GraphModule, trained: list[str], d
 
     first = mean_loss()
     params = [getattr(after, name) for name in trained]
+    student = differentiable(after)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
@@ -68,7 +83,7 @@ def distill(before: fx.GraphModule, after: fx.GraphModule, trained: list[str], d
         for step in range(steps):
             (args, kwargs), want = calls[step % len(calls)], targets[step % len(calls)]
             opt.zero_grad()
-            _loss(_floats(after(*args, **kwargs)), want).backward()
+            _loss(_floats(student(*args, **kwargs)), want).backward()
             opt.step()
     finally:
         for p in params:
