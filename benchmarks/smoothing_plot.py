@@ -20,10 +20,10 @@ from int8_minilm import batches, load, sentences
 import fxopt
 from fxopt.calibration import ChannelAbsMax, calibrate
 from fxopt.passes import FuseLayerNorm
-from fxopt.passes.smoothquant.plan import block_linears, plan_groups
+from fxopt.passes.smoothquant.plan import plan_groups
 from fxopt.passes.smoothquant.scales import out_in, smoothing_scale, weight_max
 from fxopt.rewrite import get_attr
-from fxopt.structure import analyze_graph
+from fxopt.structure import analyze_graph, block_linears
 
 
 def main() -> None:

@@ -131,3 +131,20 @@ def token_invariant(t: torch.Tensor, batch_dim: int, seq_dim: int) -> torch.Tens
         return None
     moved = t.movedim((batch_dim, seq_dim), (0, 1))
     return ref if bool((moved == ref).all()) else None
+
+
+def cone(src: fx.Node, end: fx.Node) -> list[fx.Node]:
+    """Nodes that depend on `src` and that `end` depends on, in graph order (both included)."""
+    up, stack = set(), [end]
+    while stack:
+        n = stack.pop()
+        if n not in up:
+            up.add(n)
+            stack.extend(n.all_input_nodes)
+    down, stack = set(), [src]
+    while stack:
+        n = stack.pop()
+        if n not in down and n in up:
+            down.add(n)
+            stack.extend(n.users)
+    return [n for n in src.graph.nodes if n in down]

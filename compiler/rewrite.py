@@ -113,6 +113,20 @@ class Rewriter:
         self.repropagate(list(new.users))
         return new
 
+    def replace_constant_for(self, const: fx.Node, reader: fx.Node, tensor: torch.Tensor) -> fx.Node:
+        """`reader` reads `tensor` where it read the get_attr `const` (directly, or through a transpose of it
+        that it reads); every other reader keeps the old constant (a tied weight changes for one site only)."""
+        user = next((u for u in const.users if u is reader or u in reader.args), None)
+        if user is None:
+            raise ValueError(f"{reader.name} does not read {const.name}")
+        new = self.constant(str(const.target), tensor, before=user)
+        if user is not reader and len(user.users) > 1:  # a transpose shared with another reader: this one's own
+            mine = self.call(user.target, (new, *user.args[1:]), before=reader, like=user)
+            self.set_arg(reader, list(reader.args).index(user), mine)
+        else:
+            self.set_arg(user, list(user.args).index(const), new)
+        return new
+
     def repropagate(self, nodes: Iterable[fx.Node]) -> None:
         """Recompute `meta["val"]` of `nodes` and of everything downstream of them, in graph order."""
         dirty = set(nodes)

@@ -282,6 +282,17 @@ def _blocks(attentions: list[Attention], mlps: list[MLP], order: dict) -> list[B
     return [Block(i, a, m) for i, (a, m) in enumerate(blocks)]
 
 
+def block_linears(structure: Structure) -> list[LinearSite]:
+    """The q/k/v/o and MLP linears of every transformer block (not an LM head, a pooler or a classifier)."""
+    found = []
+    for b in structure.blocks:
+        if b.attention is not None:
+            found += [b.attention.q, b.attention.k, b.attention.v, b.attention.o]
+        if b.mlp is not None:
+            found += [s for s in (b.mlp.gate, b.mlp.up, b.mlp.down) if s is not None]
+    return list(dict.fromkeys(found))
+
+
 def analyze(model: torch.nn.Module, example_inputs=None, example_kwargs=None) -> Structure:
     """Capture `model` (never touched), canonicalize, stabilize softmax, fuse norms; return its structure."""
     from fxopt import passes

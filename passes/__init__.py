@@ -9,10 +9,12 @@ from fxopt.pass_base import Pass
 
 from .fuse_layernorm import FuseLayerNorm
 from .mha_to_gqa import ConvertToGQA
+from .permute_nm import PermuteForNM
 from .smoothquant import SmoothQuant
 from .stabilize_softmax import StabilizeSoftmax
 
-PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (ConvertToGQA, FuseLayerNorm, SmoothQuant, StabilizeSoftmax)}
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (ConvertToGQA, FuseLayerNorm, PermuteForNM, SmoothQuant,
+                                                          StabilizeSoftmax)}
 
 # the passes that keep the function exactly (up to float rounding), in a sensible order
 EXACT_PIPELINE: tuple[str, ...] = ("stabilize_softmax", "fuse_layernorm")
@@ -25,4 +27,4 @@ def get(name: str, **options: Any) -> Pass:
     return PASSES[name].configure(**options)
 
 
-__all__ = ["EXACT_PIPELINE", "PASSES", "ConvertToGQA", "FuseLayerNorm", "SmoothQuant", "StabilizeSoftmax", "get"]
+__all__ = ["EXACT_PIPELINE", "PASSES", "ConvertToGQA", "FuseLayerNorm", "PermuteForNM", "SmoothQuant", "StabilizeSoftmax", "get"]

@@ -19,23 +19,6 @@ POINTWISE = frozenset(ELEMENTWISE - SHAPE_OPS)
 SIZES_AT_1 = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
 
 
-def cone(src: fx.Node, end: fx.Node) -> list[fx.Node]:
-    """Nodes that depend on `src` and that `end` depends on, in graph order (both included)."""
-    up, stack = set(), [end]
-    while stack:
-        n = stack.pop()
-        if n not in up:
-            up.add(n)
-            stack.extend(n.all_input_nodes)
-    down, stack = set(), [src]
-    while stack:
-        n = stack.pop()
-        if n not in down and n in up:
-            down.add(n)
-            stack.extend(n.users)
-    return [n for n in src.graph.nodes if n in down]
-
-
 def passthrough(path: set):
     """Replay shortcut: a pointwise op stands for its (same-shaped) input on the path — it moves no element — and
     a KV-cache write for the entries it writes (attention_analysis.cache_write)."""

@@ -23,14 +23,13 @@ import torch
 from torch import fx
 
 from fxopt.attention_analysis import NotUnderstood, cache_write
-from fxopt.replay import IDENTITY_OPS, SHAPE_OPS, Replay, _attr, concrete, shape
+from fxopt.replay import IDENTITY_OPS, SHAPE_OPS, Replay, _attr, concrete, cone, shape
 from fxopt.sites import LinearSite, val
 from fxopt.structure import Attention
 
 from .paths import (
     POINTWISE,
     SIZES_AT_1,
-    cone,
     in_layout,
     is_tensor,
     passthrough,

@@ -35,10 +35,10 @@ from torch import fx
 from fxopt.calibration import BlockIO, ChannelAbsMax
 from fxopt.pass_base import ROUNDING, Exactness, Pass, PassContext, PassResult, Requirement, Tolerance, is_bool
 from fxopt.rewrite import Rewriter, get_attr
-from fxopt.structure import analyze_graph
+from fxopt.structure import analyze_graph, block_linears
 
 from .embeddings import plan_tables, quantize_table
-from .plan import Group, block_linears, plan_groups
+from .plan import Group, plan_groups
 from .rewrite import (
     fold_into_norm,
     prescale_input,

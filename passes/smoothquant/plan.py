@@ -102,14 +102,3 @@ def plan_groups(structure: Structure, quantize: set[LinearSite]) -> list[Group]:
         why = "no norm op produces its input" if ng is None else why_not_foldable(ng, tuple(ng.linears))
         groups.append(Group(tuple(sites), tuple(sites), (x,), None, why or "its norm feeds other linears too"))
     return groups
-
-
-def block_linears(structure: Structure) -> list[LinearSite]:
-    """The q/k/v/o and MLP linears of every transformer block (not an LM head, a pooler or a classifier)."""
-    found = []
-    for b in structure.blocks:
-        if b.attention is not None:
-            found += [b.attention.q, b.attention.k, b.attention.v, b.attention.o]
-        if b.mlp is not None:
-            found += [s for s in (b.mlp.gate, b.mlp.up, b.mlp.down) if s is not None]
-    return list(dict.fromkeys(found))

@@ -25,13 +25,7 @@ from .scales import out_in
 
 def _swap_weight(rw: Rewriter, site: LinearSite, tensor: torch.Tensor) -> None:
     """`site` reads `tensor` where it read its weight; other readers of the old weight keep it."""
-    user = next(u for u in site.weight.users if u is site.node or u in site.node.args)
-    new = rw.constant(str(site.weight.target), tensor.to(val(site.weight).dtype), before=user)
-    if user is not site.node and len(user.users) > 1:  # a transpose shared with another product: this one's own
-        mine = rw.call(user.target, (new, *user.args[1:]), before=site.node, like=user)
-        rw.set_arg(site.node, list(site.node.args).index(user), mine)
-    else:
-        rw.set_arg(user, list(user.args).index(site.weight), new)
+    rw.replace_constant_for(site.weight, site.node, tensor.to(val(site.weight).dtype))
 
 
 def fold_into_norm(rw: Rewriter, group: Group, s: torch.Tensor) -> None:
