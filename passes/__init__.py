@@ -10,11 +10,12 @@ from fxopt.pass_base import Pass
 from .fuse_layernorm import FuseLayerNorm
 from .mha_to_gqa import ConvertToGQA
 from .permute_nm import PermuteForNM
+from .prune_nm import PruneNM
 from .smoothquant import SmoothQuant
 from .stabilize_softmax import StabilizeSoftmax
 
-PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (ConvertToGQA, FuseLayerNorm, PermuteForNM, SmoothQuant,
-                                                          StabilizeSoftmax)}
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
+    ConvertToGQA, FuseLayerNorm, PermuteForNM, PruneNM, SmoothQuant, StabilizeSoftmax)}
 
 # the passes that keep the function exactly (up to float rounding), in a sensible order
 EXACT_PIPELINE: tuple[str, ...] = ("stabilize_softmax", "fuse_layernorm")
@@ -27,4 +28,5 @@ def get(name: str, **options: Any) -> Pass:
     return PASSES[name].configure(**options)
 
 
-__all__ = ["EXACT_PIPELINE", "PASSES", "ConvertToGQA", "FuseLayerNorm", "PermuteForNM", "SmoothQuant", "StabilizeSoftmax", "get"]
+__all__ = ["EXACT_PIPELINE", "PASSES", "ConvertToGQA", "FuseLayerNorm", "PermuteForNM", "PruneNM", "SmoothQuant",
+           "StabilizeSoftmax", "get"]
