@@ -51,6 +51,9 @@ class Report:
                 return p
         raise KeyError(f"no pass {name!r} in this report; passes: {[p.name for p in self.passes]}")
 
+    def __contains__(self, name: object) -> bool:
+        return any(p.name == name for p in self.passes)
+
     def to_dict(self) -> dict[str, Any]:
         return {"capture": dataclasses.asdict(self.capture), "passes": [p.to_dict() for p in self.passes]}
 

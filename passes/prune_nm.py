@@ -5,14 +5,19 @@
 Run it after `permute_nm` (the same function, weights that keep more under the mask): the report's notes give,
 per linear, the share of |W| the mask keeps, and beside it what it would have kept without the permutation (from
 the record permute_nm leaves on the weight). Options: n, m; layers ("ffn": the MLP linears; "blocks": every
-linear of the transformer blocks, the default; "all": every linear, an LM head included); min_cosine.
+linear of the transformer blocks, the default; "all": every linear, an LM head included); min_cosine;
+speed_table (a `benchmarks/sparse24_gpu.py` JSON: prune only the linears whose (K, N) that table measured faster
+as 2:4 than dense at `tokens` tokens, the nearest measured token count at or below it; a shape it did not measure
+is left dense, with the reason) and tokens.
 Requires: SHAPES.  Exactness: APPROXIMATE: every output's cosine similarity to the unpruned graph's is at least
 `min_cosine` on the example inputs. A linear whose in_features is not a multiple of m is left dense, with why.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from torch import fx
@@ -40,19 +45,39 @@ class PruneNM(Pass):
     m: int = 4
     layers: str = "blocks"
     min_cosine: float = 0.5
+    speed_table: str | None = None
+    tokens: int = 2048
 
     name: ClassVar[str] = "prune_nm"
     exactness: ClassVar = Exactness.APPROXIMATE
     option_checks: ClassVar = {
         "n": (_int_at_least(1), "an int >= 1"), "m": (_int_at_least(2), "an int >= 2"),
         "layers": (lambda v: v in ("ffn", "blocks", "all"), "'ffn', 'blocks' or 'all'"),
-        "min_cosine": (lambda v: isinstance(v, (int, float)) and -1 <= v <= 1, "a number in [-1, 1]")}
+        "min_cosine": (lambda v: isinstance(v, (int, float)) and -1 <= v <= 1, "a number in [-1, 1]"),
+        "speed_table": (lambda v: v is None or isinstance(v, (str, Path)), "None or a path"),
+        "tokens": (_int_at_least(1), "an int >= 1")}
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from fxopt.errors import PassOptionError
         if self.n >= self.m:
-            from fxopt.errors import PassOptionError
             raise PassOptionError(self.name, "n", f"must be below m={self.m} (n of every m weights are kept)")
+        if self.speed_table is not None:
+            try:
+                cells = json.loads(Path(self.speed_table).read_text())["cells"]
+                {(c["k"], c["n"], c["m"]): float(c["speedup"]) for c in cells}
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise PassOptionError(self.name, "speed_table", f"is not a sparse24_gpu.py table: {e}") from e
+
+    def _speedup(self) -> dict[tuple[int, int], float]:
+        """(K, N) -> the measured 2:4 speedup at the largest measured token count <= tokens."""
+        cells = json.loads(Path(self.speed_table).read_text())["cells"]
+        best: dict[tuple[int, int], tuple[int, float]] = {}
+        for c in cells:
+            key = (c["k"], c["n"])
+            if c["m"] <= self.tokens and c["m"] >= best.get(key, (0, 0.0))[0]:
+                best[key] = (c["m"], float(c["speedup"]))
+        return {k: v for k, (_, v) in best.items()}
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         structure = analyze_graph(gm)
@@ -61,9 +86,17 @@ class PruneNM(Pass):
         else:
             sites = block_linears(structure) if self.layers == "blocks" else list(structure.linears)
         todo, reasons, notes = [], [], []
+        speed = self._speedup() if self.speed_table is not None else None
         for s in sites:
+            key = (s.in_features, s.out_features)
             if s.in_features % self.m:
                 reasons.append(f"{s.weight_name}: {s.in_features} inputs, not a multiple of {self.m}: left dense")
+            elif speed is not None and key not in speed:
+                reasons.append(f"{s.weight_name}: {key[0]}→{key[1]} at ≤ {self.tokens} tokens is not in the speed "
+                               "table: left dense")
+            elif speed is not None and speed[key] <= 1.0:
+                reasons.append(f"{s.weight_name}: 2:4 measured {speed[key]:.2f}× dense for {key[0]}→{key[1]} at "
+                               f"≤ {self.tokens} tokens: left dense")
             else:
                 todo.append(s)
         if not todo:

@@ -265,3 +265,23 @@ def test_a_permuted_and_pruned_llama_runs_on_the_backends(backend):
     with torch.no_grad():
         want, got = opt(*args, **kwargs), fxopt.compile(opt, backend)(*args, **kwargs)
     assert_within(got[0], want[0])
+
+
+def test_pruning_only_where_the_speed_table_says_2_4_pays(tmp_path):
+    table = tmp_path / "speed.json"
+    table.write_text(__import__("json").dumps({"cells": [
+        {"m": 16, "k": D, "n": FFN, "speedup": 0.5}, {"m": 2048, "k": D, "n": FFN, "speedup": 1.3},
+        {"m": 2048, "k": FFN, "n": D, "speedup": 0.9}]}))
+    model = Model().eval()
+    opt = fxopt.optimize(model, (torch.randn(2, 6, D),),
+                         passes=[PruneNM(layers="ffn", speed_table=str(table), tokens=4096, min_cosine=-1)])
+    report = opt.report["prune_nm"]
+    assert report.stats["pruned_linear"] == 2  # the two up projections (1.3×); down measured 0.9×
+    assert sum("0.90× dense" in r for r in report.reasons) == 2
+    small = fxopt.optimize(model, (torch.randn(2, 6, D),),
+                           passes=[PruneNM(layers="ffn", speed_table=str(table), tokens=100, min_cosine=-1)])
+    assert "prune_nm" in small.report and not small.report["prune_nm"].applied
+    assert sum("0.50× dense" in r for r in small.report["prune_nm"].reasons) == 2
+    from fxopt.errors import PassOptionError
+    with pytest.raises(PassOptionError, match="speed_table"):
+        PruneNM(speed_table=str(tmp_path / "missing.json"))
