@@ -83,12 +83,16 @@ class PermuteForNM(Pass):
 
         structure = analyze_graph(gm)
         sites = block_linears(structure) if self.layers == "blocks" else list(structure.linears)
-        groups, reasons = plan_groups(structure, {id(s) for s in sites}, self.gather_inputs)
-        groups = [g for g in groups if getattr(self, _KINDS[g.kind])]
+        kinds = {kind for kind, option in _KINDS.items() if getattr(self, option)}
+        groups, reasons = plan_groups(structure, {id(s) for s in sites}, kinds)
         plans, notes = [], []
         bar = tqdm(groups, desc="permute_nm search", unit="group", leave=False,
                    disable=not show_progress(self.progress))
         for g in bar:  # every search done before the first edit
+            width = g.consumers[0][1].shape[1]
+            if width % self.m or width < 2 * self.m:
+                reasons.append(f"{g.name}: {width} channels per segment, not a multiple of {self.m} (≥ {2 * self.m})")
+                continue
             perms, before, after = [], 0.0, 0.0
             for seg in range(g.segments):
                 w = stacked(gm, g, seg)
@@ -96,10 +100,7 @@ class PermuteForNM(Pass):
                 perms.append(pi)
                 before, after = before + kept(w, self.n, self.m), after + kept(w[:, pi], self.n, self.m)
             total = sum(float(out_in(gm, s)[:, f.flatten()].abs().double().sum()) for s, f in g.consumers)
-            width = g.consumers[0][1].shape[1]
-            if width % self.m or width < 2 * self.m:
-                reasons.append(f"{g.name}: {width} channels per segment, not a multiple of {self.m} (≥ {2 * self.m})")
-            elif after <= before:
+            if after <= before:
                 reasons.append(f"{g.name}: the identity is already the best permutation found")
             else:
                 plans.append((g, perms))

@@ -106,6 +106,11 @@ def vo_group(index: int, a: Attention) -> Group:
     core = a.core
     region = cone(a.v.output, core.v)
     rows = set(a.v_rows.flatten().tolist())
+    for which, site, other in (("k", a.k, a.k_rows), ("q", a.q, a.q_rows)):
+        if site is a.v and rows & set(other.flatten().tolist()):
+            raise Refused(f"{a.v.weight_name}'s v features are also read as {which}")
+    if {core.q, core.k, getattr(core, "k_transposed", None)} & set(region):
+        raise Refused(f"v's path from {a.v.weight_name} is also the attention's q or k")
     _closed(region, {core.node, core.output}, "v", lambda u: _disjoint(u, a.v, rows))
     extra = [u for u in a.o.input.users if u not in _readers(a.o)]
     if extra:
@@ -141,12 +146,13 @@ def input_groups(sites: list[LinearSite], taken: set[int]) -> list[Group]:
     return out
 
 
-def plan_groups(structure: Structure, targets: set[int], gather_inputs: bool) -> tuple[list[Group], list[str]]:
-    """The groups whose consumers are all in `targets` (ids of sites), and the refusals with their reasons."""
+def plan_groups(structure: Structure, targets: set[int], kinds: set[str]) -> tuple[list[Group], list[str]]:
+    """The groups of `kinds` ("ffn", "vo", "input") whose consumers are all in `targets` (ids of sites), and the
+    refusals with their reasons."""
     groups, reasons = [], []
     for b in structure.blocks:
         for make, part in ((ffn_group, b.mlp), (vo_group, b.attention)):
-            if part is None:
+            if part is None or ("ffn" if make is ffn_group else "vo") not in kinds:
                 continue
             try:
                 g = make(b.index, part)
@@ -155,7 +161,7 @@ def plan_groups(structure: Structure, targets: set[int], gather_inputs: bool) ->
                 continue
             if all(id(s) in targets for s, _ in g.consumers):
                 groups.append(g)
-    if gather_inputs:
+    if "input" in kinds:
         taken = {id(s) for g in groups for s, _ in g.consumers}
         groups += input_groups([s for s in structure.linears if id(s) in targets], taken)
     return groups, reasons

@@ -22,11 +22,11 @@ QUICK = PermuteForNM(swaps_per_column=500)
 class Block(nn.Module):
     """Pre-LN attention (sdpa or written out, `kv` heads shared by repeat_interleave) and an MLP, as users write."""
 
-    def __init__(self, kv: int = HEADS, gated: bool = False, sdpa: bool = True):
+    def __init__(self, kv: int = HEADS, gated: bool = False, sdpa: bool = True, dh: int = D // HEADS):
         super().__init__()
-        self.kv, self.dh, self.gated, self.sdpa = kv, D // HEADS, gated, sdpa
+        self.kv, self.dh, self.gated, self.sdpa = kv, dh, gated, sdpa
         self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
-        self.q, self.o = nn.Linear(D, D), nn.Linear(D, D)
+        self.q, self.o = nn.Linear(D, HEADS * dh), nn.Linear(HEADS * dh, D)
         self.k, self.v = nn.Linear(D, kv * self.dh), nn.Linear(D, kv * self.dh)
         self.up, self.down = nn.Linear(D, FFN), nn.Linear(FFN, D)
         self.gate = nn.Linear(D, FFN, bias=False) if gated else None
@@ -40,7 +40,7 @@ class Block(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = torch.softmax(q @ k.transpose(-1, -2) * self.dh ** -0.5, dim=-1) @ v
-        return self.o(y.transpose(1, 2).reshape(b, s, D))
+        return self.o(y.transpose(1, 2).reshape(b, s, HEADS * self.dh))
 
     def mlp(self, h):
         if self.gated:
@@ -178,6 +178,42 @@ def test_a_group_that_cannot_be_proven_is_left_alone_with_the_reason(model, grou
     report = opt.report["permute_nm"]
     assert any(r.startswith(f"block 0 {group}:") and why in r for r in report.reasons), report.reasons
     assert not any(n.startswith(f"block 0 {group}:") for n in report.notes)
+    x = torch.randn(3, 5, D)
+    with torch.no_grad():
+        assert_within(opt(x), model(x))
+
+
+class SharedKV(nn.Module):
+    """One projection read as both k and v: permuting v's channels would permute k's too."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln, self.q, self.kv, self.o = nn.LayerNorm(D), nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h = self.ln(x)
+        q, kv = (t.view(b, n, HEADS, D // HEADS).transpose(1, 2) for t in (self.q(h), self.kv(h)))
+        return x + self.o(F.scaled_dot_product_attention(q, kv, kv).transpose(1, 2).reshape(b, n, D))
+
+
+def test_one_projection_read_as_k_and_v_is_no_vo_group():
+    model = SharedKV().eval()
+    opt = fxopt.optimize(model, (torch.randn(2, 6, D),), passes=[FuseLayerNorm(), QUICK])
+    report = opt.report["permute_nm"]
+    assert any(r.startswith("block 0 v/o:") and "also read as k" in r for r in report.reasons), report.reasons
+    x = torch.randn(3, 5, D)
+    with torch.no_grad():
+        assert_within(opt(x), model(x))
+
+
+def test_a_head_dim_that_is_not_a_multiple_of_m_leaves_that_group_and_permutes_the_others():
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(dh=6), Block(dh=6)).eval()  # a v/o segment of 6 channels: no whole 4-groups
+    opt = fxopt.optimize(model, (torch.randn(2, 6, D),), passes=[FuseLayerNorm(), QUICK])
+    report = opt.report["permute_nm"]
+    assert sum(" v/o: 6 channels per segment, not a multiple of 4" in r for r in report.reasons) == 2, report.reasons
+    assert sum(" ffn:" in n for n in report.notes) == 2
     x = torch.randn(3, 5, D)
     with torch.no_grad():
         assert_within(opt(x), model(x))
