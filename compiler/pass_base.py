@@ -128,3 +128,8 @@ class Pass:
 
 def is_bool(v: Any) -> bool:
     return isinstance(v, bool)
+
+
+def int_at_least(k: int):
+    """An option check: an int (not a bool) >= k."""
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= k

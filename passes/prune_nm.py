@@ -22,19 +22,25 @@ from typing import ClassVar
 
 from torch import fx
 
-from fxopt.pass_base import ROUNDING, Exactness, Pass, PassContext, PassResult, Tolerance
+from fxopt.pass_base import ROUNDING, Exactness, Pass, PassContext, PassResult, Tolerance, int_at_least
 from fxopt.rewrite import Rewriter
 from fxopt.structure import analyze_graph, block_linears
 
-from .permute_nm import out_in
+from .permute_nm import check_pattern, out_in
 from .permute_nm.rewrite import META
 from .permute_nm.search import kept, nm_mask
 
 _INF = float("inf")
 
 
-def _int_at_least(k: int):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= k
+def speedups(table: str | Path, tokens: int) -> dict[tuple[int, int], float]:
+    """(K, N) -> the 2:4 speedup a sparse24_gpu.py table measured at its largest token count <= tokens."""
+    best: dict[tuple[int, int], tuple[int, float]] = {}
+    for c in json.loads(Path(table).read_text())["cells"]:
+        key = (int(c["k"]), int(c["n"]))
+        if c["m"] <= tokens and c["m"] >= best.get(key, (0, 0.0))[0]:
+            best[key] = (c["m"], float(c["speedup"]))
+    return {k: v for k, (_, v) in best.items()}
 
 
 @dataclass(frozen=True)
@@ -51,33 +57,21 @@ class PruneNM(Pass):
     name: ClassVar[str] = "prune_nm"
     exactness: ClassVar = Exactness.APPROXIMATE
     option_checks: ClassVar = {
-        "n": (_int_at_least(1), "an int >= 1"), "m": (_int_at_least(2), "an int >= 2"),
+        "n": (int_at_least(1), "an int >= 1"), "m": (int_at_least(2), "an int >= 2"),
         "layers": (lambda v: v in ("ffn", "blocks", "all"), "'ffn', 'blocks' or 'all'"),
         "min_cosine": (lambda v: isinstance(v, (int, float)) and -1 <= v <= 1, "a number in [-1, 1]"),
         "speed_table": (lambda v: v is None or isinstance(v, (str, Path)), "None or a path"),
-        "tokens": (_int_at_least(1), "an int >= 1")}
+        "tokens": (int_at_least(1), "an int >= 1")}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from fxopt.errors import PassOptionError
-        if self.n >= self.m:
-            raise PassOptionError(self.name, "n", f"must be below m={self.m} (n of every m weights are kept)")
+        check_pattern(self.name, self.n, self.m)
         if self.speed_table is not None:
+            from fxopt.errors import PassOptionError
             try:
-                cells = json.loads(Path(self.speed_table).read_text())["cells"]
-                {(c["k"], c["n"], c["m"]): float(c["speedup"]) for c in cells}
+                speedups(self.speed_table, self.tokens)
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise PassOptionError(self.name, "speed_table", f"is not a sparse24_gpu.py table: {e}") from e
-
-    def _speedup(self) -> dict[tuple[int, int], float]:
-        """(K, N) -> the measured 2:4 speedup at the largest measured token count <= tokens."""
-        cells = json.loads(Path(self.speed_table).read_text())["cells"]
-        best: dict[tuple[int, int], tuple[int, float]] = {}
-        for c in cells:
-            key = (c["k"], c["n"])
-            if c["m"] <= self.tokens and c["m"] >= best.get(key, (0, 0.0))[0]:
-                best[key] = (c["m"], float(c["speedup"]))
-        return {k: v for k, (_, v) in best.items()}
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         structure = analyze_graph(gm)
@@ -86,7 +80,7 @@ class PruneNM(Pass):
         else:
             sites = block_linears(structure) if self.layers == "blocks" else list(structure.linears)
         todo, reasons, notes = [], [], []
-        speed = self._speedup() if self.speed_table is not None else None
+        speed = speedups(self.speed_table, self.tokens) if self.speed_table is not None else None
         for s in sites:
             key = (s.in_features, s.out_features)
             if s.in_features % self.m:

@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from fxopt.calibration import show_progress
-from fxopt.pass_base import Pass, PassContext, PassResult, is_bool
+from fxopt.pass_base import Pass, PassContext, PassResult, int_at_least, is_bool
 from fxopt.rewrite import Rewriter, get_attr
 from fxopt.sites import LinearSite
 from fxopt.structure import analyze_graph, block_linears
@@ -36,8 +36,11 @@ from .search import kept, search
 _KINDS = {"ffn": "ffn", "vo": "vo", "input": "gather_inputs"}
 
 
-def _int_at_least(k: int):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= k
+def check_pattern(name: str, n: int, m: int) -> None:
+    """n of every m weights are kept: n < m."""
+    if n >= m:
+        from fxopt.errors import PassOptionError
+        raise PassOptionError(name, "n", f"must be below m={m} (n of every m weights are kept)")
 
 
 def out_in(gm: fx.GraphModule, site: LinearSite) -> torch.Tensor:
@@ -66,17 +69,15 @@ class PermuteForNM(Pass):
 
     name: ClassVar[str] = "permute_nm"
     option_checks: ClassVar = {
-        "n": (_int_at_least(1), "an int >= 1"), "m": (_int_at_least(2), "an int >= 2"),
+        "n": (int_at_least(1), "an int >= 1"), "m": (int_at_least(2), "an int >= 2"),
         "ffn": (is_bool, "a bool"), "vo": (is_bool, "a bool"), "gather_inputs": (is_bool, "a bool"),
         "layers": (lambda v: v in ("blocks", "all"), "'blocks' or 'all'"),
-        "swaps_per_column": (_int_at_least(0), "an int >= 0"), "seed": (_int_at_least(0), "an int >= 0"),
+        "swaps_per_column": (int_at_least(0), "an int >= 0"), "seed": (int_at_least(0), "an int >= 0"),
         "progress": (lambda v: v is None or isinstance(v, bool), "None or a bool")}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n >= self.m:
-            from fxopt.errors import PassOptionError
-            raise PassOptionError(self.name, "n", f"must be below m={self.m} (n of every m weights are kept)")
+        check_pattern(self.name, self.n, self.m)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         from tqdm.auto import tqdm
