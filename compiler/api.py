@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .capture import SIGNATURE, capture, export_graph_module
+from .capture import SIGNATURE, capture, export_graph_module, quiet
 from .errors import MissingInputsError, PassOptionError
 from .pass_base import Pass, PassContext
 from .pipeline import run_pipeline
@@ -42,10 +42,7 @@ class OptimizedModule(nn.Module):
         signature = self.graph_module.meta.get(SIGNATURE)
         if signature is not None:  # a typed error naming the argument, before anything runs
             signature.bind(args, kwargs, check_dtype=False)  # opt.half() may have changed the dtypes
-            if left_out := signature.constants_left_out(args, kwargs):
-                name, value = next(iter(left_out.items()))  # the model's default need not be what was captured
-                raise InputMismatchError(name, f"was captured as the constant {value!r}; pass it (the graph does "
-                                         f"not compute the model's default)")
+            kwargs = signature.as_captured(args, kwargs)  # left-out or extra keywords at forward's defaults
         try:
             return self._runtime()[1](args, kwargs)
         except AssertionError as e:
@@ -76,6 +73,7 @@ class OptimizedModule(nn.Module):
 
         return from_bytes, (to_bytes(self),)
 
+    @quiet
     def exported_program(self, dynamic: bool = True) -> torch.export.ExportedProgram:
         """The optimized graph re-exported (for backends): with the capture's dynamic batch/seq dims, or with
         every dim static at the example inputs' sizes (`dynamic=False`)."""
@@ -83,6 +81,7 @@ class OptimizedModule(nn.Module):
                                    self.dynamic_shapes if dynamic else None)
 
 
+@quiet
 def optimize(model: nn.Module, example_inputs: Any = None, passes: Sequence[str | Pass] = (), *,
              example_kwargs: Mapping[str, Any] | None = None, calibration: Iterable | None = None,
              check_numerics: bool = True, progress: bool | None = None,
@@ -134,11 +133,13 @@ def _backend(function: str, name: str):
     return BACKENDS[name]
 
 
+@quiet
 def export_onnx(opt: OptimizedModule, path: str | Path, **options: Any) -> Path:
     """Write `opt` as an ONNX file (see fxopt.backends.onnxruntime.export for the options); returns the path."""
     return _backend("export_onnx", "onnxruntime").export(opt, path, **options)
 
 
+@quiet
 def export_tvm(opt: OptimizedModule, path: str | Path, target: str = "cpu", **options: Any) -> Path:
     """Write a TVM artifact directory for `target` (see fxopt.backends.tvm.export); returns the path."""
     chosen = _backend("export_tvm", "tvm")
@@ -152,6 +153,7 @@ def _check_target(function: str, backend: Any, target: str) -> None:
                               f"got {target!r}")
 
 
+@quiet
 def compile(opt: OptimizedModule, backend: str = "onnxruntime", target: str = "cpu", **options: Any):
     """A callable running `opt` on `backend` for `target`, taking and returning torch tensors."""
     chosen = _backend("compile", backend)

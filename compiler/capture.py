@@ -13,8 +13,11 @@ get_attr nodes, the forward has the model's own signature and returns the model'
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,11 +28,11 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, MissingInputsError
-from .signature import Signature
+from .signature import META_KEY, Signature
 
 log = logging.getLogger(__name__)
 
-SIGNATURE = "fxopt_signature"  # gm.meta key: the captured call signature (fxopt.signature.Signature)
+SIGNATURE = META_KEY  # gm.meta key: the captured call signature (fxopt.signature.Signature)
 
 
 @dataclass
@@ -216,6 +219,33 @@ def _describe_dims(gm: fx.GraphModule, info: CaptureInfo, dynamic_requested: boo
             why = ("the model forces them or their example size is 0 or 1" if dynamic_requested
                    else "dynamic capture failed")
             info.notes.append(f"input {node.name!r}: dims {static} are static ({why})")
+
+
+@contextlib.contextmanager
+def torch_quiet():
+    """Silences what torch's own internals print and a user of fxopt cannot act on: torch.export's deprecation
+    warning (it deep-copies its module call graph through `isinstance(spec, LeafSpec)`), and the ONNX
+    exporter's note that torchvision's ops are not registered."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+    level = registry.level
+    registry.setLevel(max(level, logging.ERROR))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        registry.setLevel(level)
+
+
+def quiet(function):
+    """`function` run under torch_quiet()."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with torch_quiet():
+            return function(*args, **kwargs)
+
+    return wrapper
 
 
 def export_graph_module(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic_shapes: dict | None):

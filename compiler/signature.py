@@ -9,7 +9,9 @@ Binding is by name, as Python binds a call: arguments captured positionally may 
 order) or by keyword, those captured by keyword by keyword. Every mismatch is an `InputMismatchError` naming
 the argument: an unknown keyword, an extra positional argument, one given twice, a missing one, a nested
 argument structured differently, or a Python value (`use_cache=False`) that torch.export captured as a
-constant and that now differs. A keyword argument captured as a constant may be left out.
+constant and that now differs. A keyword argument may be left out, or one not given at capture passed, only
+where its value is forward's own default (`defaults`, read from the model's forward at capture): the graph
+computes the captured value, so any other value needs a new capture.
 
 This file is also copied into every TVM artifact (as `fxopt_signature.py`, beside `loader.py`), where fxopt
 is not installed: it imports only the standard library at module level and torch inside functions, and its
@@ -26,6 +28,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # of to_json()
+META_KEY = "fxopt_signature"  # gm.meta key: the signature captured from the user's model
 
 if __package__ == "fxopt":
     from .errors import FxoptError as _Base
@@ -75,6 +78,7 @@ class Signature:
     arguments: tuple[Argument, ...]
     outputs: tuple[Leaf, ...]  # per output leaf: TENSOR (name = index among tensor outputs) or CONSTANT
     out_spec: Any = None  # pytree spec of the output (None: outputs are returned flat)
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # forward's scalar defaults, by name
 
     @property
     def input_names(self) -> list[str]:
@@ -82,9 +86,19 @@ class Signature:
         return [leaf.name for a in self.arguments for leaf in a.leaves if leaf.kind != CONSTANT]
 
     @classmethod
-    def of(cls, ep: Any, forward: Callable | None = None) -> Signature:
-        """From a torch.export ExportedProgram; `forward` (the module's) supplies names of nested arguments."""
-        return _from_exported_program(ep, forward)
+    def of_module(cls, ep: Any, opt: Any) -> Signature:
+        """For `ep` re-exported from an fxopt OptimizedModule (or a GraphModule) `opt`: names from the graph
+        module's forward, defaults from the signature captured from the user's model."""
+        gm = getattr(opt, "graph_module", opt)
+        captured = getattr(gm, "meta", {}).get(META_KEY)
+        return cls.of(ep, getattr(gm, "forward", None), defaults=getattr(captured, "defaults", None))
+
+    @classmethod
+    def of(cls, ep: Any, forward: Callable | None = None, defaults: Mapping[str, Any] | None = None) -> Signature:
+        """From a torch.export ExportedProgram; `forward` (the module's) supplies names of nested arguments and,
+        unless `defaults` is given (a re-exported graph's forward has none), the defaults of its parameters."""
+        sig = _from_exported_program(ep, forward)
+        return dataclasses.replace(sig, defaults=dict(_scalar_defaults(forward) if defaults is None else defaults))
 
     # -- binding ---------------------------------------------------------------------------------------------
 
@@ -97,6 +111,16 @@ class Signature:
             flat += _check_leaves(a, values[a.name], check_dtype)
         return flat
 
+    def as_captured(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of a call (already bound) as the captured graph takes them: those not in the
+        graph (at forward's default) dropped, captured constants left out (at forward's default) filled in."""
+        names = {a.name for a in self.arguments}
+        given = {k: v for k, v in kwargs.items() if k in names}
+        for a in self.arguments:
+            if a.keyword and a.constant and a.name not in given:
+                given[a.name] = pytree_unflatten([leaf.value for leaf in a.leaves], a.spec)
+        return given
+
     def _match(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         positional = [a for a in self.arguments if not a.keyword]
         if len(args) > len(positional):
@@ -107,19 +131,34 @@ class Signature:
         known = {a.name for a in self.arguments}
         for key, value in kwargs.items():
             if key not in known:
-                raise InputMismatchError(key, f"unexpected keyword argument; the graph takes {sorted(known)}")
+                self._check_default(key, value)  # not an input of the graph: only forward's default is computed
+                continue
             if key in values:
                 raise InputMismatchError(key, "given both positionally and by keyword")
             values[key] = value
         for a in self.arguments:
-            if a.name not in values and not (a.keyword and a.constant):
+            if a.name in values:
+                continue
+            if not (a.keyword and a.constant):
                 raise InputMismatchError(a.name, "missing")
+            captured = a.leaves[0].value if len(a.leaves) == 1 and a.spec is None else "(a nested constant)"
+            if a.name not in self.defaults or not _same_constant(self.defaults[a.name], captured):
+                default = (f"forward's default is {self.defaults[a.name]!r}" if a.name in self.defaults
+                           else "forward declares no default for it")
+                raise InputMismatchError(a.name, f"left out, but the graph was captured with {a.name}={captured!r} "
+                                         f"and {default}; pass {a.name}={captured!r}, or capture again")
         return values
 
-    def constants_left_out(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """The captured values of single-constant keyword arguments the call leaves out."""
-        return {a.name: a.leaves[0].value for a in self.arguments
-                if a.keyword and a.constant and len(a.leaves) == 1 and a.spec is None and a.name not in kwargs}
+    def _check_default(self, key: str, value: Any) -> None:
+        import torch
+
+        known = sorted(a.name for a in self.arguments)
+        if key not in self.defaults:
+            raise InputMismatchError(key, f"unexpected keyword argument; the graph takes {known}")
+        if isinstance(value, torch.Tensor) or not _same_constant(value, self.defaults[key]):
+            raise InputMismatchError(key, f"was not given at capture, so the graph computes forward's default "
+                                     f"{self.defaults[key]!r}; capture (fxopt.optimize) with {key} in the "
+                                     f"example inputs to pass another value")
 
     def unflatten(self, tensors: Sequence[Any]) -> Any:
         n = sum(leaf.kind != CONSTANT for leaf in self.outputs)
@@ -139,7 +178,7 @@ class Signature:
         return {"format": FORMAT, "arguments": [
             {"name": a.name, "keyword": a.keyword, "spec": _dumps(a.spec), "leaves": [_leaf_json(x) for x in a.leaves]}
             for a in self.arguments], "outputs": [_leaf_json(x) for x in self.outputs],
-            "out_spec": _dumps(self.out_spec)}
+            "out_spec": _dumps(self.out_spec), "defaults": dict(self.defaults)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Signature:
@@ -147,7 +186,16 @@ class Signature:
             raise ValueError(f"signature format {data.get('format')!r}; this loader reads format {FORMAT}")
         arguments = tuple(Argument(a["name"], a["keyword"], tuple(_leaf(x) for x in a["leaves"]), _loads(a["spec"]))
                           for a in data["arguments"])
-        return cls(arguments, tuple(_leaf(x) for x in data["outputs"]), _loads(data["out_spec"]))
+        return cls(arguments, tuple(_leaf(x) for x in data["outputs"]), _loads(data["out_spec"]),
+                   dict(data.get("defaults", {})))
+
+
+def pytree_unflatten(leaves: list[Any], spec: Any) -> Any:
+    if spec is None:
+        return leaves[0]
+    from torch.utils import _pytree as pytree
+
+    return pytree.tree_unflatten(leaves, spec)
 
 
 def _check_leaves(a: Argument, value: Any, check_dtype: bool = True) -> list[Any]:
@@ -299,6 +347,19 @@ def _tensor_leaf(name: str, val: Any) -> Leaf:
         return Leaf(name, TENSOR)
     return Leaf(name, TENSOR, None, str(val.dtype).removeprefix("torch."),
                 tuple(d if isinstance(d, int) else None for d in val.shape))
+
+
+def _scalar_defaults(forward: Callable | None) -> dict[str, Any]:
+    """forward's parameters whose default is a JSON scalar (None, bool, int, float, str): the values a call
+    that leaves them out computes."""
+    import inspect
+
+    try:
+        params = inspect.signature(forward).parameters.values() if forward is not None else ()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params
+            if p.default is not p.empty and isinstance(p.default, _JSON_SCALARS)}
 
 
 def _positional_names(forward: Callable | None, count: int) -> list[str] | None:

@@ -12,6 +12,7 @@ add + LayerNorm → com.microsoft.SkipLayerNormalization, add + RMSNorm → com.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -63,9 +64,14 @@ def compile(opt: Any, target: str = "cpu", *, path: str | Path | None = None,  #
     providers_for(target)  # fail before the (slow) export when the provider is missing
     keep_alive = None
     if path is None:
-        keep_alive = tempfile.TemporaryDirectory(prefix="fxopt_ort_")
-        path = Path(keep_alive.name) / "model.onnx"
-    info = export_file(opt, path, **export_options)
+        keep_alive = tempfile.mkdtemp(prefix="fxopt_ort_")  # removed with the OrtModule
+        path = Path(keep_alive) / "model.onnx"
+    try:
+        info = export_file(opt, path, **export_options)
+    except BaseException:
+        if keep_alive is not None:
+            shutil.rmtree(keep_alive, ignore_errors=True)
+        raise
     options = session_options(graph_optimization_level, intra_op_num_threads, optimized_model_path)
     return OrtModule(info.path, info.io, target=target, options=options, export_info=info,
                      keep_alive=keep_alive)

@@ -339,8 +339,7 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
         _check(path, ort_fusions and fusion_error is None)
     counts = op_counts(path)
     log.info("exported %s (opset %d): %s", path, opset, dict(counts))
-    forward = getattr(getattr(opt, "graph_module", None), "forward", None)
-    return ExportResult(path, opset, dict(counts), fusion_counts, external_data, Signature.of(ep, forward),
+    return ExportResult(path, opset, dict(counts), fusion_counts, external_data, Signature.of_module(ep, opt),
                         fusion_error)
 
 

@@ -9,6 +9,8 @@ and the model's own output structure (tuple, dict, Hugging Face ModelOutput) is 
 from __future__ import annotations
 
 import logging
+import shutil
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -83,7 +85,8 @@ class OrtModule:
         self.target = target
         self.export_info = export_info
         self._io = io
-        self._keep_alive = keep_alive  # the temporary directory holding the file, if we made one
+        if keep_alive is not None:  # the temporary directory holding the file, if we made one
+            weakref.finalize(self, shutil.rmtree, keep_alive, ignore_errors=True)
         self.session = ort.InferenceSession(str(self.onnx_path), sess_options=options,
                                             providers=providers_for(target))
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -56,8 +56,8 @@ def _lower_and_build(opt: Any, target: str, extern: bool | None, **build_opts: A
     from .build import build
 
     extern = (target == "cuda") if extern is None else extern
-    forward = getattr(getattr(opt, "graph_module", None), "forward", None)
-    lowered = to_relax(_exported_program(opt), extern=extern, forward=forward)
+    module = getattr(opt, "graph_module", None)
+    lowered = to_relax(_exported_program(opt), extern=extern, module=module)
     return lowered, build(lowered.mod, target, **build_opts)
 
 

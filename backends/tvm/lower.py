@@ -91,13 +91,14 @@ def _drop_constant_inputs(ep: ExportedProgram) -> tuple[ExportedProgram, list[in
     return ep, positions, names
 
 
-def to_relax(ep: ExportedProgram, *, extern: bool = False, forward: Any = None) -> Lowered:
+def to_relax(ep: ExportedProgram, *, extern: bool = False, module: Any = None) -> Lowered:
     """Decompose, fold constant attention masks (masks.py), check and import ``ep``. ``extern``
-    routes GEMMs and attention to runtime-registered packed functions (``convention.py``)."""
+    routes GEMMs and attention to runtime-registered packed functions (``convention.py``). ``module``: the
+    OptimizedModule or GraphModule ``ep`` was exported from (argument names and defaults for the signature)."""
     from tvm.relax.frontend.torch import from_exported_program
 
     in_spec, out_spec = ep.call_spec.in_spec, ep.call_spec.out_spec
-    signature = Signature.of(ep, forward)
+    signature = Signature.of_module(ep, module) if module is not None else Signature.of(ep)
     ep = decompose(ep)
     masks = FoldConstantMasks().run_checked(ep)
     log.info("tvm rewrite %s: %s", masks.name, masks.stats if masks.applied else masks.why_not)

@@ -37,14 +37,14 @@ def optimized():
 
 @pytest.fixture(scope="module")
 def signature(optimized):
-    return Signature.of(optimized.exported_program(), optimized.graph_module.forward)
+    return Signature.of_module(optimized.exported_program(), optimized)
 
 
 def test_binding_is_by_name_whatever_the_keyword_order(signature):
     a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     want = signature.bind((a, b), {"scale": 2.0})
     assert [t is x for t, x in zip(want, (a, b))] == [True, True]
-    for args, kwargs in [((), {"b": b, "a": a}), ((a,), {"b": b, "scale": 2.0, "use_cache": False})]:
+    for args, kwargs in [((), {"b": b, "a": a, "scale": 2.0}), ((a,), {"b": b, "scale": 2.0, "use_cache": False})]:
         got = signature.bind(args, kwargs)
         assert len(got) == 2 and got[0] is a and got[1] is b
 
@@ -125,6 +125,8 @@ BAD_CALLS = {  # what is wrong -> (args, kwargs, the argument named)
     "another dtype": (("a64", "b"), {}, "a"),
     "another rank": (("a", "b2d"), {}, "b"),
     "another size in a static dim": (("a", "b_wide"), {}, "b"),
+    # scale=2.0 was captured; forward's default is 1.0, which the graph does not compute
+    "a captured constant left out that forward defaults otherwise": (("a", "b"), {"scale": None}, "scale"),
 }
 
 
@@ -143,6 +145,7 @@ def test_every_runner_binds_by_name_and_refuses_the_same_bad_calls_the_same_way(
         for what, (args, kwargs, argument) in BAD_CALLS.items():
             kwargs = {"scale": 2.0, "use_cache": False,
                       **{k: values.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}}
+            kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None: the argument left out
             if name == "torch" and what == "another dtype":
                 continue  # the torch module may be converted (opt.half()): dtypes are the backends' contract
             with pytest.raises(InputMismatchError) as info:
@@ -200,3 +203,26 @@ def test_an_output_that_is_an_input_comes_back(backend):
     doubled, same = fxopt.compile(opt, backend=backend)(x)
     assert torch.equal(same, x)
     fxopt.testing.assert_within(doubled, x * 2)
+
+
+class OptionalMask(nn.Module):
+    def forward(self, x, mask=None, temperature=1.0):
+        y = x.softmax(-1) / temperature
+        return y if mask is None else y * mask
+
+
+@pytest.mark.parametrize("name", ["torch", "onnxruntime", "tvm"])
+def test_keywords_at_forwards_default_may_be_passed_or_left_out_and_no_other_value(name):
+    """Issue 10: `mask=None` passed explicitly was refused when absent at capture; a left-out captured
+    constant silently ran with the captured value on ONNX Runtime and TVM."""
+    x = torch.randn(2, 3)
+    opt = fxopt.optimize(OptionalMask(), (x,))
+    run = _runner(opt, name)
+    want = OptionalMask()(x)
+    for kwargs in [{}, {"mask": None}, {"temperature": 1.0}, {"mask": None, "temperature": 1.0}]:
+        fxopt.testing.assert_within(run(x, **kwargs), want)
+    for kwargs, argument in [({"mask": torch.ones(2, 3)}, "mask"), ({"temperature": 2.0}, "temperature"),
+                             ({"mask": 0}, "mask")]:
+        with pytest.raises(InputMismatchError, match="not given at capture") as info:
+            run(x, **kwargs)
+        assert info.value.argument == argument

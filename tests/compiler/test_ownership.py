@@ -132,7 +132,7 @@ def test_a_keyword_captured_as_a_constant_must_be_passed():
 
     x = torch.randn(2, 3, 8)
     opt = fxopt.optimize(Scaled().eval(), (x,), example_kwargs={"scale": 2.0}, passes=["fuse_layernorm"])
-    with pytest.raises(fxopt.InputMismatchError, match="'scale'.*captured as the constant 2.0"):
+    with pytest.raises(fxopt.InputMismatchError, match="'scale'.*captured with scale=2.0 and forward's default is 1.0"):
         opt(x)  # the model would use its default 1.0: never answer with the captured 2.0 silently
 
 

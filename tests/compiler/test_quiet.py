@@ -1,0 +1,41 @@
+"""Quiet by default: a whole session (optimize, save, load, both backends) prints nothing a user of fxopt
+cannot act on: no warnings (even with Python's `-W default`, which shows deprecations and unclosed
+resources), no log lines, no graph dumps."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("tvm")
+
+SESSION = textwrap.dedent("""
+    import sys, tempfile, torch
+    from torch import nn
+    import fxopt
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+
+        def forward(self, x, scale=1.0):
+            return self.norm(self.proj(x) + x).softmax(-1) * scale
+
+    x = torch.randn(2, 5, 8)
+    opt = fxopt.optimize(Block().eval(), (x,), passes=["fuse_layernorm", "stabilize_softmax"])
+    back = fxopt.load(fxopt.save(opt, tempfile.mkdtemp() + "/block.pt2"))
+    for backend in ["onnxruntime", "tvm"]:
+        fxopt.compile(back, backend=backend)(x)
+    print("done")
+""")
+
+
+def test_a_whole_session_prints_no_warnings_and_no_log_lines():
+    """Issue 10: torch's LeafSpec FutureWarning on every export and (un)pickling, the ONNX exporter's
+    torchvision lines, ORT's temporary directory left to the garbage collector."""
+    res = subprocess.run([sys.executable, "-W", "default", "-c", SESSION], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "done\n" and res.stderr == ""
