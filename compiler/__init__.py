@@ -4,6 +4,7 @@ from . import ops  # noqa: F401  (defines the fxopt:: torch.library ops the opti
 from .api import OptimizedModule, compile, export_onnx, export_tvm, optimize
 from .artifact import ArtifactError, load, save
 from .errors import (
+                     BackendMismatchError,
                      CalibrationError,
                      CalibrationInputError,
                      CaptureError,
@@ -26,6 +27,7 @@ from .structure import Structure, analyze, analyze_graph
 
 __all__ = [
                      "ArtifactError",
+                     "BackendMismatchError",
                      "CalibrationError",
                      "CalibrationInputError",
                      "CaptureError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 from torch import fx, nn
 
 from .capture import SIGNATURE, capture, export_graph_module, quiet
-from .errors import MissingInputsError, PassOptionError
+from .errors import BackendMismatchError, MissingInputsError, PassOptionError
 from .pass_base import Pass, PassContext
 from .pipeline import run_pipeline
 from .report import Report
@@ -154,8 +155,45 @@ def _check_target(function: str, backend: Any, target: str) -> None:
 
 
 @quiet
-def compile(opt: OptimizedModule, backend: str = "onnxruntime", target: str = "cpu", **options: Any):
-    """A callable running `opt` on `backend` for `target`, taking and returning torch tensors."""
+def compile(opt: OptimizedModule, backend: str = "onnxruntime", target: str = "cpu", *,
+            check_numerics: bool = True, **options: Any):
+    """A callable running `opt` on `backend` for `target`, taking and returning torch tensors.
+
+    With `check_numerics` (the default) the compiled model is run once on the example inputs and its outputs
+    compared with `opt`'s: within the rounding of their dtype (ROUNDING) where every applied pass is exact;
+    where a pass approximates (quantizers, where one rounding flips a code), within the strictest cosine any
+    such pass promised. A difference raises `BackendMismatchError` naming the backend and the first output."""
     chosen = _backend("compile", backend)
     _check_target("compile", chosen, target)
-    return chosen.compile(opt, target, **options)
+    run = chosen.compile(opt, target, **options)
+    if check_numerics and isinstance(opt, OptimizedModule):
+        _check_compiled(opt, run, backend, target)
+    return run
+
+
+def _check_compiled(opt: OptimizedModule, run: Any, backend: str, target: str) -> None:
+    from torch.utils import _pytree as pytree
+
+    from .numerics import compare, run_graph
+    from .pass_base import ROUNDING, Tolerance
+
+    def on(device: Any, tree: Any) -> Any:
+        return pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), tree)
+
+    args, kwargs = on("cuda" if target == "cuda" else "cpu", (opt.example_inputs, opt.example_kwargs))
+    want = run_graph(opt, opt.example_inputs, opt.example_kwargs)
+    with torch.no_grad():
+        got = on("cpu", run(*args, **kwargs))
+    leaves, spec = pytree.tree_flatten_with_path(on("cpu", want))
+    got_leaves, got_spec = pytree.tree_flatten(got)
+    if got_spec != spec:
+        raise BackendMismatchError(backend, target, "structure", f"returned {got_spec}, the module {spec}")
+    cosines = [p.tolerance.min_cosine for p in opt.report.passes
+               if p.applied and p.tolerance is not None and p.tolerance.min_cosine is not None]
+    tolerance = ROUNDING if not cosines else Tolerance({dt: math.inf for dt in ROUNDING.rtol}, math.inf,
+                                                       max(cosines))
+    for (path, w), g in zip(leaves, got_leaves):
+        result = compare(w, g, tolerance)
+        if not result.ok:
+            raise BackendMismatchError(backend, target, pytree.keystr(path) or "(the output)",
+                                       result.detail.removeprefix("output 0: "))

@@ -74,6 +74,18 @@ class UnsupportedOpError(FxoptError):
         super().__init__(f"{backend}: {len(nodes)} node(s) have no translation:\n{listed}")
 
 
+class BackendMismatchError(FxoptError):
+    """A compiled artifact's outputs on the example inputs differ from the optimized torch module's beyond the
+    rounding of their dtype (`fxopt.compile(..., check_numerics=True)`); names the backend and the output."""
+
+    def __init__(self, backend: str, target: str, output: str, detail: str):
+        self.backend, self.target, self.output = backend, target, output
+        super().__init__(f"{backend} ({target}): the compiled model's output {output} differs from the optimized "
+                         f"torch module's on the example inputs: {detail}. This is a backend conversion bug; "
+                         f"please report it with the model (compile(..., check_numerics=False) returns it "
+                         f"anyway)")
+
+
 class LoweringTableError(FxoptError, ValueError):
     """A backend's lowering table is malformed: a key that is not an op overload, or one the backend's
     importer cannot tell apart from another op."""

@@ -22,6 +22,7 @@ from fxopt.errors import LoweringTableError, UnsupportedOpError
 from . import convert as cv
 from . import quant
 from .attention import make_sdpa, permute_passthrough, view_passthrough
+from .indexing import index_tensor
 
 aten = torch.ops.aten
 Converter = Callable[[Any, Any], Any]
@@ -35,6 +36,7 @@ def lowerings(extern: bool = False) -> dict[torch._ops.OpOverload, Converter]:
         aten.amax.default: cv.amax,
         aten.cumsum.default: cv.cumsum,
         aten.slice.Tensor: cv.slice_tensor,
+        aten.index.Tensor: index_tensor,
         aten.pow.Tensor_Scalar: cv.pow_scalar,
         aten.rms_norm.default: cv.rms_norm,
         aten.layer_norm.default: cv.layer_norm,
