@@ -225,16 +225,23 @@ def _describe_dims(gm: fx.GraphModule, info: CaptureInfo, dynamic_requested: boo
 def torch_quiet():
     """Silences what torch's own internals print and a user of fxopt cannot act on: torch.export's deprecation
     warning (it deep-copies its module call graph through `isinstance(spec, LeafSpec)`), and the ONNX
-    exporter's note that torchvision's ops are not registered."""
-    registry = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
-    level = registry.level
-    registry.setLevel(max(level, logging.ERROR))
+    exporter's note that torchvision's ops are not registered, and the ONNX IR's note on the exporter's empty
+    attribute lists."""
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg, level in zip(loggers, levels):
+        lg.setLevel(max(level, logging.ERROR))
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
             yield
     finally:
-        registry.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+_CHATTY_LOGGERS = ("torch.onnx._internal.exporter._registration",  # "torchvision is not installed. Skipping"
+                   "onnx_ir._convenience")  # "Attribute type is ambiguous" (torchlib's empty attribute lists)
 
 
 def quiet(function):

@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fxopt.capture import quiet
+
 from .export import DEFAULT_OPSET, ExportResult, OnnxExportError, default_opset, export_file, legalize, op_counts
 from .runtime import InputMismatchError, OrtModule, RuntimeUnavailableError, session_options
 from .translations import translation_table
@@ -29,6 +31,7 @@ __all__ = ["export", "export_file", "compile", "legalize", "op_counts", "transla
            "DEFAULT_OPSET", "default_opset", "session_options"]
 
 
+@quiet
 def export(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int | None = None,
            external_data: bool | None = None, ort_fusions: bool = False, optimize: bool = True,
            check: bool = True, extra_translations: Mapping[Any, Callable] | None = None) -> Path:
@@ -48,6 +51,7 @@ def export(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int | Non
                        extra_translations=extra_translations).path
 
 
+@quiet
 def compile(opt: Any, target: str = "cpu", *, path: str | Path | None = None,  # noqa: A001
             graph_optimization_level: str = "all", intra_op_num_threads: int | None = None,
             optimized_model_path: str | Path | None = None, **export_options: Any) -> OrtModule:

@@ -26,7 +26,8 @@ import torch
 from torch import fx
 
 from fxopt import ops
-from fxopt.capture import export_graph_module
+from fxopt.capture import export_graph_module, quiet
+from fxopt.decompositions import backend_decompositions, for_backends
 from fxopt.errors import FxoptError, PassOptionError, UnsupportedOpError
 from fxopt.signature import Signature
 
@@ -119,6 +120,8 @@ def _decomposable(target: Any) -> bool:
         return False
     if target in torch.export.default_decompositions() or target in torch._decomp.decomposition_table:
         return True
+    if target in backend_decompositions():  # fxopt.decompositions, applied before translating
+        return True
     return torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd")
 
 
@@ -145,6 +148,7 @@ def _origin(node: fx.Node) -> str | None:
     return node.meta.get("fxopt_pass")
 
 
+@quiet
 def legalize(program: Any, *, opset: int | None = None,
              extra_translations: Mapping[Any, Callable] | None = None) -> list[str]:
     """Check that every node of the graph has an ONNX translation; raise `UnsupportedOpError` listing all
@@ -303,6 +307,7 @@ def _checked_opset(opset: Any) -> int:
     return opset
 
 
+@quiet
 def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int | None = None,
                 external_data: bool | None = None, ort_fusions: bool = False, optimize: bool = True,
                 check: bool = True, extra_translations: Mapping[Any, Callable] | None = None) -> ExportResult:
@@ -324,7 +329,7 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
         ep = opt.exported_program()
     else:
         ep = export_graph_module(gm, opt.example_inputs, opt.example_kwargs, None)
-    program = _translate(ep, gm, opset, table)
+    program = _translate(for_backends(ep), gm, opset, table)
     if optimize:
         onnxscript.optimizer.optimize_ir(program.model)
     if external_data is None:

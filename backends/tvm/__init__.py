@@ -13,6 +13,7 @@ into the library.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -22,10 +23,11 @@ from typing import Any
 import torch
 
 from fxopt import signature
+from fxopt.capture import quiet
 from fxopt.errors import DeviceUnavailableError, UnsupportedOpError
 
 from . import convention, runtime
-from .lower import Lowered, to_relax, unsupported_nodes
+from .lower import ImporterError, Lowered, to_relax, unsupported_nodes
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ def _exported_program(opt: Any) -> torch.export.ExportedProgram:
     raise TypeError(f"expected an fxopt OptimizedModule or an ExportedProgram, not {type(opt).__name__}")
 
 
+@quiet
 def legalize(program: Any) -> list[str]:
     """Check that every node has a conversion; raise ``UnsupportedOpError`` naming those that don't.
     Accepts an ExportedProgram, an OptimizedModule, or a GraphModule from ``ep.module()``."""
@@ -49,15 +52,34 @@ def legalize(program: Any) -> list[str]:
     missing = unsupported_nodes(_exported_program(program))
     if missing:
         raise UnsupportedOpError("tvm", missing)
+    _import(program, extern=False)  # the importer's own failures (ImporterError), before any build
     return missing
+
+
+def _import(opt: Any, extern: bool) -> Lowered:
+    """The Relax module of ``opt``: with its dynamic dims, or, where TVM's importer fails on them and an import
+    with the example inputs' static shapes works, with those (said in ``Lowered.notes`` and the manifest)."""
+    module = getattr(opt, "graph_module", None)
+    try:
+        return to_relax(_exported_program(opt), extern=extern, module=module)
+    except ImporterError as dynamic_error:
+        if getattr(opt, "dynamic_shapes", None) is None:
+            raise
+        try:
+            lowered = to_relax(opt.exported_program(dynamic=False), extern=extern, module=module)
+        except UnsupportedOpError:
+            raise dynamic_error from dynamic_error.__cause__
+        note = (f"static shapes (the example inputs'): with dynamic dims {dynamic_error.nodes[0]}; calls at other "
+                f"shapes are refused")
+        log.warning("tvm: %s", note)
+        return dataclasses.replace(lowered, notes=(*lowered.notes, note))
 
 
 def _lower_and_build(opt: Any, target: str, extern: bool | None, **build_opts: Any) -> tuple[Lowered, Any]:
     from .build import build
 
     extern = (target == "cuda") if extern is None else extern
-    module = getattr(opt, "graph_module", None)
-    lowered = to_relax(_exported_program(opt), extern=extern, module=module)
+    lowered = _import(opt, extern)
     return lowered, build(lowered.mod, target, **build_opts)
 
 
@@ -69,6 +91,7 @@ def _manifest(lowered: Lowered, target: str, extern: bool) -> dict[str, Any]:
         # the library calls the code makes, by which convention, and what serves them at run time
         "library_calls": convention.manifest_entry() if extern else None,
         "signature": lowered.signature.to_json(),
+        "notes": list(lowered.notes),
         "param_names": lowered.param_names,
         "narrow_outputs": {str(i): n for i, n in lowered.narrow_outputs.items()},
         "rewrites": [{"name": r.name, "applied": r.applied, "stats": dict(r.stats), "why_not": r.why_not,
@@ -76,6 +99,7 @@ def _manifest(lowered: Lowered, target: str, extern: bool) -> dict[str, Any]:
     }
 
 
+@quiet
 def compile(opt: Any, target: str = "cpu", *, extern: bool | None = None, **build_opts: Any) -> runtime.Module:
     """Compile ``opt`` for ``target`` and return a callable taking the model's own arguments."""
     if target == "cuda" and not torch.cuda.is_available():
@@ -93,6 +117,7 @@ def compile(opt: Any, target: str = "cpu", *, extern: bool | None = None, **buil
     return runtime.Module(tvm, ex, dev, params, manifest, lowered.signature)
 
 
+@quiet
 def export(opt: Any, path: str | Path, target: str = "cpu", *, extern: bool | None = None,
            save_params: bool = True, **build_opts: Any) -> Path:
     """Write a deployable directory: ``model.so`` (kernels, no weights), ``params.bin``,

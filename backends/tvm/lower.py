@@ -15,7 +15,8 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from fxopt.errors import UnsupportedOpError
+from fxopt.decompositions import backend_decompositions
+from fxopt.errors import FxoptError, UnsupportedOpError
 from fxopt.signature import Signature
 
 from .convert import padded_output_width
@@ -33,6 +34,26 @@ _KEEP_WHOLE = (
 )
 
 
+class ImporterError(UnsupportedOpError):
+    """TVM's importer failed on a node that has a translation (a symbolic size it cannot take, a dtype it
+    keeps): found before anything is built, by ``legalize`` as by ``compile``."""
+
+    def __init__(self, node: str, error: BaseException):
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        self.backend, self.nodes = "tvm", [f"{node}: the TVM importer failed ({type(error).__name__}: {first})"]
+        FxoptError.__init__(self, f"tvm: the importer could not convert {self.nodes[0]}")
+
+
+def _failed_node(error: BaseException) -> str:
+    """``name: target`` of the node the importer was converting when it raised (from its loop's frame)."""
+    tb, found = error.__traceback__, None
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("node") if tb.tb_frame.f_code.co_name == "_translate_fx_graph" else None
+        found = node if node is not None else found
+        tb = tb.tb_next
+    return f"{found.name}: {found.target}" if found is not None else "(the graph)"
+
+
 @dataclasses.dataclass(frozen=True)
 class Lowered:
     """A Relax module plus what the runtime needs to call it with torch inputs."""
@@ -47,11 +68,13 @@ class Lowered:
     narrow_outputs: dict[int, int]   # output index -> true last-dim size (computed padded)
     signature: Signature | None = None  # binds the model's (args, kwargs); shapes its outputs
     rewrites: tuple = ()             # PassReports of the rewrites run before import (masks.FoldConstantMasks)
+    notes: tuple[str, ...] = ()      # what the lowering chose (static shapes after a failed dynamic import)
 
 
 def decompose(ep: ExportedProgram) -> ExportedProgram:
     """Core-ATen decomposition that leaves the ops of ``_KEEP_WHOLE`` intact."""
     table = torch.export.default_decompositions()
+    table.update(backend_decompositions())  # grouped matmuls (fxopt.decompositions)
     for name in _KEEP_WHOLE:
         ns, op, overload = name.split(".")
         table.pop(getattr(getattr(getattr(torch.ops, ns), op), overload), None)
@@ -107,8 +130,11 @@ def to_relax(ep: ExportedProgram, *, extern: bool = False, module: Any = None) -
     if missing:
         raise UnsupportedOpError("tvm", missing)
     ep, positions, names = _drop_constant_inputs(ep)
-    mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
-                                custom_convert_map=importer_map(table))
+    try:
+        mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
+                                    custom_convert_map=importer_map(table))
+    except Exception as e:  # noqa: BLE001 - the importer's own TypeError/ValueError/AssertionError
+        raise ImporterError(_failed_node(e), e) from e
     mod["main"] = mod["main"].without_attr("params")  # the weights live in our params file
     by_arg = {s.arg.name: s.target for s in ep.graph_signature.input_specs if s.kind == InputKind.PARAMETER}
     num_input = int(mod["main"].attrs["num_input"])

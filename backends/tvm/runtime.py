@@ -128,6 +128,7 @@ class Module:
         self.params = params
         self.signature = signature or Signature.from_json(manifest["signature"])
         self.narrow = {int(i): int(n) for i, n in manifest.get("narrow_outputs", {}).items()}
+        self.notes = list(manifest.get("notes", []))  # what the lowering chose (static shapes after a fallback)
 
     def _flat_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         return self.signature.bind(args, kwargs)

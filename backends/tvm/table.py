@@ -23,6 +23,7 @@ from . import convert as cv
 from . import quant
 from .attention import make_sdpa, permute_passthrough, view_passthrough
 from .indexing import index_tensor
+from .tensors import clamp, divide, empty, histc, repeat
 
 aten = torch.ops.aten
 Converter = Callable[[Any, Any], Any]
@@ -37,6 +38,14 @@ def lowerings(extern: bool = False) -> dict[torch._ops.OpOverload, Converter]:
         aten.cumsum.default: cv.cumsum,
         aten.slice.Tensor: cv.slice_tensor,
         aten.index.Tensor: index_tensor,
+        aten.div.Tensor: divide,
+        aten.div.Scalar: divide,
+        aten.div.Tensor_mode: divide,
+        aten.div.Scalar_mode: divide,
+        aten.repeat.default: repeat,
+        aten.clamp.default: clamp,
+        aten.histc.default: histc,
+        aten.empty_permuted.default: empty,
         aten.pow.Tensor_Scalar: cv.pow_scalar,
         aten.rms_norm.default: cv.rms_norm,
         aten.layer_norm.default: cv.layer_norm,

@@ -10,6 +10,7 @@ from torch import nn
 pytest.importorskip("tvm")
 
 import fxopt  # noqa: E402
+import fxopt.backends.tvm  # noqa: E402
 from fxopt.backends.tvm import table  # noqa: E402
 from fxopt.testing import assert_within  # noqa: E402
 
@@ -54,3 +55,52 @@ def test_compile_refuses_a_model_whose_compiled_outputs_differ_and_names_the_out
         fxopt.compile(opt, backend="tvm")
     assert info.value.output == "['picked']" and info.value.backend == "tvm"
     fxopt.compile(opt, backend="tvm", check_numerics=False)  # told not to check: returned as it is
+
+
+class RepeatedBySize(nn.Module):
+    def forward(self, x):
+        return x.repeat(1, x.shape[1], 1) * 2
+
+
+def test_ops_the_importer_got_wrong_compile_with_dynamic_dims():
+    """Issue 10, finding 12: `repeat` by a size, int / int true division feeding `log`, int `clamp(min=1)`
+    raised the importer's TypeError (or a build error); `histc` had no translation."""
+
+    class Mixed(nn.Module):
+        def forward(self, x):
+            positions = torch.arange(x.shape[1])[:, None] - torch.arange(x.shape[1])[None, :]
+            buckets = torch.log(positions.abs().clamp(min=1) / 4)  # T5's relative-position buckets
+            counts = torch.histc(x, bins=5, min=-2, max=2)
+            return x.repeat(1, x.shape[1], 1).sum(1) + buckets.sum() + counts.sum()
+
+    x = torch.randn(2, 4, 6)
+    opt = fxopt.optimize(Mixed(), (x,))
+    assert fxopt.backends.tvm.legalize(opt) == []
+    run = fxopt.compile(opt, backend="tvm")  # checked against torch on the example inputs
+    assert run.notes == []  # dynamic dims kept
+    x2 = torch.randn(3, 5, 6)
+    assert_within(run(x2), Mixed()(x2))
+
+
+def test_a_failing_dynamic_import_falls_back_to_static_shapes_and_says_so(monkeypatch):
+    """With the importer's own `repeat` (integers only) the dynamic import fails and the static one works."""
+    monkeypatch.setattr(table, "repeat", lambda node, imp: type(imp)._repeat(imp, node))
+    x = torch.randn(2, 4, 6)
+    opt = fxopt.optimize(RepeatedBySize(), (x,))
+    run = fxopt.compile(opt, backend="tvm")
+    assert len(run.notes) == 1 and "static shapes" in run.notes[0] and "repeat" in run.notes[0]
+    assert_within(run(x), RepeatedBySize()(x))
+    with pytest.raises(fxopt.InputMismatchError):
+        run(torch.randn(3, 4, 6))
+
+
+def test_an_importer_failure_is_an_unsupported_op_error_naming_the_node(monkeypatch):
+    def broken(node, imp):
+        raise TypeError("Mismatched type on argument #1")
+
+    monkeypatch.setattr(table, "repeat", broken)
+    opt = fxopt.optimize(RepeatedBySize(), (torch.randn(2, 4, 6),))
+    with pytest.raises(fxopt.UnsupportedOpError, match=r"repeat: aten.repeat.default: the TVM importer failed "
+                                                        r"\(TypeError: Mismatched type") as info:
+        fxopt.backends.tvm.legalize(opt)
+    assert isinstance(info.value.__cause__, TypeError)

@@ -1,0 +1,105 @@
+"""Tensor ops whose importer conversion fails or is missing: true division of integers, ``clamp`` of integers
+with one bound, ``repeat`` by a symbolic count, ``histc``.
+
+* ``a / b`` on integer tensors is a float in torch; the importer divides in the integer dtype (so a following
+  ``log`` is refused), and ``a // 2`` on int64 meets an int32 constant. Here both operands are cast to the
+  dtype torch computed (``meta["val"]``) first.
+* ``clamp(i, min=1)`` on an integer tensor: the importer clips to ``[1, inf]`` and the build cannot cast inf
+  to an integer. Here: ``maximum``/``minimum`` with the bounds that are given (floats: the importer's).
+* ``x.repeat(r_0, .., r_k)`` with a count that is a size of the input (``x.repeat(1, x.shape[1], 1)``): the
+  importer's ``tile`` takes integers only. Here: ``x`` viewed as ``(1, d_0, 1, d_1, ..)``, broadcast to
+  ``(r_0, d_0, r_1, d_1, ..)`` and flattened to ``(r_0·d_0, r_1·d_1, ..)`` — the same tiling, any count.
+* ``empty_permuted`` (what ``torch.empty_like`` becomes) of a symbolic shape: the importer takes integers
+  only. Here: zeros of the shape torch inferred (``meta["val"]``; an empty tensor's values are unspecified).
+* ``histc(x, bins, lo, hi)``: bin ``⌊(v − lo)·bins / (hi − lo)⌋`` of each ``v`` in ``[lo, hi]`` (``hi`` itself
+  in the last bin), counted by comparing with ``arange(bins)``; ``lo = hi`` takes the data's min and max (and
+  widens them by 1 where they are equal), as torch does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import relax, tirx
+
+from .convert import _symbols, _tir_of
+from .relax_util import arg, cast, dtype_of, emit, shape_of
+
+
+def divide(node: Any, imp: Any) -> relax.Expr:
+    """``a / b`` and ``div(a, b, rounding_mode=...)`` computed in the dtype torch gave the result."""
+    val = node.meta.get("val")
+    mode = node.kwargs.get("rounding_mode", node.args[2] if len(node.args) > 2 else None)
+    if val is None:
+        return type(imp)._binary_op(relax.op.divide, lambda a, b: a / b)(imp, node)
+    dtype = str(val.dtype).removeprefix("torch.")
+
+    def as_dtype(a: Any) -> relax.Expr:
+        if isinstance(a, relax.Expr):
+            return cast(imp, a, dtype)
+        return relax.const(float(a) if val.is_floating_point() else int(a), dtype)
+
+    lhs, rhs = (as_dtype(imp.env[a] if hasattr(a, "op") else a) for a in node.args[:2])
+    if mode == "floor":
+        return emit(imp, relax.op.floor_divide(lhs, rhs))
+    quotient = emit(imp, relax.op.divide(lhs, rhs))  # integers: truncating, as C (and torch's "trunc")
+    return emit(imp, relax.op.trunc(quotient)) if mode == "trunc" and val.is_floating_point() else quotient
+
+
+def clamp(node: Any, imp: Any) -> relax.Expr:
+    x = imp.env[node.args[0]]
+    low, high = arg(node, 1, "min"), arg(node, 2, "max")
+    val = node.meta.get("val")
+    same_dtype = val is not None and str(val.dtype).removeprefix("torch.") == dtype_of(x)
+    if "int" not in dtype_of(x) or not same_dtype or not all(b is None or isinstance(b, int) for b in (low, high)):
+        return type(imp)._clamp(imp, node)
+    for bound, op in ((low, relax.op.maximum), (high, relax.op.minimum)):
+        if bound is not None:
+            x = emit(imp, op(x, relax.const(int(bound), dtype_of(x))))
+    return x
+
+
+def empty(node: Any, imp: Any) -> relax.Expr:
+    val = node.meta.get("val")
+    shape = [_tir_of(d, _symbols(imp)) for d in val.shape] if val is not None else [None]
+    if any(d is None for d in shape):
+        return type(imp)._empty(imp, node)
+    return emit(imp, relax.op.zeros(shape, str(val.dtype).removeprefix("torch.")))
+
+
+def repeat(node: Any, imp: Any) -> relax.Expr:
+    x = imp.env[node.args[0]]
+    syms = _symbols(imp)
+    counts = [_tir_of(r.meta["val"] if hasattr(r, "meta") else r, syms) for r in node.args[1]]
+    if any(c is None for c in counts):
+        return type(imp)._repeat(imp, node)
+    dims = [tirx.IntImm("int64", 1)] * (len(counts) - len(shape_of(x))) + shape_of(x)
+    interleaved = [v for d in dims for v in (tirx.IntImm("int64", 1), d)]
+    spread = [v for c, d in zip(counts, dims) for v in (c, d)]
+    x = emit(imp, relax.op.reshape(x, interleaved))
+    x = emit(imp, relax.op.broadcast_to(x, spread))
+    return emit(imp, relax.op.reshape(x, [c * d for c, d in zip(counts, dims)]))
+
+
+def histc(node: Any, imp: Any) -> relax.Expr:
+    x = imp.env[node.args[0]]
+    bins, lo, hi = int(arg(node, 1, "bins", 100)), float(arg(node, 2, "min", 0)), float(arg(node, 3, "max", 0))
+    dtype = dtype_of(x)
+    flat = emit(imp, relax.op.reshape(x, [-1]))
+    if lo == hi:  # the data's range
+        low, high = emit(imp, relax.op.min(flat)), emit(imp, relax.op.max(flat))
+        same = emit(imp, relax.op.equal(low, high))
+        one = relax.const(1.0, dtype)
+        low = emit(imp, relax.op.where(same, relax.op.subtract(low, one), low))
+        high = emit(imp, relax.op.where(same, relax.op.add(high, one), high))
+    else:
+        low, high = relax.const(lo, dtype), relax.const(hi, dtype)
+    inside = emit(imp, relax.op.logical_and(relax.op.greater_equal(flat, low), relax.op.less_equal(flat, high)))
+    scaled = relax.op.divide(relax.op.multiply(relax.op.subtract(flat, low), relax.const(float(bins), dtype)),
+                             relax.op.subtract(high, low))
+    index = emit(imp, relax.op.minimum(relax.op.astype(relax.op.floor(scaled), "int64"),
+                                       relax.const(bins - 1, "int64")))
+    hits = relax.op.logical_and(
+        relax.op.equal(relax.op.expand_dims(index, 1), relax.op.arange(0, bins, 1, "int64")),
+        relax.op.expand_dims(inside, 1))
+    return emit(imp, relax.op.sum(relax.op.astype(emit(imp, hits), dtype), axis=0))
