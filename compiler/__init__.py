@@ -4,6 +4,7 @@ from . import ops  # noqa: F401  (defines the fxopt:: torch.library ops the opti
 from .api import OptimizedModule, compile, export_onnx, export_tvm, optimize
 from .artifact import ArtifactError, load, save
 from .errors import (
+                     BackendError,
                      BackendMismatchError,
                      CalibrationError,
                      CalibrationInputError,
@@ -27,6 +28,7 @@ from .structure import Structure, analyze, analyze_graph
 
 __all__ = [
                      "ArtifactError",
+                     "BackendError",
                      "BackendMismatchError",
                      "CalibrationError",
                      "CalibrationInputError",

@@ -160,7 +160,8 @@ def compile(opt: OptimizedModule, backend: str = "onnxruntime", target: str = "c
     """A callable running `opt` on `backend` for `target`, taking and returning torch tensors.
 
     With `check_numerics` (the default) the compiled model is run once on the example inputs and its outputs
-    compared with `opt`'s: within the rounding of their dtype (ROUNDING) where every applied pass is exact;
+    compared with `opt`'s: within the rounding of their dtype (ROUNDING; bfloat16's where the model computes in
+    bfloat16 and the backend in float32, fxopt.widen) where every applied pass is exact;
     where a pass approximates (quantizers, where one rounding flips a code), within the strictest cosine any
     such pass promised. A difference raises `BackendMismatchError` naming the backend and the first output."""
     chosen = _backend("compile", backend)
@@ -174,6 +175,7 @@ def compile(opt: OptimizedModule, backend: str = "onnxruntime", target: str = "c
 def _check_compiled(opt: OptimizedModule, run: Any, backend: str, target: str) -> None:
     from torch.utils import _pytree as pytree
 
+    from . import widen
     from .numerics import compare, run_graph
     from .pass_base import ROUNDING, Tolerance
 
@@ -190,7 +192,8 @@ def _check_compiled(opt: OptimizedModule, run: Any, backend: str, target: str) -
         raise BackendMismatchError(backend, target, "structure", f"returned {got_spec}, the module {spec}")
     cosines = [p.tolerance.min_cosine for p in opt.report.passes
                if p.applied and p.tolerance is not None and p.tolerance.min_cosine is not None]
-    tolerance = ROUNDING if not cosines else Tolerance({dt: math.inf for dt in ROUNDING.rtol}, math.inf,
+    rounding = widen.TOLERANCE if widen.has_bfloat16(opt.graph_module, args, kwargs) else ROUNDING
+    tolerance = rounding if not cosines else Tolerance({dt: math.inf for dt in ROUNDING.rtol}, math.inf,
                                                        max(cosines))
     for (path, w), g in zip(leaves, got_leaves):
         result = compare(w, g, tolerance)

@@ -74,6 +74,16 @@ class UnsupportedOpError(FxoptError):
         super().__init__(f"{backend}: {len(nodes)} node(s) have no translation:\n{listed}")
 
 
+class BackendError(FxoptError):
+    """A backend failed on a model fxopt handed it (ONNX Runtime could not load the file, TVM could not build the
+    module); names the backend and the step, with the backend's own exception chained."""
+
+    def __init__(self, backend: str, step: str, error: BaseException):
+        self.backend, self.step = backend, step
+        first = (str(error).strip().splitlines() or [""])[0][:500]
+        super().__init__(f"{backend}: {step} failed ({type(error).__name__}: {first})")
+
+
 class BackendMismatchError(FxoptError):
     """A compiled artifact's outputs on the example inputs differ from the optimized torch module's beyond the
     rounding of their dtype (`fxopt.compile(..., check_numerics=True)`); names the backend and the output."""

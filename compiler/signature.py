@@ -79,6 +79,7 @@ class Signature:
     outputs: tuple[Leaf, ...]  # per output leaf: TENSOR (name = index among tensor outputs) or CONSTANT
     out_spec: Any = None  # pytree spec of the output (None: outputs are returned flat)
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # forward's scalar defaults, by name
+    widened: bool = False  # bfloat16 leaves computed in float32 (fxopt.widen): cast on the way in and out
 
     @property
     def input_names(self) -> list[str]:
@@ -91,7 +92,15 @@ class Signature:
         module's forward, defaults from the signature captured from the user's model."""
         gm = getattr(opt, "graph_module", opt)
         captured = getattr(gm, "meta", {}).get(META_KEY)
-        return cls.of(ep, getattr(gm, "forward", None), defaults=getattr(captured, "defaults", None))
+        sig = cls.of(ep, getattr(gm, "forward", None), defaults=getattr(captured, "defaults", None))
+        if captured is None or not captured.widened:
+            return sig
+        # a float32 copy of a bfloat16 program: the call keeps the captured dtypes
+        arguments = tuple(dataclasses.replace(a, leaves=tuple(dataclasses.replace(x, dtype=c.dtype)
+                                                              for x, c in zip(a.leaves, b.leaves)))
+                          for a, b in zip(sig.arguments, captured.arguments))
+        outputs = tuple(dataclasses.replace(x, dtype=c.dtype) for x, c in zip(sig.outputs, captured.outputs))
+        return dataclasses.replace(sig, arguments=arguments, outputs=outputs, widened=True)
 
     @classmethod
     def of(cls, ep: Any, forward: Callable | None = None, defaults: Mapping[str, Any] | None = None) -> Signature:
@@ -109,6 +118,8 @@ class Signature:
             if a.name not in values:
                 continue  # a constant keyword left out
             flat += _check_leaves(a, values[a.name], check_dtype)
+        if self.widened:
+            flat = [_widen(v) for v in flat]
         return flat
 
     def as_captured(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -164,7 +175,7 @@ class Signature:
         n = sum(leaf.kind != CONSTANT for leaf in self.outputs)
         if len(tensors) != n:
             raise InputMismatchError(None, f"the backend returned {len(tensors)} outputs, the graph has {n}")
-        leaves = [leaf.value if leaf.kind == CONSTANT else _as_captured(tensors[int(leaf.name)], leaf)
+        leaves = [leaf.value if leaf.kind == CONSTANT else _as_captured(tensors[int(leaf.name)], leaf, self.widened)
                   for leaf in self.outputs]
         if self.out_spec is None:
             return leaves[0] if len(leaves) == 1 else tuple(leaves)
@@ -178,7 +189,7 @@ class Signature:
         return {"format": FORMAT, "arguments": [
             {"name": a.name, "keyword": a.keyword, "spec": _dumps(a.spec), "leaves": [_leaf_json(x) for x in a.leaves]}
             for a in self.arguments], "outputs": [_leaf_json(x) for x in self.outputs],
-            "out_spec": _dumps(self.out_spec), "defaults": dict(self.defaults)}
+            "out_spec": _dumps(self.out_spec), "defaults": dict(self.defaults), "widened": self.widened}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Signature:
@@ -187,7 +198,7 @@ class Signature:
         arguments = tuple(Argument(a["name"], a["keyword"], tuple(_leaf(x) for x in a["leaves"]), _loads(a["spec"]))
                           for a in data["arguments"])
         return cls(arguments, tuple(_leaf(x) for x in data["outputs"]), _loads(data["out_spec"]),
-                   dict(data.get("defaults", {})))
+                   dict(data.get("defaults", {})), bool(data.get("widened", False)))
 
 
 def pytree_unflatten(leaves: list[Any], spec: Any) -> Any:
@@ -222,11 +233,21 @@ def _check_leaves(a: Argument, value: Any, check_dtype: bool = True) -> list[Any
     return flat
 
 
-def _as_captured(value: Any, leaf: Leaf) -> Any:
+def _widen(value: Any) -> Any:
+    import torch
+
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16 else value
+
+
+def _as_captured(value: Any, leaf: Leaf, widened: bool = False) -> Any:
     """A backend's output in the form the model returned it: a SymInt output as an int, a 0-d tensor as 0-d
-    (runtimes hand both back as 1-element arrays)."""
+    (runtimes hand both back as 1-element arrays), bfloat16 where a widened program computed it in float32."""
     if leaf.kind == SYMINT and hasattr(value, "numel") and value.numel() == 1:
         return int(value.reshape(()).item())
+    if widened and leaf.dtype == "bfloat16" and hasattr(value, "dtype"):
+        import torch
+
+        value = value.to(torch.bfloat16)
     if leaf.shape == () and hasattr(value, "numel") and value.numel() == 1 and value.dim() != 0:
         return value.reshape(())
     return value

@@ -26,10 +26,13 @@ import torch
 from torch import fx
 
 from fxopt import ops
+from fxopt.api import OptimizedModule
 from fxopt.capture import export_graph_module, quiet
 from fxopt.decompositions import backend_decompositions, for_backends
 from fxopt.errors import FxoptError, PassOptionError, UnsupportedOpError
 from fxopt.signature import Signature
+from fxopt.widen import NOTE as widen_note
+from fxopt.widen import widened
 
 from .translations import RMS_NORMALIZATION_OPSET, translation_table
 
@@ -60,6 +63,7 @@ class ExportResult:
     external_data: bool = False
     io: Signature | None = None  # how the model's inputs/outputs map onto the file's
     fusion_error: str | None = None  # why onnxscript's ORT fusions were dropped (ORT rejected their graph)
+    notes: tuple[str, ...] = ()  # what the export chose (bfloat16 computed in float32: fxopt.widen)
 
 
 # -- legalize ----------------------------------------------------------------------------------------------
@@ -315,6 +319,10 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
     import onnxscript.optimizer
 
     path = Path(path)
+    notes: tuple[str, ...] = ()
+    if (wide := widened(opt) if isinstance(opt, OptimizedModule) else None) is not None:
+        opt, notes = wide, (widen_note,)  # ONNX Runtime's CPU provider has no bfloat16 MatMul
+        log.info("onnxruntime: %s", widen_note)
     gm = _graph_module(opt)
     opset = default_opset(gm) if opset is None else _checked_opset(opset)
     table = {**translation_table(opset), **(extra_translations or {})}
@@ -345,7 +353,7 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
     counts = op_counts(path)
     log.info("exported %s (opset %d): %s", path, opset, dict(counts))
     return ExportResult(path, opset, dict(counts), fusion_counts, external_data, Signature.of_module(ep, opt),
-                        fusion_error)
+                        fusion_error, notes)
 
 
 def _save(program: Any, path: Path, external_data: bool) -> None:

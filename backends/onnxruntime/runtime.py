@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxopt.errors import FxoptError
+from fxopt.errors import BackendError, FxoptError
 from fxopt.signature import CONSTANT, InputMismatchError, Signature
 
 __all__ = ["InputMismatchError", "OrtModule", "RuntimeUnavailableError", "providers_for", "session_options"]
@@ -87,8 +87,11 @@ class OrtModule:
         self._io = io
         if keep_alive is not None:  # the temporary directory holding the file, if we made one
             weakref.finalize(self, shutil.rmtree, keep_alive, ignore_errors=True)
-        self.session = ort.InferenceSession(str(self.onnx_path), sess_options=options,
-                                            providers=providers_for(target))
+        providers = providers_for(target)
+        try:
+            self.session = ort.InferenceSession(str(self.onnx_path), sess_options=options, providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT's own (a kernel it lacks, a graph it rejects)
+            raise BackendError("onnxruntime", f"opening {self.onnx_path.name} on {target}", e) from e
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         n_tensors = sum(leaf.kind != CONSTANT for leaf in io.outputs)
@@ -96,6 +99,11 @@ class OrtModule:
             raise FxoptError(f"onnxruntime: the ONNX graph has {len(self.output_names)} outputs, the model "
                              f"{n_tensors} tensor outputs")
         self._device = torch.device("cuda" if target == "cuda" else "cpu")
+
+    @property
+    def notes(self) -> list[str]:
+        """What the export chose (bfloat16 computed in float32)."""
+        return list(getattr(self.export_info, "notes", ()))
 
     @property
     def op_counts(self) -> Mapping[str, int]:

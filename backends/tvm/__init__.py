@@ -23,8 +23,11 @@ from typing import Any
 import torch
 
 from fxopt import signature
+from fxopt.api import OptimizedModule
 from fxopt.capture import quiet
-from fxopt.errors import DeviceUnavailableError, UnsupportedOpError
+from fxopt.errors import BackendError, DeviceUnavailableError, UnsupportedOpError
+from fxopt.widen import NOTE as widen_note
+from fxopt.widen import widened
 
 from . import convention, runtime
 from .lower import ImporterError, Lowered, to_relax, unsupported_nodes
@@ -59,6 +62,9 @@ def legalize(program: Any) -> list[str]:
 def _import(opt: Any, extern: bool) -> Lowered:
     """The Relax module of ``opt``: with its dynamic dims, or, where TVM's importer fails on them and an import
     with the example inputs' static shapes works, with those (said in ``Lowered.notes`` and the manifest)."""
+    if (wide := widened(opt) if isinstance(opt, OptimizedModule) else None) is not None:
+        lowered = _import(wide, extern)  # TVM's layer_norm takes float32 and float16 only
+        return dataclasses.replace(lowered, notes=(widen_note, *lowered.notes))
     module = getattr(opt, "graph_module", None)
     try:
         return to_relax(_exported_program(opt), extern=extern, module=module)
@@ -80,7 +86,12 @@ def _lower_and_build(opt: Any, target: str, extern: bool | None, **build_opts: A
 
     extern = (target == "cuda") if extern is None else extern
     lowered = _import(opt, extern)
-    return lowered, build(lowered.mod, target, **build_opts)
+    try:
+        return lowered, build(lowered.mod, target, **build_opts)
+    except TypeError:
+        raise  # a build option that does not exist: the caller's
+    except Exception as e:  # noqa: BLE001 - TVM's own (a legalization or codegen it lacks)
+        raise BackendError("tvm", f"building for {target}", e) from e
 
 
 def _manifest(lowered: Lowered, target: str, extern: bool) -> dict[str, Any]:

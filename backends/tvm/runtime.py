@@ -138,7 +138,9 @@ class Module:
 
         tv = [self.tvm.runtime.from_dlpack(t.contiguous()) for t in inputs]
         out = self.main(*tv, *self.params)
-        outs = [torch.from_dlpack(o) for o in (list(out) if not hasattr(out, "__dlpack__") else [out])]
+        # a size the model returns comes back as a Python int (a shape value of the VM), tensors by DLPack
+        outs = [o if isinstance(o, int) else torch.from_dlpack(o)
+                for o in (list(out) if not hasattr(out, "__dlpack__") else [out])]
         for i, n in self.narrow.items():  # computed with a padded last dim (aligned GEMM)
             outs[i] = outs[i][..., :n]
         return outs
