@@ -93,8 +93,8 @@ def optimize(model: nn.Module, example_inputs: Any = None, passes: Sequence[str 
     and its outputs are compared with the graph before it on the example inputs, by that pass's tolerance (or
     the bound the pass stated for its run); the report records every step. `calibration`: an iterable (a list,
     a DataLoader) of inputs, iterated once per pass that calibrates and never held in memory as a whole (see
-    fxopt.calibration for the item forms and what is refused before anything runs). `progress`: calibration
-    progress bars (None: when stderr is a terminal).
+    fxopt.calibration for the item forms and what is refused before anything runs). `progress`: bars over the
+    capture attempts, the passes and each calibration (None: when stderr is a terminal).
 
     The optimized module owns its tensors; `model` is left as it was (parameters, buffers, flags). Parameters
     are copied unless `share_weights=True` (then they share storage: no memory doubled, conversions such as
@@ -119,7 +119,7 @@ def optimize(model: nn.Module, example_inputs: Any = None, passes: Sequence[str 
     from .pipeline import check_requirements
 
     check_requirements(resolved, ctx)  # refuse before the (slow) capture
-    gm, info, dynamic_shapes = capture(model, args, kwargs, share_weights)
+    gm, info, dynamic_shapes = capture(model, args, kwargs, share_weights, progress)
     gm, pass_reports = run_pipeline(gm, resolved, ctx, check_numerics=check_numerics, progress=progress)
     report = Report(info, pass_reports)
     log.info("fxopt report\n%s", report)

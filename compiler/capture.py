@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import io
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,9 +75,14 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = False
+def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = False, progress: bool | None = False
             ) -> tuple[fx.GraphModule, CaptureInfo, dict | None]:
+    """`progress`: a bar over the capture attempts (None: when stderr is a terminal)."""
     import time
+
+    from tqdm.auto import tqdm
+
+    from .calibration import show_progress
 
     if not isinstance(model, nn.Module):
         raise CaptureError(type(model).__name__, [("type check", "fxopt.optimize takes a torch.nn.Module")])
@@ -106,21 +113,25 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
         if dyn is None:
             attempts.append(("dynamic shapes", "could not bind the example inputs to forward's signature"))
             tries = tries[1:]
-        for how, fn in tries:
-            try:
-                ep = fn()
-            except Exception as e:
-                log.debug("capture attempt %s failed", how, exc_info=True)
-                attempts.append((how, _first_line(e)))
-                continue
-            info = CaptureInfo(method=how, failed_attempts=attempts)
-            functional = ep.run_decompositions({})
-            gm = own_state(functional.module(), share_weights)
-            _drop_unread_attributes(gm)
-            gm.meta[SIGNATURE] = Signature.of(functional, forward=model.forward)
-            _describe_dims(gm, info, dynamic_requested="dynamic" in how)
-            info.seconds = time.perf_counter() - start
-            return gm, info, dyn if "dynamic" in how else None
+        with tqdm(total=len(tries), desc=f"fxopt capture {name}", unit="try", leave=False,
+                  disable=not show_progress(progress)) as bar:
+            for how, fn in tries:
+                bar.set_postfix_str(how)
+                try:
+                    ep = _without_graph_dump(fn)
+                except Exception as e:
+                    log.debug("capture attempt %s failed", how, exc_info=True)
+                    attempts.append((how, _first_line(e)))
+                    bar.update()
+                    continue
+                info = CaptureInfo(method=how, failed_attempts=attempts)
+                functional = ep.run_decompositions({})
+                gm = own_state(functional.module(), share_weights)
+                _drop_unread_attributes(gm)
+                gm.meta[SIGNATURE] = Signature.of(functional, forward=model.forward)
+                _describe_dims(gm, info, dynamic_requested="dynamic" in how)
+                info.seconds = time.perf_counter() - start
+                return gm, info, dyn if "dynamic" in how else None
     finally:
         for m, training in modes.items():
             m.training = training
@@ -130,6 +141,23 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
             else:
                 model.forward = own_forward
     raise CaptureError(name, attempts)
+
+
+def _without_graph_dump(fn):
+    """`fn()` with stderr held back: a failed torch.export prints the partial graph's code there (kilobytes),
+    which is kept at DEBUG; what the model itself wrote is passed on when the attempt succeeds."""
+    held = io.StringIO()
+    ok = False
+    try:
+        with contextlib.redirect_stderr(held):
+            result = fn()
+        ok = True
+        return result
+    finally:
+        if ok:
+            sys.stderr.write(held.getvalue())
+        elif held.getvalue():
+            log.debug("torch.export wrote to stderr:\n%s", held.getvalue())
 
 
 def _drop_unread_attributes(gm: fx.GraphModule) -> None:
@@ -241,7 +269,8 @@ def torch_quiet():
 
 
 _CHATTY_LOGGERS = ("torch.onnx._internal.exporter._registration",  # "torchvision is not installed. Skipping"
-                   "onnx_ir._convenience")  # "Attribute type is ambiguous" (torchlib's empty attribute lists)
+                   "onnx_ir._convenience",  # "Attribute type is ambiguous" (torchlib's empty attribute lists)
+                   "torch.fx.experimental.symbolic_shapes")  # "Unable to find user code corresponding to {u0}"
 
 
 def quiet(function):

@@ -22,8 +22,9 @@ from typing import Any, ClassVar
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
+from tqdm.auto import tqdm
 
-from .calibration import calibrate, check_source
+from .calibration import calibrate, check_source, show_progress
 from .canonicalize import canonicalize_graph
 from .errors import ExampleInputsError, NumericsError, PassError, RequirementError
 from .numerics import Numerics, compare, overflowed, run_graph
@@ -89,12 +90,19 @@ class _Run:
 
 def run_pipeline(gm: fx.GraphModule, passes: Sequence[Pass], ctx: PassContext, *, check_numerics: bool = True,
                  progress: bool | None = None) -> tuple[fx.GraphModule, list[PassReport]]:
-    """Run `passes` (with canonicalization steps) on `gm`; `progress`: calibration bars (None: when a TTY)."""
+    """Run `passes` (with canonicalization steps) on `gm`; `progress`: a bar over the steps and one per
+    calibration (None: when stderr is a terminal)."""
     check_requirements(passes, ctx)
     steps = with_canonicalization(passes)
     before = _reference_run(gm, ctx) if check_numerics else None
     state = _Run(gm, ctx, output_signature(gm), before, check_numerics, progress)
-    reports = [_step(state, p, [q.name for q in steps[:i]]) for i, p in enumerate(steps)]
+    reports = []
+    with tqdm(total=len(steps), desc="fxopt passes", unit="pass", leave=False,
+              disable=not show_progress(progress)) as bar:
+        for i, p in enumerate(steps):
+            bar.set_postfix_str(p.name)
+            reports.append(_step(state, p, [q.name for q in steps[:i]]))
+            bar.update()
     return state.gm, reports
 
 

@@ -70,6 +70,7 @@ def test_a_model_onnx_runtime_cannot_load_raises_a_backend_error_naming_it(monke
     monkeypatch.setattr(export, "widened", lambda opt: None)
     model = nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16)
     opt = fxopt.optimize(model, (torch.randn(2, 4, dtype=torch.bfloat16),))
-    with pytest.raises(fxopt.BackendError, match=r"onnxruntime: opening .*\.onnx on cpu failed .*NOT_IMPLEMENTED") as info:
+    refused = r"onnxruntime: opening .*\.onnx on cpu failed .*NOT_IMPLEMENTED"
+    with pytest.raises(fxopt.BackendError, match=refused) as info:
         fxopt.compile(opt, backend="onnxruntime")
     assert info.value.__cause__ is not None
