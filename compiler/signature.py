@@ -59,6 +59,8 @@ class Leaf:
     value: Any = None
     dtype: str | None = None  # a tensor's dtype at capture ("float32"); None: not checked
     shape: tuple | None = None  # a tensor's dims at capture: an int where static, None where dynamic
+    # per dim, the (min, max) a dynamic dim may take (max None: unbounded); None where static or unknown
+    ranges: tuple | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +268,12 @@ def _check_tensor(name: str, got: Any, leaf: Leaf, check_dtype: bool = True) -> 
         if want is not None and size != want:
             raise InputMismatchError(name, f"has size {size} in dim {d}, which the graph has static at {want} "
                                      f"(shape {_shape_text(leaf.shape)}; '?' dims are dynamic)")
+        low, high = (leaf.ranges[d] if leaf.ranges and leaf.ranges[d] else (None, None))
+        # a lower bound of 2 is torch.export's 0/1 specialization at capture, which any size may pass at run time
+        if (low is not None and low > 2 and size < low) or (high is not None and size > high):
+            raise InputMismatchError(name, f"has size {size} in dim {d}, outside the range the captured program "
+                                     f"accepts there ({low} to {'any' if high is None else high}; the model "
+                                     f"requires it, e.g. by indexing that dim)")
 
 
 def _shape_text(shape: tuple) -> str:
@@ -286,13 +294,16 @@ def _same_constant(got: Any, captured: Any) -> bool:
 def _leaf_json(leaf: Leaf) -> dict[str, Any]:
     value = leaf.value if isinstance(leaf.value, _JSON_SCALARS) else repr(leaf.value)
     return {"name": leaf.name, "kind": leaf.kind, "value": value, "dtype": leaf.dtype,
-            "shape": None if leaf.shape is None else list(leaf.shape)}
+            "shape": None if leaf.shape is None else list(leaf.shape),
+            "ranges": None if leaf.ranges is None else [None if r is None else list(r) for r in leaf.ranges]}
 
 
 def _leaf(data: Mapping[str, Any]) -> Leaf:
     shape = data.get("shape")
+    ranges = data.get("ranges")
     return Leaf(data["name"], data["kind"], data.get("value"), data.get("dtype"),
-                None if shape is None else tuple(shape))
+                None if shape is None else tuple(shape),
+                None if ranges is None else tuple(None if r is None else tuple(r) for r in ranges))
 
 
 def _dumps(spec: Any) -> str | None:
@@ -329,7 +340,7 @@ def _from_exported_program(ep: Any, forward: Callable | None) -> Signature:
             return Leaf(spec.arg.name, CONSTANT, spec.arg.value)
         if isinstance(spec.arg, SymIntArgument):
             return Leaf(spec.arg.name, SYMINT)
-        return _tensor_leaf(spec.arg.name, placeholders.get(spec.arg.name))
+        return _tensor_leaf(spec.arg.name, placeholders.get(spec.arg.name), ep.range_constraints)
 
     flat = [leaf(s) for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     in_spec = ep.call_spec.in_spec
@@ -362,12 +373,25 @@ def _from_exported_program(ep: Any, forward: Callable | None) -> Signature:
     return Signature(tuple(arguments), tuple(outputs), ep.call_spec.out_spec)
 
 
-def _tensor_leaf(name: str, val: Any) -> Leaf:
-    """A tensor leaf with the dtype and dims of its fake value (None where a dim is a SymInt: dynamic)."""
+def _tensor_leaf(name: str, val: Any, range_constraints: Mapping | None = None) -> Leaf:
+    """A tensor leaf with the dtype and dims of its fake value (None where a dim is a SymInt: dynamic), and the
+    range torch.export proved for each dynamic dim that is a plain symbol."""
     if val is None or not hasattr(val, "shape"):
         return Leaf(name, TENSOR)
+    ranges = tuple(_range(d, range_constraints or {}) for d in val.shape)
     return Leaf(name, TENSOR, None, str(val.dtype).removeprefix("torch."),
-                tuple(d if isinstance(d, int) else None for d in val.shape))
+                tuple(d if isinstance(d, int) else None for d in val.shape),
+                ranges if any(r is not None for r in ranges) else None)
+
+
+def _range(dim: Any, range_constraints: Mapping) -> tuple[int, int | None] | None:
+    expr = getattr(getattr(dim, "node", None), "expr", None)
+    bounds = range_constraints.get(expr) if expr is not None else None
+    if bounds is None:
+        return None
+    low, high = bounds.lower, bounds.upper
+    finite = getattr(high, "is_finite", True) and str(high) not in ("int_oo", "oo")
+    return int(low), (int(high) if finite else None)
 
 
 def _scalar_defaults(forward: Callable | None) -> dict[str, Any]:
