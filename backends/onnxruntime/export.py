@@ -168,6 +168,8 @@ def legalize(program: Any, *, opset: int | None = None,
         if _key(node.target) in known or _decomposable(node.target) or node.target in _INLINED_HOPS:
             continue
         entry = f"{node.name}: {_target_name(node.target)}"
+        if node.target in (torch.ops.aten.copy_.default, torch.ops.aten.copy.default):
+            entry += " (the forward writes a buffer it keeps: model state, which an ONNX graph cannot hold)"
         missing.append(entry)
         if _origin(node):
             origin[entry] = _origin(node)

@@ -1,8 +1,9 @@
-"""``aten.index.Tensor`` (advanced indexing, ``x[:, idx]``, ``x[..., [-2], :]``) as Relax, with torch's semantics.
+"""``aten.index.Tensor`` (advanced indexing, ``x[:, idx]``, ``x[..., [-2], :]``) and ``aten.select.int``
+(``x[..., -2, :]``) as Relax, with torch's semantics.
 
-The importer's own conversion is wrong in two ways: it hands negative indices to ``take``, which reads out of
-bounds (Falcon's head split indexes ``qkv[..., [-2], :]``), and with two or more index tensors beside a
-sliced dim it takes them one after another, an outer product, where torch broadcasts them together.
+The importer's own conversions are wrong in two ways: they hand negative indices to ``take``, which reads out
+of bounds (Falcon's head split selects ``qkv[..., -2, :]``), and with two or more index tensors beside a
+sliced dim the importer takes them one after another, an outer product, where torch broadcasts them together.
 
 torch's rule, for index tensors i_1..i_k at dims d_1..d_k (the rest ``:``), broadcast to one shape B:
     out.shape = x.shape[:d_1] + B + x.shape[d_k+1:]      where d_1..d_k are adjacent,
@@ -51,3 +52,12 @@ def index_tensor(node: Any, imp: Any) -> relax.Expr:
     before = dims[0]  # the dims of x ahead of the first index, now just after B
     order = list(range(k, k + before)) + list(range(k)) + list(range(k + before, k + len(rest)))
     return emit(imp, relax.op.permute_dims(out, order))
+
+
+def select_int(node: Any, imp: Any) -> relax.Expr:
+    """``x.select(dim, i)``: ``take`` of the wrapped index, a 0-d index, so the dim goes away."""
+    x, dim, index = imp.env[node.args[0]], int(node.args[1]), node.args[2]
+    if not isinstance(index, int):
+        return type(imp)._select(imp, node)
+    dim %= len(x.ty.shape.values)
+    return emit(imp, relax.op.take(x, _wrapped(imp, x, relax.const(index, "int64"), dim), axis=dim))

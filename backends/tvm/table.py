@@ -11,10 +11,12 @@ refused (`UnsupportedOpError`), as ``supported`` already refuses it at legalize 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from tvm import relax
 
 from fxopt import ops
 from fxopt.errors import LoweringTableError, UnsupportedOpError
@@ -22,8 +24,8 @@ from fxopt.errors import LoweringTableError, UnsupportedOpError
 from . import convert as cv
 from . import quant
 from .attention import make_sdpa, permute_passthrough, view_passthrough
-from .indexing import index_tensor
-from .tensors import clamp, divide, empty, histc, repeat
+from .indexing import index_tensor, select_int
+from .tensors import any_all, arithmetic, clamp, divide, empty, histc, repeat
 
 aten = torch.ops.aten
 Converter = Callable[[Any, Any], Any]
@@ -38,6 +40,10 @@ def lowerings(extern: bool = False) -> dict[torch._ops.OpOverload, Converter]:
         aten.cumsum.default: cv.cumsum,
         aten.slice.Tensor: cv.slice_tensor,
         aten.index.Tensor: index_tensor,
+        aten.select.int: select_int,
+        **{getattr(getattr(aten, name), form): arithmetic(op, python_op) for name, op, python_op in (
+            ("add", relax.op.add, operator.add), ("sub", relax.op.subtract, operator.sub),
+            ("mul", relax.op.multiply, operator.mul)) for form in ("Tensor", "Scalar")},
         aten.div.Tensor: divide,
         aten.div.Scalar: divide,
         aten.div.Tensor_mode: divide,
@@ -46,6 +52,8 @@ def lowerings(extern: bool = False) -> dict[torch._ops.OpOverload, Converter]:
         aten.clamp.default: clamp,
         aten.histc.default: histc,
         aten.empty_permuted.default: empty,
+        **{getattr(op, form): any_all for op in (aten.any, aten.all) for form in ("default", "dim", "dims")
+           if hasattr(op, form)},
         aten.pow.Tensor_Scalar: cv.pow_scalar,
         aten.rms_norm.default: cv.rms_norm,
         aten.layer_norm.default: cv.layer_norm,

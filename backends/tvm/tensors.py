@@ -1,9 +1,10 @@
-"""Tensor ops whose importer conversion fails or is missing: true division of integers, ``clamp`` of integers
-with one bound, ``repeat`` by a symbolic count, ``histc``.
+"""Tensor ops whose importer conversion fails or is missing: arithmetic in the result's dtype (true division of
+integers, ``bool * 1.0``), ``clamp`` of integers with one bound, ``repeat`` by a symbolic count, ``any``,
+``histc``.
 
 * ``a / b`` on integer tensors is a float in torch; the importer divides in the integer dtype (so a following
-  ``log`` is refused), and ``a // 2`` on int64 meets an int32 constant. Here both operands are cast to the
-  dtype torch computed (``meta["val"]``) first.
+  ``log`` is refused), ``a // 2`` on int64 meets an int32 constant, and ``bool_tensor * 1.0`` stays bool.
+  Here both operands of ``+ - * /`` are cast to the dtype torch computed (``meta["val"]``) first.
 * ``clamp(i, min=1)`` on an integer tensor: the importer clips to ``[1, inf]`` and the build cannot cast inf
   to an integer. Here: ``maximum``/``minimum`` with the bounds that are given (floats: the importer's).
 * ``x.repeat(r_0, .., r_k)`` with a count that is a size of the input (``x.repeat(1, x.shape[1], 1)``): the
@@ -11,6 +12,8 @@ with one bound, ``repeat`` by a symbolic count, ``histc``.
   ``(r_0, d_0, r_1, d_1, ..)`` and flattened to ``(r_0·d_0, r_1·d_1, ..)`` — the same tiling, any count.
 * ``empty_permuted`` (what ``torch.empty_like`` becomes) of a symbolic shape: the importer takes integers
   only. Here: zeros of the shape torch inferred (``meta["val"]``; an empty tensor's values are unspecified).
+* ``any``/``all`` over all dims (``aten.any.default``): no translation; written as max/min over the values as
+  int32, for every form (all dims, one, several).
 * ``histc(x, bins, lo, hi)``: bin ``⌊(v − lo)·bins / (hi − lo)⌋`` of each ``v`` in ``[lo, hi]`` (``hi`` itself
   in the last bin), counted by comparing with ``arange(bins)``; ``lo = hi`` takes the data's min and max (and
   widens them by 1 where they are equal), as torch does.
@@ -18,6 +21,7 @@ with one bound, ``repeat`` by a symbolic count, ``histc``.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 from tvm import relax, tirx
@@ -26,24 +30,54 @@ from .convert import _symbols, _tir_of
 from .relax_util import arg, cast, dtype_of, emit, shape_of
 
 
+def _in_result_dtype(node: Any, imp: Any) -> list[relax.Expr] | None:
+    """The two operands of a binary op cast to the dtype torch gave its result (None where that is unknown or an
+    operand is neither a tensor nor a Python number, e.g. a size)."""
+    val = node.meta.get("val")
+    if not hasattr(val, "dtype"):
+        return None
+    dtype = str(val.dtype).removeprefix("torch.")
+    operands = []
+    for a in node.args[:2]:
+        a = imp.env[a] if hasattr(a, "op") else a
+        if isinstance(a, relax.Expr) and hasattr(a.ty, "dtype"):
+            operands.append(cast(imp, a, dtype))
+        elif isinstance(a, bool | int | float):
+            operands.append(relax.const(float(a) if val.is_floating_point() else int(a), dtype))
+        else:
+            return None
+    return operands
+
+
+def arithmetic(op: Any, python_op: Any) -> Any:
+    """``a + b``, ``a - b``, ``a * b`` (``alpha`` scaling ``b``) in the result's dtype: the importer keeps the
+    first operand's (``bool_tensor * 1.0`` stayed bool and the build failed)."""
+
+    def convert(node: Any, imp: Any) -> relax.Expr:
+        operands = _in_result_dtype(node, imp)
+        alpha = node.kwargs.get("alpha", 1)
+        if operands is None or not isinstance(alpha, int | float):
+            return type(imp)._binary_op(imp, op, python_op)(node)  # sizes (SymInt arithmetic): the importer's
+        lhs, rhs = operands
+        if alpha != 1:
+            rhs = emit(imp, relax.op.multiply(rhs, relax.const(alpha, dtype_of(rhs))))
+        return emit(imp, op(lhs, rhs))
+
+    return convert
+
+
 def divide(node: Any, imp: Any) -> relax.Expr:
     """``a / b`` and ``div(a, b, rounding_mode=...)`` computed in the dtype torch gave the result."""
-    val = node.meta.get("val")
+    operands = _in_result_dtype(node, imp)
+    if operands is None:
+        return type(imp)._binary_op(imp, relax.op.divide, operator.truediv)(node)
+    lhs, rhs = operands
     mode = node.kwargs.get("rounding_mode", node.args[2] if len(node.args) > 2 else None)
-    if val is None:
-        return type(imp)._binary_op(relax.op.divide, lambda a, b: a / b)(imp, node)
-    dtype = str(val.dtype).removeprefix("torch.")
-
-    def as_dtype(a: Any) -> relax.Expr:
-        if isinstance(a, relax.Expr):
-            return cast(imp, a, dtype)
-        return relax.const(float(a) if val.is_floating_point() else int(a), dtype)
-
-    lhs, rhs = (as_dtype(imp.env[a] if hasattr(a, "op") else a) for a in node.args[:2])
     if mode == "floor":
         return emit(imp, relax.op.floor_divide(lhs, rhs))
     quotient = emit(imp, relax.op.divide(lhs, rhs))  # integers: truncating, as C (and torch's "trunc")
-    return emit(imp, relax.op.trunc(quotient)) if mode == "trunc" and val.is_floating_point() else quotient
+    return emit(imp, relax.op.trunc(quotient)) if mode == "trunc" and node.meta["val"].is_floating_point() \
+        else quotient
 
 
 def clamp(node: Any, imp: Any) -> relax.Expr:
@@ -103,3 +137,14 @@ def histc(node: Any, imp: Any) -> relax.Expr:
         relax.op.equal(relax.op.expand_dims(index, 1), relax.op.arange(0, bins, 1, "int64")),
         relax.op.expand_dims(inside, 1))
     return emit(imp, relax.op.sum(relax.op.astype(emit(imp, hits), dtype), axis=0))
+
+
+def any_all(node: Any, imp: Any) -> relax.Expr:
+    x = imp.env[node.args[0]]
+    dims = arg(node, 1, "dim")
+    axes = None if dims is None else [int(d) for d in (dims if isinstance(dims, list | tuple) else [dims])]
+    keep = bool(arg(node, 2, "keepdim", False))
+    reduce = relax.op.max if node.target._schema.name.endswith("any") else relax.op.min
+    values = emit(imp, relax.op.not_equal(x, relax.const(0, dtype_of(x)))) if dtype_of(x) != "bool" else x
+    folded = emit(imp, reduce(emit(imp, relax.op.astype(values, "int32")), axes, keep))
+    return emit(imp, relax.op.astype(folded, "bool"))

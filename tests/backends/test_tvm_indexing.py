@@ -17,7 +17,9 @@ from fxopt.testing import assert_within  # noqa: E402
 ROWS, COLS = torch.tensor([-1, 0, 3]), torch.tensor([1, -2, 5])
 
 INDEXING = {  # written as users write them; i and j hold negative entries
-    "a negative constant index (Falcon's head split)": lambda x, i, j: x[:, :, [-2], :],
+    "a negative constant index list": lambda x, i, j: x[:, :, [-2], :],
+    "a negative integer index (Falcon's head split)": lambda x, i, j: x[:, :, -2, :],
+    "a negative integer index in a dynamic dim": lambda x, i, j: x[:, -1],
     "negative constants in the first dim": lambda x, i, j: x[[-1, 0]],
     "an index tensor with negatives": lambda x, i, j: x[:, :, i],
     "two index tensors side by side after a slice": lambda x, i, j: x[:, i, j],
@@ -50,7 +52,7 @@ def test_compile_refuses_a_model_whose_compiled_outputs_differ_and_names_the_out
     """With the TVM importer's own index conversion (negative indices read out of bounds) compile raises."""
     monkeypatch.setattr(table, "index_tensor", lambda node, imp: type(imp)._index_tensor(imp, node))
     x = torch.randn(2, 16, 6, 8)
-    opt = fxopt.optimize(Indexes(INDEXING["a negative constant index (Falcon's head split)"]), (x, ROWS, COLS))
+    opt = fxopt.optimize(Indexes(INDEXING["a negative constant index list"]), (x, ROWS, COLS))
     with pytest.raises(fxopt.BackendMismatchError, match=r"tvm \(cpu\).*output \['picked'\]") as info:
         fxopt.compile(opt, backend="tvm")
     assert info.value.output == "['picked']" and info.value.backend == "tvm"
@@ -64,14 +66,15 @@ class RepeatedBySize(nn.Module):
 
 def test_ops_the_importer_got_wrong_compile_with_dynamic_dims():
     """Issue 10, finding 12: `repeat` by a size, int / int true division feeding `log`, int `clamp(min=1)`
-    raised the importer's TypeError (or a build error); `histc` had no translation."""
+    raised the importer's TypeError (or a build error); `histc` and `any()` over all dims had no translation."""
 
     class Mixed(nn.Module):
         def forward(self, x):
             positions = torch.arange(x.shape[1])[:, None] - torch.arange(x.shape[1])[None, :]
             buckets = torch.log(positions.abs().clamp(min=1) / 4)  # T5's relative-position buckets
             counts = torch.histc(x, bins=5, min=-2, max=2)
-            return x.repeat(1, x.shape[1], 1).sum(1) + buckets.sum() + counts.sum()
+            flags = (x > 0).any() * 1.0 + (x > 1).any(dim=(0, 2), keepdim=True) + (x > -3).all(-1, keepdim=True)
+            return x.repeat(1, x.shape[1], 1).sum(1) + buckets.sum() + counts.sum() + flags.sum(1)
 
     x = torch.randn(2, 4, 6)
     opt = fxopt.optimize(Mixed(), (x,))
