@@ -25,12 +25,15 @@ def _exercise(opt: fxopt.OptimizedModule, args: tuple, kwargs: dict) -> None:
     with torch.no_grad():
         opt(*args, **kwargs)
     opt.eval().requires_grad_(False)
+    with torch.no_grad():  # in place, before any conversion gives the module new tensors
+        for p in opt.parameters():
+            p.mul_(2)
+        for b in opt.buffers():
+            if b.is_floating_point():
+                b.add_(1)
     opt.load_state_dict(opt.state_dict())
     opt.double()
     opt.float()
-    with torch.no_grad():
-        for p in opt.parameters():
-            p.mul_(2)
     opt.half()
     opt.to(torch.float32)
 
