@@ -247,6 +247,14 @@ def _describe_dims(gm: fx.GraphModule, info: CaptureInfo, dynamic_requested: boo
             why = ("the model forces them or their example size is 0 or 1" if dynamic_requested
                    else "dynamic capture failed")
             info.notes.append(f"input {node.name!r}: dims {static} are static ({why})")
+    signature = gm.meta.get(SIGNATURE)
+    for leaf in (x for a in (signature.arguments if signature else ()) for x in a.leaves if x.ranges):
+        for d, bounds in enumerate(leaf.ranges):
+            low, high = bounds or (None, None)
+            if (low is not None and low > 2) or high is not None:  # 2: torch.export's 0/1 specialization
+                info.notes.append(f"input {leaf.name!r}: dim {d} accepts sizes {low} to "
+                                  f"{'any' if high is None else high} (the model requires it; calls outside "
+                                  f"are refused)")
 
 
 @contextlib.contextmanager
