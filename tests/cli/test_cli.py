@@ -1,0 +1,91 @@
+"""The `fxopt` command line: each subcommand on a small Hugging Face architecture, on the trained MiniLM and on a
+user's own factory; documented exit codes and one-line errors for bad input (issue 15, first step)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fxopt
+from fxopt import cli
+from fxopt.passes import PASSES
+
+pytest.importorskip("transformers")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_passes_lists_every_pass_with_its_exactness_and_options(capsys):
+    code, out, _ = run(capsys, "passes")
+    assert code == cli.EXIT_OK
+    for name, cls in PASSES.items():
+        assert f"{name}  ({cls.exactness.value}" in out
+    assert "fuse_residual_add=True" in out and "requires calibration, shapes" in out
+
+
+def test_analyze_names_the_blocks_heads_and_mlp_of_an_architecture(capsys):
+    code, out, _ = run(capsys, "analyze", "LlamaForCausalLM")
+    assert code == cli.EXIT_OK
+    assert "block 1: attn sdpa 4 heads (2 kv)" in out and "mlp gated silu" in out
+
+
+def test_optimize_writes_a_loadable_program_its_report_and_an_onnx_file(capsys, tmp_path):
+    code, out, _ = run(capsys, "optimize", "minilm", "--shape", "2,12", "-o", str(tmp_path), "--export", "onnx")
+    assert code == cli.EXIT_OK and "fuse_layernorm" in out
+    assert {p.name for p in tmp_path.iterdir()} == {"model.pt2", "report.json", "report.txt", "model.onnx"}
+    opt = fxopt.load(tmp_path / "model.pt2")
+    assert opt.report.to_json() == (tmp_path / "report.json").read_text()
+    ids = torch.randint(2, 1000, (3, 7))
+    out = opt(ids, attention_mask=torch.ones(3, 7, dtype=torch.long))
+    assert out.last_hidden_state.shape == (3, 7, 384)
+
+
+FACTORY = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class RMSNorm(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(dim))
+
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def make():
+        return nn.Sequential(nn.Linear(8, 8), RMSNorm(8)), (torch.randn(2, 5, 8),)
+""")
+
+
+def test_a_factory_in_a_users_file_is_a_model(capsys, tmp_path):
+    (tmp_path / "mine.py").write_text(FACTORY)
+    code, out, _ = run(capsys, "optimize", f"{tmp_path / 'mine.py'}:make", "-o", str(tmp_path / "out"))
+    assert code == cli.EXIT_OK and re.search(r"^fuse_layernorm\s+True", out, re.M)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["optimize", "LlamaForCausalLM", "--passes", "fuse_layernrom"], "fuse_layernrom"),
+    (["analyze", "NoSuchModelForAnything"], "NoSuchModelForAnything"),
+    (["analyze", "LlamaForCausalLM", "--shape", "2"], "--shape"),
+    (["optimize", "nowhere.py:make"], "nowhere.py"),
+])
+def test_bad_input_is_one_line_naming_what_is_wrong_with_exit_code_3(capsys, argv, named):
+    code, _, err = run(capsys, *argv)
+    assert code == cli.EXIT_REFUSED
+    assert err.startswith("fxopt: error: ") and named in err and err.count("\n") == 1
+
+
+def test_the_console_script_is_installed_and_usage_errors_exit_2():
+    res = subprocess.run([sys.executable, "-m", "fxopt.cli", "passes"], capture_output=True, text=True)
+    assert res.returncode == 0 and "smoothquant" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "fxopt.cli", "frobnicate"], capture_output=True, text=True)
+    assert res.returncode == cli.EXIT_USAGE and "invalid choice" in res.stderr
