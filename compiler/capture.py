@@ -95,10 +95,12 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
             "example inputs are required: pass example_inputs=(tensor, ...) and/or example_kwargs={...}")
     name = type(model).__name__
     modes = {m: m.training for m in model.modules()}
+    # what forward assigns to the model while it is traced (`self.cache = x`) must not stay behind: fake
+    # tensors and SymInts in the user's model. Each module's attributes are put back as they were.
+    attributes = {m: dict(vars(m)) for m in model.modules()}
     attempts: list[tuple[str, str]] = []
     start = time.perf_counter()
     named = _named_var_kwargs(model, kwargs)
-    own_forward = vars(model).get("forward")  # a forward the user set on the instance is put back below
     try:
         try:
             model.eval()  # inference capture; the flags are restored below
@@ -135,11 +137,11 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
     finally:
         for m, training in modes.items():
             m.training = training
-        if named is not None:
-            if own_forward is None:
-                del model.forward
-            else:
-                model.forward = own_forward
+        for m, saved in attributes.items():  # also the instance `forward` set for **kwargs, and the flags
+            now = vars(m)
+            for key in [k for k in now if k not in saved]:
+                del now[key]
+            now.update({k: v for k, v in saved.items() if now.get(k) is not v})
     raise CaptureError(name, attempts)
 
 

@@ -283,6 +283,9 @@ def _shape_text(shape: tuple) -> str:
 def _same_constant(got: Any, captured: Any) -> bool:
     if isinstance(captured, bool) or isinstance(got, bool):
         return type(got) is type(captured) and got == captured
+    if isinstance(captured, int | float) and isinstance(got, int | float):
+        # 3 and 3.0 compute different dtypes, -0.0 and 0.0 different signs: the same value only by type and repr
+        return type(got) is type(captured) and repr(got) == repr(captured)
     if isinstance(captured, str) and not isinstance(got, str):
         return repr(got) == captured  # a non-JSON constant, stored as its repr
     try:
@@ -379,9 +382,22 @@ def _tensor_leaf(name: str, val: Any, range_constraints: Mapping | None = None) 
     if val is None or not hasattr(val, "shape"):
         return Leaf(name, TENSOR)
     ranges = tuple(_range(d, range_constraints or {}) for d in val.shape)
-    return Leaf(name, TENSOR, None, str(val.dtype).removeprefix("torch."),
-                tuple(d if isinstance(d, int) else None for d in val.shape),
+    # a dim is static where it is an int, a SymInt a guard fixed to a constant, or one whose range is one value
+    shape = tuple(_static_size(d, r) for d, r in zip(val.shape, ranges))
+    ranges = tuple(None if size is not None else r for size, r in zip(shape, ranges))
+    return Leaf(name, TENSOR, None, str(val.dtype).removeprefix("torch."), shape,
                 ranges if any(r is not None for r in ranges) else None)
+
+
+def _static_size(dim: Any, bounds: tuple | None) -> int | None:
+    if isinstance(dim, int):
+        return dim
+    expr = getattr(getattr(dim, "node", None), "expr", None)
+    if expr is not None and getattr(expr, "is_number", False):
+        return int(expr)
+    if bounds is not None and bounds[1] is not None and bounds[0] == bounds[1]:
+        return int(bounds[0])
+    return None
 
 
 def _range(dim: Any, range_constraints: Mapping) -> tuple[int, int | None] | None:

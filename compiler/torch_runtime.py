@@ -21,6 +21,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from .capture import torch_quiet
 from .torch_kernels import decomposed_graph, eager_table
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,10 @@ class EagerRunner:
     def _folded(self, kinds: dict[str, str]) -> fx.GraphModule:
         if not kinds:
             return self.graph
+        with torch_quiet():  # the copy deep-copies pytree specs (torch's LeafSpec deprecation warning)
+            return self._folded_graph(kinds)
+
+    def _folded_graph(self, kinds: dict[str, str]) -> fx.GraphModule:
         gm = decomposed_graph(self.graph, {})
         nodes = {n.name: n for n in gm.graph.nodes}
         for name, kind in kinds.items():

@@ -19,13 +19,15 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from .capture import SIGNATURE
+from .decompositions import backend_decompositions, for_backends
 from .pass_base import ROUNDING, Tolerance
 
 # the contract of a widened program against the module it was widened from: bfloat16's rounding on every output
 # (a float32 output of a model that rounds to bfloat16 inside carries that rounding)
 TOLERANCE = Tolerance({dt: max(r, ROUNDING.rtol[torch.bfloat16]) for dt, r in ROUNDING.rtol.items()}, ROUNDING.atol)
 
-NOTE = "bfloat16 computed in float32 (the backend has no bfloat16 kernels); inputs and outputs stay bfloat16"
+NOTE = ("bfloat16 computed in float32 (the backend has no bfloat16 kernels); bfloat16 inputs and outputs stay "
+        "bfloat16")
 
 
 def has_bfloat16(gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:
@@ -55,7 +57,12 @@ def widened(opt: Any) -> Any | None:
     gm = opt.graph_module
     if not has_bfloat16(gm, opt.example_inputs, opt.example_kwargs):
         return None
-    wide = copy.deepcopy(gm)
+    table = backend_decompositions()
+    if any(n.target in table for n in gm.graph.nodes if n.op == "call_function"):
+        # ops with a bfloat16-only kernel (aten._grouped_mm on CPU) are written in core ATen first
+        wide = for_backends(opt.exported_program()).module()
+    else:
+        wide = copy.deepcopy(gm)
     for name, t in [*wide.named_parameters(), *wide.named_buffers()]:
         if t.dtype == torch.bfloat16:
             owner, _, attr = name.rpartition(".")

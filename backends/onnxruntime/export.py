@@ -351,7 +351,12 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
     else:
         _save(program, path, external_data)
     if check:
-        _check(path, ort_fusions and fusion_error is None)
+        try:
+            _check(path, ort_fusions and fusion_error is None)
+        except Exception as e:  # noqa: BLE001 - onnx.checker's ValidationError / InferenceError
+            first = (str(e).strip().splitlines() or [""])[0][:400]
+            raise OnnxExportError(f"the exported file fails onnx.checker ({type(e).__name__}: {first}); "
+                                  f"export with check=False to write it anyway") from e
     counts = op_counts(path)
     log.info("exported %s (opset %d): %s", path, opset, dict(counts))
     return ExportResult(path, opset, dict(counts), fusion_counts, external_data, Signature.of_module(ep, opt),

@@ -80,16 +80,26 @@ def _tvm_sdpa(imp: Any, q: relax.Expr, k: relax.Expr, v: relax.Expr, mask: Any, 
     kt = emit(imp, relax.op.permute_dims(kf, list(range(len(shape_of(k)) - 2)) + [-1, -2]))
     s = emit(imp, relax.op.multiply(relax.op.matmul(qf, kt), relax.const(scale, "float32")))
     lq, lk = shape_of(q)[-2], shape_of(k)[-2]
-    neg = relax.const(-1e30, "float32")  # finite: a fully masked row softmaxes to uniform, not NaN
+    neg = relax.const(-1e30, "float32")  # finite: no -inf - -inf inside the softmax
+    ones = None
     if causal:
         ones = emit(imp, relax.op.ones(relax.ShapeExpr([lq, lk]), "bool"))
         s = emit(imp, relax.op.where(relax.op.tril(ones, 0), s, neg))
+    allowed = None  # where a key may be attended to, if the mask can forbid a whole row
     if mask is not None:
         if dtype_of(mask) == "bool":
             s = emit(imp, relax.op.where(mask, s, neg))
+            allowed = mask
         else:
             s = emit(imp, relax.op.add(s, cast(imp, mask, "float32")))
+            allowed = emit(imp, relax.op.not_equal(mask, relax.const(float("-inf"), dtype_of(mask))))
+        if causal:
+            allowed = emit(imp, relax.op.logical_and(allowed, relax.op.tril(ones, 0)))
     p = emit(imp, relax.op.nn.softmax(s, axis=-1))
+    if allowed is not None:  # torch's SDPA gives a row with no allowed key zeros (its safe softmax)
+        any_key = emit(imp, relax.op.max(relax.op.astype(allowed, "int32"), axis=[-1], keepdims=True))
+        p = emit(imp, relax.op.where(relax.op.greater(any_key, relax.const(0, "int32")), p,
+                                     relax.const(0.0, "float32")))
     o = emit(imp, relax.op.matmul(p, cast(imp, v, "float32")))
     return cast(imp, o, dtype)
 

@@ -10,6 +10,9 @@ torch's rule, for index tensors i_1..i_k at dims d_1..d_k (the rest ``:``), broa
     out.shape = B + (the other dims of x, in order)        where they are not;
 each index is first wrapped, i ↦ i + x.shape[d] where i < 0. Here: the indexed dims are moved to the
 front, ``index_tensor`` (NumPy's zipped indexing) takes them, and for adjacent dims B moves back to d_1.
+
+Indices still outside the tensor after wrapping (which torch refuses with an IndexError) are clamped to it
+(``take(mode="clip")``, also for ``embedding``): never a read out of bounds, and no "fast mode" warning.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def index_tensor(node: Any, imp: Any) -> relax.Expr:
     dims = [d for d, i in enumerate(given) if i is not None]
     indices = [_wrapped(imp, x, imp.env[given[d]], d) for d in dims]
     if len(dims) == 1:
-        return emit(imp, relax.op.take(x, indices[0], axis=dims[0]))
+        return emit(imp, relax.op.take(x, indices[0], axis=dims[0], mode="clip"))
     ndim = len(x.ty.shape.values)
     rest = [d for d in range(ndim) if d not in dims]
     front = x if dims == list(range(len(dims))) else emit(imp, relax.op.permute_dims(x, dims + rest))
@@ -60,4 +63,10 @@ def select_int(node: Any, imp: Any) -> relax.Expr:
     if not isinstance(index, int):
         return type(imp)._select(imp, node)
     dim %= len(x.ty.shape.values)
-    return emit(imp, relax.op.take(x, _wrapped(imp, x, relax.const(index, "int64"), dim), axis=dim))
+    return emit(imp, relax.op.take(x, _wrapped(imp, x, relax.const(index, "int64"), dim), axis=dim, mode="clip"))
+
+
+def embedding(node: Any, imp: Any) -> relax.Expr:
+    """Rows of the table; an id outside it is clamped to the table (torch raises), never read out of bounds."""
+    weight, ids = imp.env[node.args[0]], imp.env[node.args[1]]
+    return emit(imp, relax.op.take(weight, ids, axis=0, mode="clip"))

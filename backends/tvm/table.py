@@ -24,7 +24,7 @@ from fxopt.errors import LoweringTableError, UnsupportedOpError
 from . import convert as cv
 from . import quant
 from .attention import make_sdpa, permute_passthrough, view_passthrough
-from .indexing import index_tensor, select_int
+from .indexing import embedding, index_tensor, select_int
 from .tensors import any_all, arithmetic, clamp, divide, empty, histc, repeat
 
 aten = torch.ops.aten
@@ -41,6 +41,7 @@ def lowerings(extern: bool = False) -> dict[torch._ops.OpOverload, Converter]:
         aten.slice.Tensor: cv.slice_tensor,
         aten.index.Tensor: index_tensor,
         aten.select.int: select_int,
+        aten.embedding.default: embedding,
         **{getattr(getattr(aten, name), form): arithmetic(op, python_op) for name, op, python_op in (
             ("add", relax.op.add, operator.add), ("sub", relax.op.subtract, operator.sub),
             ("mul", relax.op.multiply, operator.mul)) for form in ("Tensor", "Scalar")},

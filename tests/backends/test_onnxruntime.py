@@ -377,3 +377,15 @@ def test_the_requested_opset_is_the_one_written(tmp_path):
     path = fxopt.export_onnx(opt, tmp_path / "m.onnx", opset=19)
     written = {o.domain: o.version for o in onnx.load(str(path)).opset_import}
     assert written[""] == 19
+
+
+def test_a_file_onnx_checker_rejects_is_an_export_error_naming_the_node():
+    """Review finding: `b + b` on bool tensors raised onnx's own InferenceError."""
+
+    class AddsBools(nn.Module):
+        def forward(self, b):
+            return b + b
+
+    opt = fxopt.optimize(AddsBools(), (torch.rand(2, 3) > 0.5,))
+    with pytest.raises(ort_backend.OnnxExportError, match=r"fails onnx.checker .*node_add"):
+        fxopt.compile(opt, backend="onnxruntime")

@@ -153,3 +153,22 @@ class KeywordsOnlyWithHook(nn.Module):
 
     def forward(self, x, **kwargs):
         return self.norm(x + kwargs["bias"])
+
+
+def test_attributes_the_forward_assigns_while_traced_do_not_stay_on_the_model():
+    """Review finding: `self.cache = x * 1` left a FakeTensor on the user's model, `self.last_shape` SymInts."""
+
+    class Remembers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.cache = nn.Linear(4, 4), None
+
+        def forward(self, x):
+            self.cache = x * 1
+            self.last_shape = x.shape
+            return self.proj(x)
+
+    model = Remembers()
+    before = dict(vars(model))
+    fxopt.optimize(model, (torch.randn(2, 4),))
+    assert model.cache is None and "last_shape" not in vars(model) and vars(model).keys() == before.keys()
