@@ -34,6 +34,7 @@ from fxopt.signature import Signature
 from fxopt.widen import NOTE as widen_note
 from fxopt.widen import widened
 
+from .masked_rows import zero_rows_without_keys
 from .translations import RMS_NORMALIZATION_OPSET, translation_table
 
 log = logging.getLogger(__name__)
@@ -339,7 +340,10 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
         ep = opt.exported_program()
     else:
         ep = export_graph_module(gm, opt.example_inputs, opt.example_kwargs, None)
-    program = _translate(for_backends(ep), gm, opset, table)
+    ep = for_backends(ep)
+    if ep is not opt:  # a program fxopt re-exported (not the caller's own): torch's zeros for keyless rows
+        ep = zero_rows_without_keys(ep)
+    program = _translate(ep, gm, opset, table)
     if optimize:
         onnxscript.optimizer.optimize_ir(program.model)
     if external_data is None:
