@@ -61,6 +61,8 @@ class Leaf:
     shape: tuple | None = None  # a tensor's dims at capture: an int where static, None where dynamic
     # per dim, the (min, max) a dynamic dim may take (max None: unbounded); None where static or unknown
     ranges: tuple | None = None
+    # per dim, the name of torch.export's size symbol (dims sharing one must be equal); None where static
+    symbols: tuple | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +122,29 @@ class Signature:
             if a.name not in values:
                 continue  # a constant keyword left out
             flat += _check_leaves(a, values[a.name], check_dtype)
+        self._check_shared_sizes(values)
         if self.widened:
             flat = [_widen(v) for v in flat]
         return flat
+
+    def _check_shared_sizes(self, values: Mapping[str, Any]) -> None:
+        """Dims torch.export proved equal (one size symbol: `x + y`, a mask as long as the ids) must be equal."""
+        from torch.utils import _pytree as pytree
+
+        seen: dict[str, tuple[int, str, int]] = {}
+        for a in self.arguments:
+            if a.name not in values:
+                continue
+            for got, leaf in zip(pytree.tree_leaves(values[a.name]), a.leaves):
+                for d, symbol in enumerate(leaf.symbols or ()):
+                    if symbol is None or d >= got.dim():
+                        continue
+                    size = int(got.shape[d])
+                    first = seen.setdefault(symbol, (size, a.name, d))
+                    if first[0] != size:
+                        raise InputMismatchError(a.name, f"has size {size} in dim {d}, but the captured program "
+                                                 f"has it equal to dim {first[2]} of {first[1]!r}, which is "
+                                                 f"{first[0]} in this call")
 
     def as_captured(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The keyword arguments of a call (already bound) as the captured graph takes them: those not in the
@@ -298,7 +320,8 @@ def _leaf_json(leaf: Leaf) -> dict[str, Any]:
     value = leaf.value if isinstance(leaf.value, _JSON_SCALARS) else repr(leaf.value)
     return {"name": leaf.name, "kind": leaf.kind, "value": value, "dtype": leaf.dtype,
             "shape": None if leaf.shape is None else list(leaf.shape),
-            "ranges": None if leaf.ranges is None else [None if r is None else list(r) for r in leaf.ranges]}
+            "ranges": None if leaf.ranges is None else [None if r is None else list(r) for r in leaf.ranges],
+            "symbols": None if leaf.symbols is None else list(leaf.symbols)}
 
 
 def _leaf(data: Mapping[str, Any]) -> Leaf:
@@ -306,7 +329,8 @@ def _leaf(data: Mapping[str, Any]) -> Leaf:
     ranges = data.get("ranges")
     return Leaf(data["name"], data["kind"], data.get("value"), data.get("dtype"),
                 None if shape is None else tuple(shape),
-                None if ranges is None else tuple(None if r is None else tuple(r) for r in ranges))
+                None if ranges is None else tuple(None if r is None else tuple(r) for r in ranges),
+                None if data.get("symbols") is None else tuple(data["symbols"]))
 
 
 def _dumps(spec: Any) -> str | None:
@@ -385,8 +409,15 @@ def _tensor_leaf(name: str, val: Any, range_constraints: Mapping | None = None) 
     # a dim is static where it is an int, a SymInt a guard fixed to a constant, or one whose range is one value
     shape = tuple(_static_size(d, r) for d, r in zip(val.shape, ranges))
     ranges = tuple(None if size is not None else r for size, r in zip(shape, ranges))
+    symbols = tuple(None if size is not None else _symbol(d) for d, size in zip(val.shape, shape))
     return Leaf(name, TENSOR, None, str(val.dtype).removeprefix("torch."), shape,
-                ranges if any(r is not None for r in ranges) else None)
+                ranges if any(r is not None for r in ranges) else None,
+                symbols if any(x is not None for x in symbols) else None)
+
+
+def _symbol(dim: Any) -> str | None:
+    expr = getattr(getattr(dim, "node", None), "expr", None)
+    return str(expr) if expr is not None and getattr(expr, "is_Symbol", False) else None
 
 
 def _static_size(dim: Any, bounds: tuple | None) -> int | None:

@@ -129,6 +129,7 @@ BAD_CALLS = {  # what is wrong -> (args, kwargs, the argument named)
     "a captured constant left out that forward defaults otherwise": (("a", "b"), {"scale": None}, "scale"),
     "a captured float passed as an int": (("a", "b"), {"scale": 2}, "scale"),  # another dtype of result
     "a dim a guard made static (Linear's in_features)": (("a_narrow", "b"), {}, "a"),
+    "sizes the program has equal that differ (a - b)": (("a", "b_short"), {}, "b"),
 }
 
 
@@ -141,7 +142,7 @@ def test_every_runner_binds_by_name_and_refuses_the_same_bad_calls_the_same_way(
     name, run = runner
     values = {"a": torch.randn(3, 5, 4), "b": torch.randn(3, 5, 4)}
     values.update(a64=values["a"].double(), b2d=torch.randn(3, 4), b_wide=torch.randn(3, 5, 6),
-                  a_narrow=torch.randn(3, 5, 3))
+                  a_narrow=torch.randn(3, 5, 3), b_short=torch.randn(3, 2, 4))
     with torch.no_grad():
         want = optimized(values["a"], values["b"], scale=2.0, use_cache=False)["out"]
         fxopt.testing.assert_within(run(b=values["b"], a=values["a"], scale=2.0, use_cache=False)["out"], want)
