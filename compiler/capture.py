@@ -295,5 +295,15 @@ def quiet(function):
 
 
 def export_graph_module(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic_shapes: dict | None):
-    """Re-export an optimized graph (for the backends), with the capture's dynamic dims."""
-    return torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    """Re-export an optimized graph (for the backends), with the capture's dynamic dims. The spec is keyed by
+    the user's forward; where the graph's forward names its inputs otherwise (`forward(*xs)` becomes
+    `forward(xs_0, xs_1)`), the same specs are given in input order."""
+    try:
+        return torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except torch._dynamo.exc.UserError as e:
+        if dynamic_shapes is None or "top-level keys" not in str(e):
+            raise
+    in_order: list[Any] = []
+    for value in dynamic_shapes.values():
+        in_order += list(value) if isinstance(value, tuple) else [value]
+    return torch.export.export(gm, args, kwargs, dynamic_shapes=tuple(in_order), strict=False)

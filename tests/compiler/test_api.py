@@ -186,3 +186,25 @@ def test_inputs_passed_through_var_keyword_arguments_keep_dynamic_dims():
     with torch.no_grad():
         assert_within(opt(hidden=x, residual=r), model(hidden=x, residual=r))
     assert "forward" not in vars(model)  # the signature used for capture was the model's only while capturing
+
+
+def test_a_forward_taking_star_args_saves_loads_and_runs_on_both_backends(tmp_path):
+    """Review finding: forward(*xs) optimized, but the re-export (save, backends) refused the dynamic-shape spec
+    keyed by `xs` ("top-level keys must be ['xs_0', 'xs_1']")."""
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, *xs):
+            return self.proj(xs[0]) + xs[1]
+
+    opt = fxopt.optimize(Pair(), (torch.randn(2, 3, 4), torch.randn(2, 3, 4)))
+    other = (torch.randn(5, 7, 4), torch.randn(5, 7, 4))  # other batch and length: dynamic dims kept
+    with torch.no_grad():
+        want = opt(*other)
+    assert torch.equal(fxopt.load(fxopt.save(opt, tmp_path / "pair.pt2"))(*other), want)
+    for backend in ("onnxruntime", "tvm"):
+        pytest.importorskip(backend)
+        assert_within(fxopt.compile(opt, backend=backend)(*other), want)
