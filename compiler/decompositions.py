@@ -51,3 +51,28 @@ def for_backends(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgr
     if not any(n.target in table for n in ep.graph.nodes if n.op == "call_function"):
         return ep
     return ep.run_decompositions(table)
+
+
+def without_constant_outputs(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """`ep` (a program of fxopt's own: edited in place) without the outputs that are Python constants (a returned
+    `k`, a None): backends return tensors only, and the runner's signature (made before this) puts the constants
+    back where the model returned them."""
+    from torch.export.graph_signature import ConstantArgument
+
+    output = next(n for n in ep.graph.nodes if n.op == "output")
+    specs = ep.graph_signature.output_specs
+    keep = [i for i, s in enumerate(specs) if not isinstance(s.arg, ConstantArgument)]
+    if len(keep) == len(specs):
+        return ep
+    values = output.args[0]
+    output.args = (tuple(values[i] for i in keep),)
+    specs[:] = [specs[i] for i in keep]
+    from torch.utils import _pytree as pytree
+
+    users = sum(1 for spec in specs if spec.kind.name == "USER_OUTPUT")
+    flat = pytree.tree_structure(tuple(range(users)))  # the program now returns its tensors, flat
+    for entry in ep.module_call_graph[:1]:
+        if entry.signature is not None:
+            entry.signature.out_spec = flat
+    ep.graph_module.recompile()
+    return ep

@@ -28,7 +28,7 @@ from torch import fx
 from fxopt import ops
 from fxopt.api import OptimizedModule
 from fxopt.capture import export_graph_module, quiet
-from fxopt.decompositions import backend_decompositions, for_backends
+from fxopt.decompositions import backend_decompositions, for_backends, without_constant_outputs
 from fxopt.errors import FxoptError, PassOptionError, UnsupportedOpError
 from fxopt.signature import Signature
 from fxopt.widen import NOTE as widen_note
@@ -341,8 +341,9 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
     else:
         ep = export_graph_module(gm, opt.example_inputs, opt.example_kwargs, None)
     ep = for_backends(ep)
+    signature = Signature.of_module(ep, opt)  # with the constant outputs, which the file does not have
     if ep is not opt:  # a program fxopt re-exported (not the caller's own): torch's zeros for keyless rows
-        ep = zero_rows_without_keys(ep)
+        ep = without_constant_outputs(zero_rows_without_keys(ep))
     program = _translate(ep, gm, opset, table)
     if optimize:
         onnxscript.optimizer.optimize_ir(program.model)
@@ -363,8 +364,7 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
                                   f"export with check=False to write it anyway") from e
     counts = op_counts(path)
     log.info("exported %s (opset %d): %s", path, opset, dict(counts))
-    return ExportResult(path, opset, dict(counts), fusion_counts, external_data, Signature.of_module(ep, opt),
-                        fusion_error, notes)
+    return ExportResult(path, opset, dict(counts), fusion_counts, external_data, signature, fusion_error, notes)
 
 
 def _save(program: Any, path: Path, external_data: bool) -> None:

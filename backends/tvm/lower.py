@@ -15,7 +15,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from fxopt.decompositions import backend_decompositions
+from fxopt.decompositions import backend_decompositions, without_constant_outputs
 from fxopt.errors import FxoptError, UnsupportedOpError
 from fxopt.signature import Signature
 
@@ -122,7 +122,7 @@ def to_relax(ep: ExportedProgram, *, extern: bool = False, module: Any = None) -
 
     in_spec, out_spec = ep.call_spec.in_spec, ep.call_spec.out_spec
     signature = Signature.of_module(ep, module) if module is not None else Signature.of(ep)
-    ep = decompose(ep)
+    ep = without_constant_outputs(decompose(ep))  # the signature above puts them back
     masks = FoldConstantMasks().run_checked(ep)
     log.info("tvm rewrite %s: %s", masks.name, masks.stats if masks.applied else masks.why_not)
     table = lowerings(extern)

@@ -238,3 +238,19 @@ def test_keywords_at_forwards_default_may_be_passed_or_left_out_and_no_other_val
         with pytest.raises(InputMismatchError, match="not given at capture") as info:
             run(x, **kwargs)
         assert info.value.argument == argument
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_python_constants_among_the_outputs_come_back_where_the_model_returned_them(backend):
+    """Review finding: `return {"y": x * 2, "k": k}` failed on both backends ('int' object has no attribute
+    'name'; TVM: Unsupported output type)."""
+
+    class ReturnsAConstant(nn.Module):
+        def forward(self, x, k=3):
+            return {"y": x * 2, "k": k, "nothing": None}
+
+    opt = fxopt.optimize(ReturnsAConstant(), (torch.randn(2, 3),), example_kwargs={"k": 3})
+    x = torch.randn(4, 3)
+    got = fxopt.compile(opt, backend=backend)(x, k=3)
+    assert list(got) == ["y", "k", "nothing"] and got["k"] == 3 and got["nothing"] is None
+    fxopt.testing.assert_within(got["y"], x * 2)
