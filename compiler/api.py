@@ -42,7 +42,8 @@ class OptimizedModule(nn.Module):
             return self._runtime()[2](*args, **kwargs)
         signature = self.graph_module.meta.get(SIGNATURE)
         if signature is not None:  # a typed error naming the argument, before anything runs
-            signature.bind(args, kwargs, check_dtype=False)  # opt.half() may have changed the dtypes
+            # dtypes as captured, until a conversion (opt.half(), .to(dtype)) makes the module's own the contract
+            signature.bind(args, kwargs, check_dtype=not self.__dict__.get("_converted", False))
             kwargs = signature.as_captured(args, kwargs)  # left-out or extra keywords at forward's defaults
         try:
             return self._runtime()[1](args, kwargs)
@@ -62,6 +63,10 @@ class OptimizedModule(nn.Module):
             cached = (self.graph_module, EagerRunner(self.graph_module), decomposed_graph(self.graph_module))
             self.__dict__["_runtime_cache"] = cached  # not submodules: state_dict stays the graph's
         return cached
+
+    def _apply(self, fn, recurse: bool = True):  # every conversion (half, double, to, cuda) goes through here
+        self.__dict__["_converted"] = True
+        return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> OptimizedModule:
         if mode:

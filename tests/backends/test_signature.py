@@ -150,8 +150,6 @@ def test_every_runner_binds_by_name_and_refuses_the_same_bad_calls_the_same_way(
             kwargs = {"scale": 2.0, "use_cache": False,
                       **{k: values.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}}
             kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None: the argument left out
-            if name == "torch" and what == "another dtype":
-                continue  # the torch module may be converted (opt.half()): dtypes are the backends' contract
             with pytest.raises(InputMismatchError) as info:
                 run(*(values[x] for x in args), **kwargs)
             assert info.value.argument == argument, (name, what, str(info.value))
