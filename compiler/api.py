@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 
 from .capture import SIGNATURE, capture, export_graph_module, quiet
-from .errors import BackendMismatchError, MissingInputsError, PassOptionError
+from .errors import BackendMismatchError, InferenceOnlyError, MissingInputsError, PassOptionError
 from .pass_base import Pass, PassContext
 from .pipeline import run_pipeline
 from .report import Report
@@ -70,7 +70,8 @@ class OptimizedModule(nn.Module):
 
     def train(self, mode: bool = True) -> OptimizedModule:
         if mode:
-            raise RuntimeError("an fxopt OptimizedModule is an inference graph; it has no training mode")
+            raise InferenceOnlyError("an fxopt OptimizedModule is an inference graph; it has no training mode "
+                                     "(train the original model and optimize it again)")
         self.training = False
         return self
 

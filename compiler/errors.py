@@ -121,6 +121,10 @@ class ExampleInputsError(FxoptError):
     they cannot be checked; says what to change."""
 
 
+class InferenceOnlyError(FxoptError, RuntimeError):
+    """A training-mode request to an optimized (inference) module: `opt.train()`."""
+
+
 class DeviceUnavailableError(FxoptError, RuntimeError):
     """A backend target needs a device this machine does not have (`target="cuda"` without a GPU); raised before
     anything is built."""

@@ -49,3 +49,10 @@ def test_an_unknown_target_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(fxopt.PassOptionError, match="target"):
         fxopt.export_tvm(opt, tmp_path / "out", target="gpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_training_mode_is_refused_with_a_typed_error():
+    opt = fxopt.optimize(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
+    with pytest.raises(fxopt.FxoptError, match="no training mode"):
+        opt.train()
+    assert opt.eval() is opt and not opt.training
