@@ -176,7 +176,8 @@ class Signature:
                 continue
             if not (a.keyword and a.constant):
                 raise InputMismatchError(a.name, "missing")
-            captured = a.leaves[0].value if len(a.leaves) == 1 and a.spec is None else "(a nested constant)"
+            captured = (pytree_unflatten([leaf.value for leaf in a.leaves], a.spec) if a.spec is not None
+                        else a.leaves[0].value)
             if a.name not in self.defaults or not _same_constant(self.defaults[a.name], captured):
                 default = (f"forward's default is {self.defaults[a.name]!r}" if a.name in self.defaults
                            else "forward declares no default for it")
@@ -213,7 +214,8 @@ class Signature:
         return {"format": FORMAT, "arguments": [
             {"name": a.name, "keyword": a.keyword, "spec": _dumps(a.spec), "leaves": [_leaf_json(x) for x in a.leaves]}
             for a in self.arguments], "outputs": [_leaf_json(x) for x in self.outputs],
-            "out_spec": _dumps(self.out_spec), "defaults": dict(self.defaults), "widened": self.widened}
+            "out_spec": _dumps(self.out_spec), "defaults": {k: _encode(v) for k, v in self.defaults.items()},
+            "widened": self.widened}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Signature:
@@ -222,7 +224,7 @@ class Signature:
         arguments = tuple(Argument(a["name"], a["keyword"], tuple(_leaf(x) for x in a["leaves"]), _loads(a["spec"]))
                           for a in data["arguments"])
         return cls(arguments, tuple(_leaf(x) for x in data["outputs"]), _loads(data["out_spec"]),
-                   dict(data.get("defaults", {})), bool(data.get("widened", False)))
+                   {k: _decode(v) for k, v in data.get("defaults", {}).items()}, bool(data.get("widened", False)))
 
 
 def pytree_unflatten(leaves: list[Any], spec: Any) -> Any:
@@ -303,6 +305,9 @@ def _shape_text(shape: tuple) -> str:
 
 
 def _same_constant(got: Any, captured: Any) -> bool:
+    if isinstance(captured, tuple | list):
+        return (type(got) is type(captured) and len(got) == len(captured)
+                and all(_same_constant(g, c) for g, c in zip(got, captured)))
     if isinstance(captured, bool) or isinstance(got, bool):
         return type(got) is type(captured) and got == captured
     if isinstance(captured, int | float) and isinstance(got, int | float):
@@ -450,8 +455,26 @@ def _scalar_defaults(forward: Callable | None) -> dict[str, Any]:
         params = inspect.signature(forward).parameters.values() if forward is not None else ()
     except (TypeError, ValueError):
         return {}
-    return {p.name: p.default for p in params
-            if p.default is not p.empty and isinstance(p.default, _JSON_SCALARS)}
+    return {p.name: p.default for p in params if p.default is not p.empty and _plain(p.default)}
+
+
+def _plain(value: Any) -> bool:
+    """A JSON scalar, or a tuple or list of them (`window=(4, 4)`)."""
+    if isinstance(value, tuple | list):
+        return all(_plain(v) for v in value)
+    return isinstance(value, _JSON_SCALARS)
+
+
+def _encode(value: Any) -> Any:  # JSON has no tuples
+    if isinstance(value, tuple):
+        return {"tuple": [_encode(v) for v in value]}
+    return [_encode(v) for v in value] if isinstance(value, list) else value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"tuple"}:
+        return tuple(_decode(v) for v in value["tuple"])
+    return [_decode(v) for v in value] if isinstance(value, list) else value
 
 
 def _positional_names(forward: Callable | None, count: int) -> list[str] | None:

@@ -252,3 +252,22 @@ def test_python_constants_among_the_outputs_come_back_where_the_model_returned_t
     got = fxopt.compile(opt, backend=backend)(x, k=3)
     assert list(got) == ["y", "k", "nothing"] and got["k"] == 3 and got["nothing"] is None
     fxopt.testing.assert_within(got["y"], x * 2)
+
+
+class TupleDefaults(nn.Module):
+    def forward(self, x, window=(1, 2), pair=(5, 6)):
+        return x * window[0] + pair[1]
+
+
+def test_tuple_defaults_bind_like_scalar_ones_and_survive_the_json_form():
+    """Review finding: `window=(1, 2)`, forward's own default, was refused as an unexpected keyword."""
+    x = torch.randn(2, 3)
+    opt = fxopt.optimize(TupleDefaults(), (x,), example_kwargs={"pair": (7, 8)})
+    signature = Signature.from_json(json.loads(json.dumps(opt.graph_module.meta["fxopt_signature"].to_json())))
+    assert signature.defaults == {"window": (1, 2), "pair": (5, 6)}
+    for sig_bind in (opt.graph_module.meta["fxopt_signature"].bind, signature.bind):
+        sig_bind((x,), {"window": (1, 2), "pair": (7, 8)})
+        for kwargs, argument in [({}, "pair"), ({"pair": (7, 8), "window": [1, 2]}, "window")]:
+            with pytest.raises(InputMismatchError) as info:
+                sig_bind((x,), kwargs)  # pair=(7, 8) was captured, forward defaults (5, 6); a list is not a tuple
+            assert info.value.argument == argument
