@@ -29,7 +29,7 @@ from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
-from .errors import CaptureError, MissingInputsError
+from .errors import CaptureError, MissingInputsError, first_line
 from .signature import META_KEY, Signature
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict) -> dict | No
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+    return f"{type(e).__name__}: {first_line(e)}"[:300]
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = False, progress: bool | None = False
@@ -94,7 +93,6 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
         raise MissingInputsError(
             "example inputs are required: pass example_inputs=(tensor, ...) and/or example_kwargs={...}")
     name = type(model).__name__
-    modes = {m: m.training for m in model.modules()}
     # what forward assigns to the model while it is traced (`self.cache = x`) must not stay behind: fake
     # tensors and SymInts in the user's model. Each module's attributes are put back as they were.
     attributes = {m: dict(vars(m)) for m in model.modules()}
@@ -135,9 +133,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
                 info.seconds = time.perf_counter() - start
                 return gm, info, dyn if "dynamic" in how else None
     finally:
-        for m, training in modes.items():
-            m.training = training
-        for m, saved in attributes.items():  # also the instance `forward` set for **kwargs, and the flags
+        for m, saved in attributes.items():  # also the training flags and the instance `forward` for **kwargs
             now = vars(m)
             for key in [k for k in now if k not in saved]:
                 del now[key]

@@ -215,7 +215,7 @@ def _explain(ns: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     ns = parser.parse_args(argv)
-    from .errors import FxoptError
+    from .errors import FxoptError, first_line
 
     try:
         if ns.command == "passes":
@@ -232,13 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     except FxoptError as e:
         if ns.debug:
             raise
-        print(f"fxopt: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"fxopt: error: {first_line(e, 1000)}", file=sys.stderr)
         return EXIT_REFUSED
     except Exception as e:  # noqa: BLE001 - one line unless --debug
         if ns.debug:
             raise
-        print(f"fxopt: failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
-              f"(--debug for the traceback)", file=sys.stderr)
+        print(f"fxopt: failed: {type(e).__name__}: {first_line(e, 1000)} (--debug for the traceback)",
+              file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 

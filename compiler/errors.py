@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, at most `limit` characters (for one-line error reports)."""
+    return (str(error).strip().splitlines() or [""])[0][:limit]
+
+
 class FxoptError(Exception):
     """Base class of every error fxopt raises on purpose."""
 
@@ -80,8 +85,7 @@ class BackendError(FxoptError):
 
     def __init__(self, backend: str, step: str, error: BaseException):
         self.backend, self.step = backend, step
-        first = (str(error).strip().splitlines() or [""])[0][:500]
-        super().__init__(f"{backend}: {step} failed ({type(error).__name__}: {first})")
+        super().__init__(f"{backend}: {step} failed ({type(error).__name__}: {first_line(error, 500)})")
 
 
 class BackendMismatchError(FxoptError):

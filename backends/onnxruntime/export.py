@@ -29,7 +29,7 @@ from fxopt import ops
 from fxopt.api import OptimizedModule
 from fxopt.capture import export_graph_module, quiet
 from fxopt.decompositions import backend_decompositions, for_backends, without_constant_outputs
-from fxopt.errors import FxoptError, PassOptionError, UnsupportedOpError
+from fxopt.errors import FxoptError, PassOptionError, UnsupportedOpError, first_line
 from fxopt.signature import Signature
 from fxopt.widen import NOTE as widen_note
 from fxopt.widen import widened
@@ -359,8 +359,7 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
         try:
             _check(path, ort_fusions and fusion_error is None)
         except Exception as e:  # noqa: BLE001 - onnx.checker's ValidationError / InferenceError
-            first = (str(e).strip().splitlines() or [""])[0][:400]
-            raise OnnxExportError(f"the exported file fails onnx.checker ({type(e).__name__}: {first}); "
+            raise OnnxExportError(f"the exported file fails onnx.checker ({type(e).__name__}: {first_line(e, 400)}); "
                                   f"export with check=False to write it anyway") from e
     counts = op_counts(path)
     log.info("exported %s (opset %d): %s", path, opset, dict(counts))

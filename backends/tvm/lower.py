@@ -16,7 +16,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from fxopt.decompositions import backend_decompositions, without_constant_outputs
-from fxopt.errors import FxoptError, UnsupportedOpError
+from fxopt.errors import FxoptError, UnsupportedOpError, first_line
 from fxopt.signature import Signature
 
 from .convert import padded_output_width
@@ -39,8 +39,8 @@ class ImporterError(UnsupportedOpError):
     keeps): found before anything is built, by ``legalize`` as by ``compile``."""
 
     def __init__(self, node: str, error: BaseException):
-        first = (str(error).strip().splitlines() or [""])[0][:300]
-        self.backend, self.nodes = "tvm", [f"{node}: the TVM importer failed ({type(error).__name__}: {first})"]
+        self.backend, self.nodes = "tvm", [f"{node}: the TVM importer failed ({type(error).__name__}: "
+                                           f"{first_line(error)})"]
         FxoptError.__init__(self, f"tvm: the importer could not convert {self.nodes[0]}")
 
 
