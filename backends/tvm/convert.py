@@ -97,7 +97,13 @@ def amax(node: Any, imp: Any) -> relax.Expr:
     dims = arg(node, 1, "dim", [])
     keep = bool(arg(node, 2, "keepdim", False))
     axes = None if not dims else [int(d) for d in (dims if isinstance(dims, list | tuple) else [dims])]
-    return emit(imp, relax.op.max(x, axes, keep))
+    top = emit(imp, relax.op.max(x, axes, keep))
+    if "float" not in dtype_of(x):
+        return top
+    # TVM's max skips NaN, torch's returns it
+    any_nan = emit(imp, relax.op.max(relax.op.astype(relax.op.isnan(x), "int32"), axes, keep))
+    return emit(imp, relax.op.where(relax.op.greater(any_nan, relax.const(0, "int32")),
+                                    relax.const(float("nan"), dtype_of(x)), top))
 
 
 def cumsum(node: Any, imp: Any) -> relax.Expr:

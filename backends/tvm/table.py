@@ -25,7 +25,7 @@ from . import convert as cv
 from . import quant
 from .attention import make_sdpa, permute_passthrough, view_passthrough
 from .indexing import embedding, index_tensor, select_int
-from .tensors import any_all, arithmetic, clamp, divide, empty, histc, repeat
+from .tensors import any_all, arithmetic, clamp, divide, empty, histc, maximum, relu, repeat, self_compare
 
 aten = torch.ops.aten
 Converter = Callable[[Any, Any], Any]
@@ -51,6 +51,11 @@ def lowerings(extern: bool = False) -> dict[torch._ops.OpOverload, Converter]:
         aten.div.Scalar_mode: divide,
         aten.repeat.default: repeat,
         aten.clamp.default: clamp,
+        aten.relu.default: relu,
+        aten.maximum.default: maximum,
+        aten.minimum.default: maximum,
+        aten.ne.Tensor: self_compare,
+        aten.eq.Tensor: self_compare,
         aten.histc.default: histc,
         aten.empty_permuted.default: empty,
         **{getattr(op, form): any_all for op in (aten.any, aten.all) for form in ("default", "dim", "dims")

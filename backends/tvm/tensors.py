@@ -14,6 +14,9 @@ integers, ``bool * 1.0``), ``clamp`` of integers with one bound, ``repeat`` by a
   only. Here: zeros of the shape torch inferred (``meta["val"]``; an empty tensor's values are unspecified).
 * ``any``/``all`` over all dims (``aten.any.default``): no translation; written as max/min over the values as
   int32, for every form (all dims, one, several).
+* NaN: TVM's ``max``/``min`` (relu, clamp, maximum, amax) return the other operand where torch returns NaN, and
+  its simplifier folds ``x != x`` to False. Here NaN is passed through (``where(isnan(x), x, ...)``) and
+  ``x != x`` / ``x == x`` become ``isnan(x)`` / its negation.
 * ``histc(x, bins, lo, hi)``: bin ``⌊(v − lo)·bins / (hi − lo)⌋`` of each ``v`` in ``[lo, hi]`` (``hi`` itself
   in the last bin), counted by comparing with ``arange(bins)``; ``lo = hi`` takes the data's min and max (and
   widens them by 1 where they are equal), as torch does.
@@ -80,13 +83,49 @@ def divide(node: Any, imp: Any) -> relax.Expr:
         else quotient
 
 
+def _keeps_nan(imp: Any, x: relax.Expr, y: relax.Expr) -> relax.Expr:
+    """`y` computed from `x` by max/min, with NaN where `x` is NaN (as torch has it)."""
+    if "float" not in dtype_of(x):
+        return y
+    return emit(imp, relax.op.where(relax.op.isnan(x), cast(imp, x, dtype_of(y)), y))
+
+
+def relu(node: Any, imp: Any) -> relax.Expr:
+    x = imp.env[node.args[0]]
+    return _keeps_nan(imp, x, emit(imp, relax.op.nn.relu(x)))
+
+
+def maximum(node: Any, imp: Any) -> relax.Expr:
+    operands = _in_result_dtype(node, imp)
+    if operands is None:
+        return type(imp)._binary_op(imp, relax.op.maximum, max)(node)
+    a, b = operands
+    op = relax.op.maximum if node.target._schema.name.endswith("maximum") else relax.op.minimum
+    y = emit(imp, op(a, b))
+    if "float" not in dtype_of(y):
+        return y
+    either = relax.op.logical_or(relax.op.isnan(a), relax.op.isnan(b))
+    return emit(imp, relax.op.where(either, relax.op.add(a, b), y))  # a + b: NaN where either is
+
+
+def self_compare(node: Any, imp: Any) -> relax.Expr:
+    """``x != x`` is ``isnan(x)``, ``x == x`` its negation; other comparisons: the importer's."""
+    a, b = node.args[:2]
+    if a is not b or "float" not in dtype_of(imp.env[a]):
+        name = node.target._schema.name.split("::")[-1]
+        op = relax.op.not_equal if name == "ne" else relax.op.equal
+        return type(imp)._binary_op(imp, op, operator.ne if name == "ne" else operator.eq)(node)
+    nan = emit(imp, relax.op.isnan(imp.env[a]))
+    return nan if node.target._schema.name.endswith("ne") else emit(imp, relax.op.logical_not(nan))
+
+
 def clamp(node: Any, imp: Any) -> relax.Expr:
     x = imp.env[node.args[0]]
     low, high = arg(node, 1, "min"), arg(node, 2, "max")
     val = node.meta.get("val")
     same_dtype = val is not None and str(val.dtype).removeprefix("torch.") == dtype_of(x)
     if "int" not in dtype_of(x) or not same_dtype or not all(b is None or isinstance(b, int) for b in (low, high)):
-        return type(imp)._clamp(imp, node)
+        return _keeps_nan(imp, x, type(imp)._clamp(imp, node))
     for bound, op in ((low, relax.op.maximum), (high, relax.op.minimum)):
         if bound is not None:
             x = emit(imp, op(x, relax.const(int(bound), dtype_of(x))))
