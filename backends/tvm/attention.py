@@ -26,7 +26,7 @@ from fxopt.pattern import VIEWS, AnyOf, Match, Op, Var, explain
 
 from . import convention
 from .convention import SdpaCall, View
-from .relax_util import arg, cast, dtype_of, emit, env_or_value, shape_of
+from .relax_util import any_along, arg, cast, dtype_of, emit, env_or_value, shape_of
 
 # the library call's names and argument layout: convention.py
 _SWAP = [0, 2, 1, 3]
@@ -97,9 +97,7 @@ def _tvm_sdpa(imp: Any, q: relax.Expr, k: relax.Expr, v: relax.Expr, mask: Any, 
             allowed = emit(imp, relax.op.logical_and(allowed, relax.op.tril(ones, 0)))
     p = emit(imp, relax.op.nn.softmax(s, axis=-1))
     if allowed is not None:  # torch's SDPA gives a row with no allowed key zeros (its safe softmax)
-        any_key = emit(imp, relax.op.max(relax.op.astype(allowed, "int32"), axis=[-1], keepdims=True))
-        p = emit(imp, relax.op.where(relax.op.greater(any_key, relax.const(0, "int32")), p,
-                                     relax.const(0.0, "float32")))
+        p = emit(imp, relax.op.where(any_along(imp, allowed, [-1], True), p, relax.const(0.0, "float32")))
     o = emit(imp, relax.op.matmul(p, cast(imp, v, "float32")))
     return cast(imp, o, dtype)
 

@@ -24,7 +24,7 @@ import torch
 from tvm import relax, tirx
 
 from . import convention
-from .relax_util import arg, cast, dtype_of, emit, env_or_value, extern_call, promote, shape_of
+from .relax_util import any_along, arg, cast, dtype_of, emit, env_or_value, extern_call, promote, shape_of
 
 Converter = Callable[[Any, Any], relax.Expr]
 
@@ -101,9 +101,8 @@ def amax(node: Any, imp: Any) -> relax.Expr:
     if "float" not in dtype_of(x):
         return top
     # TVM's max skips NaN, torch's returns it
-    any_nan = emit(imp, relax.op.max(relax.op.astype(relax.op.isnan(x), "int32"), axes, keep))
-    return emit(imp, relax.op.where(relax.op.greater(any_nan, relax.const(0, "int32")),
-                                    relax.const(float("nan"), dtype_of(x)), top))
+    any_nan = any_along(imp, emit(imp, relax.op.isnan(x)), axes, keep)
+    return emit(imp, relax.op.where(any_nan, relax.const(float("nan"), dtype_of(x)), top))
 
 
 def cumsum(node: Any, imp: Any) -> relax.Expr:

@@ -42,3 +42,11 @@ def shape_of(e: relax.Expr) -> list[Any]:
 
 def extern_call(imp: Any, name: str, args: list[relax.Expr], shape: list[Any], dtype: str) -> relax.Expr:
     return emit(imp, relax.op.call_dps_packed(name, relax.Tuple(args), relax.TensorType(shape, dtype)))
+
+
+def any_along(imp: Any, flags: relax.Expr, axes: Any, keepdims: bool, every: bool = False) -> relax.Expr:
+    """`any` (or, with `every`, `all`) of a boolean tensor along `axes` (None: all), as bool: Relax reduces no
+    bools, so the flags are folded as int32 by max (min)."""
+    fold = relax.op.min if every else relax.op.max
+    folded = emit(imp, fold(relax.op.astype(flags, "int32"), axes, keepdims))
+    return emit(imp, relax.op.astype(folded, "bool"))

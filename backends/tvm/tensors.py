@@ -30,7 +30,7 @@ from typing import Any
 from tvm import relax, tirx
 
 from .convert import _symbols, _tir_of
-from .relax_util import arg, cast, dtype_of, emit, shape_of
+from .relax_util import any_along, arg, cast, dtype_of, emit, shape_of
 
 
 def _in_result_dtype(node: Any, imp: Any) -> list[relax.Expr] | None:
@@ -183,7 +183,5 @@ def any_all(node: Any, imp: Any) -> relax.Expr:
     dims = arg(node, 1, "dim")
     axes = None if dims is None else [int(d) for d in (dims if isinstance(dims, list | tuple) else [dims])]
     keep = bool(arg(node, 2, "keepdim", False))
-    reduce = relax.op.max if node.target._schema.name.endswith("any") else relax.op.min
     values = emit(imp, relax.op.not_equal(x, relax.const(0, dtype_of(x)))) if dtype_of(x) != "bool" else x
-    folded = emit(imp, reduce(emit(imp, relax.op.astype(values, "int32")), axes, keep))
-    return emit(imp, relax.op.astype(folded, "bool"))
+    return any_along(imp, values, axes, keep, every=not node.target._schema.name.endswith("any"))
