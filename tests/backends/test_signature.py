@@ -267,7 +267,8 @@ def test_tuple_defaults_bind_like_scalar_ones_and_survive_the_json_form():
     assert signature.defaults == {"window": (1, 2), "pair": (5, 6)}
     for sig_bind in (opt.graph_module.meta["fxopt_signature"].bind, signature.bind):
         sig_bind((x,), {"window": (1, 2), "pair": (7, 8)})
-        for kwargs, argument in [({}, "pair"), ({"pair": (7, 8), "window": [1, 2]}, "window")]:
+        for kwargs, argument in [({}, "pair"), ({"pair": (7, 8), "window": [1, 2]}, "window"),
+                                 ({"pair": (7, 8), "window": (1.0, 2)}, "window")]:  # items compared by type too
             with pytest.raises(InputMismatchError) as info:
                 sig_bind((x,), kwargs)  # pair=(7, 8) was captured, forward defaults (5, 6); a list is not a tuple
             assert info.value.argument == argument
