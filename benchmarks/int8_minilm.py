@@ -15,7 +15,6 @@ NNCF 0.9973 / 0.9890, llm-compressor 0.9978 / 0.9958, mean / min over 256 senten
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import tempfile
 import time
@@ -25,17 +24,13 @@ import torch
 
 import fxopt
 from fxopt.passes import FuseLayerNorm, SmoothQuant
+from fxopt.sample_text import english_sentences
 
 BATCH = 32
 
 
 def sentences() -> list[str]:
-    import pydoc_data.topics as topics
-
-    text = re.sub(r"\s+", " ", " ".join(topics.topics.values()))
-    found = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)]
-    return [s for s in found if 6 <= len(s.split()) <= 40 and s[0].isupper() and s.endswith(".")
-            and not re.search(r"[<>{}\[\]=*\\`|]|::|\(\)", s)]
+    return list(english_sentences())
 
 
 def load():

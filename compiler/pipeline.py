@@ -29,7 +29,7 @@ from .canonicalize import canonicalize_graph
 from .errors import ExampleInputsError, NumericsError, PassError, RequirementError
 from .numerics import Numerics, compare, overflowed, run_graph
 from .pass_base import Pass, PassContext, PassResult, Requirement
-from .report import PassReport
+from .report import PassReport, tensor_bytes
 from .verify import output_signature, verify_graph
 
 log = logging.getLogger(__name__)
@@ -146,9 +146,11 @@ def _step(state: _Run, p: Pass, ran_before: list[str]) -> PassReport:
                           tuple(result.reasons))
     verify_graph(result.graph_module, state.signature, p.name)
     numerics = _check_numerics(state, p, result, ran_before) if state.check_numerics else None
+    weights = (tensor_bytes(state.gm), tensor_bytes(result.graph_module))
     state.gm = result.graph_module
     return PassReport(p.name, True, p.exactness.value, time.perf_counter() - start, dict(result.stats), None,
-                      tuple(result.reasons), numerics, result.tolerance or p.tolerance, tuple(result.notes))
+                      tuple(result.reasons), numerics, result.tolerance or p.tolerance, tuple(result.notes),
+                      tuple(result.measures), weights)
 
 
 def _calibrated(state: _Run, p: Pass, gm: fx.GraphModule, ran_before: list[str]) -> PassContext:

@@ -13,7 +13,7 @@ import torch
 
 from .capture import CaptureInfo
 from .numerics import Numerics
-from .pass_base import Tolerance
+from .pass_base import Measure, Tolerance
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class PassReport:
     numerics: Numerics | None = None
     tolerance: Tolerance | None = None  # the bound the numerics were checked against (the pass's own, or its run's)
     notes: Sequence[str] = ()  # what the pass did where, one line per site
+    measures: Sequence[Measure] = ()  # per-site quantities before and after (the report's plots)
+    # bytes of the tensors the graph reads (parameters, buffers, constants; shared storage once) before and after
+    weight_bytes: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         tol = self.tolerance
@@ -37,7 +40,8 @@ class PassReport:
                 "tolerance": None if tol is None else {
                     "rtol": {str(k).removeprefix("torch."): v for k, v in tol.rtol.items()}, "atol": tol.atol,
                     "min_cosine": tol.min_cosine, "whole_output_if_nonfinite": tol.whole_output_if_nonfinite},
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "measures": [m.to_dict() for m in self.measures],
+                "weight_bytes": None if self.weight_bytes is None else list(self.weight_bytes)}
 
 
 @dataclass
@@ -89,6 +93,19 @@ class Report:
         return "\n".join(lines)
 
 
+def tensor_bytes(gm: torch.fx.GraphModule) -> int:
+    """Bytes of the tensors `gm`'s graph reads (parameters, buffers, constants), each storage counted once."""
+    seen: dict[int, int] = {}
+    for n in gm.graph.find_nodes(op="get_attr"):
+        t = gm
+        for part in str(n.target).split("."):
+            t = getattr(t, part, None)
+        if isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()
+            seen[id(t) if t.is_meta else storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
 def _pass_from_dict(d: Mapping[str, Any]) -> PassReport:
     num, tol = d.get("numerics"), d.get("tolerance")
     numerics = None if num is None else Numerics(**{
@@ -96,8 +113,12 @@ def _pass_from_dict(d: Mapping[str, Any]) -> PassReport:
     tolerance = None if tol is None else Tolerance(
         {getattr(torch, k): float(v) for k, v in tol["rtol"].items()}, float(tol["atol"]), tol["min_cosine"],
         tol["whole_output_if_nonfinite"])
+    measures = tuple(Measure(m["title"], m["unit"], m["before"], m["after"], m["log_scale"])
+                     for m in d.get("measures", ()))
+    weight_bytes = d.get("weight_bytes")
     return PassReport(d["name"], d["applied"], d["exactness"], d["seconds"], dict(d["stats"]), d["why_not"],
-                      tuple(d["reasons"]), numerics, tolerance, tuple(d.get("notes", ())))
+                      tuple(d["reasons"]), numerics, tolerance, tuple(d.get("notes", ())), measures,
+                      None if weight_bytes is None else (int(weight_bytes[0]), int(weight_bytes[1])))
 
 
 def _finite(v: Any) -> Any:

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 from torch import fx
 
-from fxopt.pass_base import ROUNDING, Exactness, Pass, PassContext, PassResult, Tolerance, int_at_least
+from fxopt.pass_base import ROUNDING, Exactness, Measure, Pass, PassContext, PassResult, Tolerance, int_at_least
 from fxopt.rewrite import Rewriter
 from fxopt.structure import analyze_graph, block_linears
 
@@ -79,7 +79,7 @@ class PruneNM(Pass):
             sites = [s for b in structure.blocks if b.mlp for s in (b.mlp.gate, b.mlp.up, b.mlp.down) if s]
         else:
             sites = block_linears(structure) if self.layers == "blocks" else list(structure.linears)
-        todo, reasons, notes = [], [], []
+        todo, reasons, notes, kept_share, unpermuted = [], [], [], {}, {}
         speed = speedups(self.speed_table, self.tokens) if self.speed_table is not None else None
         for s in sites:
             key = (s.in_features, s.out_features)
@@ -104,10 +104,15 @@ class PruneNM(Pass):
             note = f"{s.weight_name}: kept {kept(w, self.n, self.m) / total:.4f} of |W|"
             if record.get("n") == self.n and record.get("m") == self.m:
                 note += f" ({record['kept_before'] / total:.4f} without the permutation)"
+                unpermuted[s.weight_name] = record["kept_before"] / total
+            kept_share[s.weight_name] = kept(w, self.n, self.m) / total
             notes.append(note)
             rw.replace_constant_for(s.weight, s.node, pruned if s.layout == "out_in" else pruned.t().contiguous())
             rw.counts["pruned_linear"] += 1
         rw.finish()
         rw.drop_unread_attributes()
         tolerance = Tolerance(rtol={dt: _INF for dt in ROUNDING.rtol}, atol=_INF, min_cosine=self.min_cosine)
-        return PassResult(gm, True, dict(rw.counts), reasons=reasons, tolerance=tolerance, notes=notes)
+        measures = [Measure(f"share of |W| kept by {self.n}:{self.m} pruning, without → with the permutation",
+                            "share of |W|", unpermuted, {k: kept_share[k] for k in unpermuted})] if unpermuted else []
+        return PassResult(gm, True, dict(rw.counts), reasons=reasons, tolerance=tolerance, notes=notes,
+                          measures=measures)

@@ -32,7 +32,7 @@ from torch import fx
 
 from fxopt.attention_analysis import NotUnderstood
 from fxopt.errors import StructureError
-from fxopt.pass_base import ROUNDING, Exactness, Pass, PassContext, PassResult, Requirement, Tolerance, is_bool
+from fxopt.pass_base import ROUNDING, Exactness, Measure, Pass, PassContext, PassResult, Requirement, Tolerance, is_bool
 from fxopt.pipeline import clone_graph_module
 from fxopt.rewrite import Rewriter
 from fxopt.sites import val
@@ -134,9 +134,11 @@ class ConvertToGQA(Pass):
                 notes.append(f"{op.site.weight_name}: {op.which} heads {p.attention.num_kv_heads} → {g} "
                              f"(init {self.init}), {tuple(w.shape)}")
         rw.set_kwarg([p.attention.core.node for p in plans if p.set_gqa], "enable_gqa", True)
+        cache = {}
         for p in plans:
             a = p.attention
             per_token = 2 * a.head_dim * val(a.core.k).element_size()
+            cache[a.core.node.name] = (per_token * a.num_kv_heads, per_token * g)
             notes.append(f"{a.core.node.name}: {a.num_heads} query heads, kv heads {a.num_kv_heads} → {g}; K/V "
                          f"bytes per token per layer {per_token * a.num_kv_heads} → {per_token * g}")
         rw.finish()
@@ -146,4 +148,7 @@ class ConvertToGQA(Pass):
                                      self.uptrain_lr)))
         tolerance = ROUNDING if exact else Tolerance(rtol={dt: _INF for dt in ROUNDING.rtol}, atol=_INF,
                                                      min_cosine=self.min_cosine)
-        return PassResult(gm, True, dict(rw.counts), tuple(reasons), tolerance=tolerance, notes=tuple(notes))
+        measure = Measure("K/V-cache bytes per token, per attention", "bytes", {k: b for k, (b, _) in cache.items()},
+                          {k: a for k, (_, a) in cache.items()})
+        return PassResult(gm, True, dict(rw.counts), tuple(reasons), tolerance=tolerance, notes=tuple(notes),
+                          measures=(measure,))

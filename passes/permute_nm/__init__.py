@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from fxopt.calibration import show_progress
-from fxopt.pass_base import Pass, PassContext, PassResult, int_at_least, is_bool
+from fxopt.pass_base import Measure, Pass, PassContext, PassResult, int_at_least, is_bool
 from fxopt.rewrite import Rewriter, get_attr
 from fxopt.sites import LinearSite
 from fxopt.structure import analyze_graph, block_linears
@@ -86,7 +86,7 @@ class PermuteForNM(Pass):
         sites = block_linears(structure) if self.layers == "blocks" else list(structure.linears)
         kinds = {kind for kind, option in _KINDS.items() if getattr(self, option)}
         groups, reasons = plan_groups(structure, {id(s) for s in sites}, kinds)
-        plans, notes = [], []
+        plans, notes, shares = [], [], {}
         bar = tqdm(groups, desc="permute_nm search", unit="group", leave=False,
                    disable=not show_progress(self.progress))
         for g in bar:  # every search done before the first edit
@@ -106,6 +106,7 @@ class PermuteForNM(Pass):
             else:
                 plans.append((g, perms))
                 notes.append(f"{g.name}: kept {before / total:.4f} → {after / total:.4f} of |W| ({self.n}:{self.m})")
+                shares[g.name] = (before / total, after / total)
         if not plans:
             return PassResult(gm, False, reasons=reasons or ["no linear of a transformer block in the graph"])
         kept_before = {id(s): kept(out_in(gm, s), self.n, self.m) for g, _ in plans for s, _ in g.consumers
@@ -114,4 +115,7 @@ class PermuteForNM(Pass):
         apply_permutations(rw, plans, self.n, self.m, kept_before)
         rw.finish()
         rw.drop_unread_attributes()
-        return PassResult(gm, True, dict(rw.counts), reasons=reasons, notes=notes)
+        unpermuted, permuted = ({k: v[i] for k, v in shares.items()} for i in (0, 1))
+        measure = Measure(f"share of |W| an {self.n}:{self.m} mask keeps, before → after the permutation",
+                          "share of |W|", unpermuted, permuted)
+        return PassResult(gm, True, dict(rw.counts), reasons=reasons, notes=notes, measures=[measure])

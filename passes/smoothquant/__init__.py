@@ -33,7 +33,7 @@ import torch
 from torch import fx
 
 from fxopt.calibration import BlockIO, ChannelAbsMax
-from fxopt.pass_base import ROUNDING, Exactness, Pass, PassContext, PassResult, Requirement, Tolerance, is_bool
+from fxopt.pass_base import ROUNDING, Exactness, Measure, Pass, PassContext, PassResult, Requirement, Tolerance, is_bool
 from fxopt.rewrite import Rewriter, get_attr
 from fxopt.structure import analyze_graph, block_linears
 
@@ -143,6 +143,10 @@ class SmoothQuant(Pass):
             notes += [f"{t.weight_name}: scale in {where}{a}" + ("" if g.norm is not None or not self.smooth else
                       f" ({g.why_quantizer})") + (", int8" if t in g.quantized and not self.smooth_only else ", float")
                       for t in g.sites]
+        smoothed = [(g.label, act, s) for g, act, s, alpha in plans if alpha is not None]
+        measures = [Measure("activation abs-max at the group's input (largest channel)", "",
+                            {k: float(a.max()) for k, a, _ in smoothed},
+                            {k: float((a / s).max()) for k, a, s in smoothed}, log_scale=True)] if smoothed else []
         for table in tables:
             quantize_table(rw, table)
             notes.append(f"{table.weight.target}: int8 embedding table, one scale per row")
@@ -150,7 +154,7 @@ class SmoothQuant(Pass):
         rw.drop_unread_attributes()
         tolerance = ROUNDING if self.smooth_only else Tolerance(
             rtol={dt: _INF for dt in ROUNDING.rtol}, atol=_INF, min_cosine=self.min_cosine)
-        return PassResult(gm, bool(plans), dict(rw.counts), tolerance=tolerance, notes=notes)
+        return PassResult(gm, bool(plans), dict(rw.counts), tolerance=tolerance, notes=notes, measures=measures)
 
     def _prescale(self, rw: Rewriter, g: Group, s: torch.Tensor, order: dict) -> None:
         for x in dict.fromkeys(t.input for t in g.quantized):

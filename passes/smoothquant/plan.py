@@ -12,6 +12,7 @@ MLP) and therefore share s. Its 1/s goes
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,14 @@ class Group:
     @property
     def destination(self) -> str:
         return f"norm {self.norm.norm.name}" if self.norm is not None else "quantizer"
+
+    @property
+    def label(self) -> str:
+        """The group's linears by module path, e.g. 'layers.0.self_attn.{q_proj,k_proj,v_proj}'."""
+        paths = [s.weight_name.removesuffix(".weight").split(".") for s in self.sites]
+        shared = os.path.commonprefix(paths) if len(paths) > 1 else paths[0][:-1]
+        tails = [".".join(p[len(shared):]) for p in paths]
+        return ".".join(shared + [tails[0] if len(tails) == 1 else "{" + ",".join(tails) + "}"])
 
     @property
     def channels(self) -> int:

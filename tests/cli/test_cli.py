@@ -41,7 +41,7 @@ def test_analyze_names_the_blocks_heads_and_mlp_of_an_architecture(capsys):
 def test_optimize_writes_a_loadable_program_its_report_and_an_onnx_file(capsys, tmp_path):
     code, out, _ = run(capsys, "optimize", "minilm", "--shape", "2,12", "-o", str(tmp_path), "--export", "onnx")
     assert code == cli.EXIT_OK and "fuse_layernorm" in out
-    assert {p.name for p in tmp_path.iterdir()} == {"model.pt2", "report.json", "report.txt", "model.onnx"}
+    assert {p.name for p in tmp_path.iterdir()} == {"model.pt2", "report.json", "report.txt", "run.json", "model.onnx"}
     opt = fxopt.load(tmp_path / "model.pt2")
     assert opt.report.to_json() == (tmp_path / "report.json").read_text()
     ids = torch.randint(2, 1000, (3, 7))
