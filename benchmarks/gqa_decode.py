@@ -2,7 +2,7 @@
 
   python benchmarks/gqa_decode.py --out benchmarks/results            # CPU here; CUDA too where there is a GPU
 
-The Llama-shaped decoder of examples/gqa_decode.py (random weights) with its caches filled to `--context`
+The Llama-shaped decoder of examples/03_gqa_decode.py (random weights) with its caches filled to `--context`
 tokens; one step = one new token per sequence at the next position, reading the whole cache. Timed: the original
 module (eager), the captured MHA graph (fxopt, no pass: the baseline for the conversion), and the GQA graphs for
 each G (SDPA reading the G heads itself, enable_gqa). Interleaved rounds, medians; ratios are MHA graph / GQA
@@ -12,6 +12,7 @@ graph. On CUDA every variant is also timed as a CUDA graph of one step (launch o
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import sys
 import time
@@ -20,7 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from gqa_decode import CachedLlama, cache_bytes_per_token, caches  # noqa: E402
+_example = importlib.import_module("03_gqa_decode")
+CachedLlama, cache_bytes_per_token, caches = _example.CachedLlama, _example.cache_bytes_per_token, _example.caches
 
 import fxopt  # noqa: E402
 from fxopt.passes import ConvertToGQA  # noqa: E402
@@ -115,7 +117,7 @@ def main() -> None:
     ap.add_argument("--devices", default="cpu,cuda")
     a = ap.parse_args()
     lines = ["# Decode latency with a static KV cache: MHA vs mha_to_gqa", "",
-             "Per-token decode step of examples/gqa_decode.py's Llama-shaped decoder (random weights), caches "
+             "Per-token decode step of examples/03_gqa_decode.py's Llama-shaped decoder (random weights), caches "
              "full to the context; medians. Written by benchmarks/gqa_decode.py.", ""]
     for device in a.devices.split(","):
         if device == "cuda" and not torch.cuda.is_available():

@@ -72,6 +72,22 @@ class Report:
         """JSON of `to_dict()`; a non-finite error (an output that became inf) is written as a string."""
         return json.dumps(_finite(self.to_dict()), indent=indent, default=str)
 
+    def to_html(self, run: Mapping[str, Any] | None = None) -> str:
+        """One self-contained HTML page with the plots embedded (fxopt.render); `run`: what the command line
+        records about a run (model, command, calibration)."""
+        from .render import to_html
+
+        return to_html(self, run or {})
+
+    def to_markdown(self, plot_dir: str | None = None, run: Mapping[str, Any] | None = None) -> str:
+        """Markdown; with `plot_dir`, the plots are written there as PNGs and linked by that path."""
+        from pathlib import Path
+
+        from .render import to_markdown
+
+        return to_markdown(self, run or {}, None if plot_dir is None else Path(plot_dir),
+                           "" if plot_dir is None else f"{Path(plot_dir).as_posix()}/")
+
     def __str__(self) -> str:
         cap = self.capture
         lines = [f"capture: {cap.method} ({cap.seconds:.2f} s); dynamic dims: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -278,14 +279,18 @@ def test_uptraining_without_calibration_is_refused_before_anything_runs():
 
 # -- decoding with a static KV cache ------------------------------------------------------------------------------
 
+def _example():
+    return importlib.import_module("examples.03_gqa_decode")  # the decoder the example runs
+
+
 def _decoder():
-    from examples.gqa_decode import CachedLlama
     torch.manual_seed(0)
-    return CachedLlama(d=64, heads=8, layers=2, ffn=128, max_len=32).eval(), (torch.tensor([[1]]), torch.tensor([0]))
+    model = _example().CachedLlama(d=64, heads=8, layers=2, ffn=128, max_len=32).eval()
+    return model, (torch.tensor([[1]]), torch.tensor([0]))
 
 
 def test_the_kv_cache_buffers_shrink_by_exactly_h_over_g():
-    from examples.gqa_decode import cache_bytes_per_token
+    cache_bytes_per_token = _example().cache_bytes_per_token
     model, example = _decoder()
     opt = fxopt.optimize(model, example, passes=[ConvertToGQA(num_kv_heads=2, min_cosine=-1)])
     assert cache_bytes_per_token(model, 32) == 4 * cache_bytes_per_token(opt.graph_module, 32)
@@ -294,7 +299,7 @@ def test_the_kv_cache_buffers_shrink_by_exactly_h_over_g():
 
 @pytest.mark.parametrize("groups", [8, 2], ids=["g-equals-h", "equal-heads-in-groups"])
 def test_greedy_decoding_with_the_cache_gives_the_originals_tokens_when_the_conversion_is_exact(groups):
-    from examples.gqa_decode import greedy
+    greedy = _example().greedy
     model, example = _decoder()
     if groups < 8:
         with torch.no_grad():

