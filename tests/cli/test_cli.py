@@ -104,7 +104,8 @@ NEAR_MISSES = textwrap.dedent("""
             sample_std = torch.sqrt(x.var(-1, keepdim=True, unbiased=True) + 1e-5)  # not LayerNorm's variance
             a = (x - x.mean(-1, keepdim=True)) / sample_std * self.weight
             b = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight  # an RMSNorm
-            return a + b
+            c = b / (b.pow(2).mean(-1, keepdim=True).sqrt() + 1e-6)  # eps outside the root: not an RMSNorm
+            return a + b + c
 
     def make():
         return Norms(), (torch.randn(2, 5, 8),)
@@ -116,6 +117,22 @@ def test_explain_names_each_near_miss_with_its_reason_and_source_line(capsys, tm
     code, out, _ = run(capsys, "explain", f"{tmp_path / 'norms.py'}:make", "--pass", "fuse_layernorm")
     assert code == cli.EXIT_OK
     assert "fuse_layernorm: applied" in out and "rms_norm x1" in out
-    near = [ln for ln in out.splitlines() if "near-miss" in ln]
-    assert len(near) == 1 and "unbiased variance (correction=1)" in near[0]
-    assert "norms.py, line 11, in forward" in out and "code: sample_std = torch.sqrt(x.var(" in out
+    lines = out.splitlines()
+    near = [(ln, lines[i + 1]) for i, ln in enumerate(lines) if "near-miss" in ln]
+    assert len(near) == 2
+    (variance, at_variance), (eps, at_eps) = near
+    assert "unbiased variance (correction=1)" in variance
+    assert "norms.py, line 11, in forward" in at_variance and "code: sample_std = torch.sqrt(x.var(" in at_variance
+    assert "eps is added outside the square root" in eps
+    assert "norms.py, line 14, in forward" in at_eps and "code: c = b / (b.pow(2)" in at_eps
+
+
+def test_analyze_and_explain_read_the_trained_minilm(capsys):
+    code, out, _ = run(capsys, "analyze", "minilm", "--shape", "2,8")
+    assert code == cli.EXIT_OK
+    blocks = [ln for ln in out.splitlines() if ln.startswith("block ")]
+    assert len(blocks) == 6 and all("12 heads (12 kv) × 32" in b for b in blocks)
+    code, out, _ = run(capsys, "explain", "minilm", "--shape", "2,8", "--pass", "fuse_layernorm")
+    assert code == cli.EXIT_OK and "applied: add_norm x12" in out
+    # the embeddings' sum broadcasts its position rows: named, at the model's own source line (not torch's)
+    assert "near-miss layer_norm: the add" in out and "modeling_bert.py" in out and "module embeddings.LayerNorm" in out
