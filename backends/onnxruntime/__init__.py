@@ -6,7 +6,8 @@ it in an onnxruntime InferenceSession.
     run = compile(opt, target="cpu")      torch tensors in, the model's own output structure out
 
 Fused ops map to (see translations.py): LayerNorm → LayerNormalization, RMSNorm → RMSNormalization (opset 23),
-add + LayerNorm → com.microsoft.SkipLayerNormalization, add + RMSNorm → com.microsoft.SkipSimplifiedLayerNormalization.
+add + LayerNorm → com.microsoft.SkipLayerNormalization, add + RMSNorm → com.microsoft.SkipSimplifiedLayerNormalization,
+int8 quantize → QuantizeLinear (uint8 codes), int8 linear → com.microsoft.MatMulIntegerToFloat.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ __all__ = ["export", "export_file", "compile", "legalize", "op_counts", "transla
 @quiet
 def export(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int | None = None,
            external_data: bool | None = None, ort_fusions: bool = False, optimize: bool = True,
-           check: bool = True, extra_translations: Mapping[Any, Callable] | None = None) -> Path:
+           check: bool = True, extra_translations: Mapping[Any, Callable] | None = None,
+           int8_gemm: str = "auto") -> Path:
     """Export `opt` to an ONNX file at `path` and return the path.
 
     dynamic:       keep the capture's dynamic batch/sequence dims (False: the example inputs' shapes)
@@ -45,10 +47,12 @@ def export(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int | Non
     check:         run onnx.checker.check_model(full_check=True) on the file
     extra_translations: {op overload: trace-only onnxscript function} for ops of your own (they take
                    precedence over fxopt's table)
+    int8_gemm:     how int8 linears multiply (int8_gemm.py): "auto" (uint8·int8 where this CPU's ORT kernel is
+                   exact, i.e. has VNNI, else uint8·uint8), "u8s8" or "u8u8"; the file's metadata records it
     """
     return export_file(opt, path, dynamic=dynamic, opset=opset, external_data=external_data,
                        ort_fusions=ort_fusions, optimize=optimize, check=check,
-                       extra_translations=extra_translations).path
+                       extra_translations=extra_translations, int8_gemm=int8_gemm).path
 
 
 @quiet

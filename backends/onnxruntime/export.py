@@ -34,8 +34,9 @@ from fxopt.signature import Signature
 from fxopt.widen import NOTE as widen_note
 from fxopt.widen import widened
 
+from . import int8_gemm as int8_gemm_choice
 from .masked_rows import zero_rows_without_keys
-from .translations import RMS_NORMALIZATION_OPSET, translation_table
+from .translations import INT8_GEMMS, RMS_NORMALIZATION_OPSET, translation_table
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +175,25 @@ def legalize(program: Any, *, opset: int | None = None,
         missing.append(entry)
         if _origin(node):
             origin[entry] = _origin(node)
+    missing += _foreign_code_readers(gm)
     if missing:
         raise UnsupportedOpError(BACKEND, missing, origin)
     return missing
+
+
+def _foreign_code_readers(gm: fx.GraphModule) -> list[str]:
+    """Nodes other than int8_linear that read quantize_int8's codes: the lowering carries the codes as uint8
+    q + 128 (translations.py), which only its int8_linear reads."""
+    entries = []
+    for node in _call_nodes(gm):
+        if node.target is not ops.quantize_int8:
+            continue
+        for codes in (u for u in node.users if u.target is operator.getitem and u.args[1] == 0):
+            for user in codes.users:
+                if user.target is not ops.int8_linear or user.args[0] is not codes:
+                    entries.append(f"{user.name}: reads the int8 codes of {node.name} (in ONNX the codes are "
+                                   f"uint8 q + 128, read only by fxopt.int8_linear)")
+    return entries
 
 
 def _target_name(target: Any) -> str:
@@ -317,18 +334,26 @@ def _checked_opset(opset: Any) -> int:
 @quiet
 def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int | None = None,
                 external_data: bool | None = None, ort_fusions: bool = False, optimize: bool = True,
-                check: bool = True, extra_translations: Mapping[Any, Callable] | None = None) -> ExportResult:
+                check: bool = True, extra_translations: Mapping[Any, Callable] | None = None,
+                int8_gemm: str = "auto") -> ExportResult:
     """Write `opt` (an fxopt OptimizedModule) as an ONNX file; see `export` in __init__ for the options."""
     import onnxscript.optimizer
 
     path = Path(path)
+    if int8_gemm not in ("auto", *INT8_GEMMS):
+        raise PassOptionError("export_onnx", "int8_gemm", f"must be 'auto' or one of {INT8_GEMMS}, got {int8_gemm!r}")
     notes: tuple[str, ...] = ()
     if (wide := widened(opt) if isinstance(opt, OptimizedModule) else None) is not None:
         opt, notes = wide, (widen_note,)  # ONNX Runtime's CPU provider has no bfloat16 MatMul
         log.info("onnxruntime: %s", widen_note)
     gm = _graph_module(opt)
     opset = default_opset(gm) if opset is None else _checked_opset(opset)
-    table = {**translation_table(opset), **(extra_translations or {})}
+    gemm = None
+    if any(n.target is ops.int8_linear for n in _call_nodes(gm)):
+        gemm = int8_gemm_choice.resolve(int8_gemm)
+        notes += (f"int8 linears as ORT {'uint8·int8' if gemm == 'u8s8' else 'uint8·uint8'} GEMMs"
+                  + (" (uint8·int8 probed exact on this CPU)" if int8_gemm == "auto" and gemm == "u8s8" else ""),)
+    table = {**translation_table(opset, int8_gemm=gemm or "u8u8"), **(extra_translations or {})}
     legalize(gm, opset=opset, extra_translations=extra_translations)
     if isinstance(opt, torch.export.ExportedProgram):
         ep = opt  # its own dynamic dims
@@ -345,6 +370,8 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
     if ep is not opt:  # a program fxopt re-exported (not the caller's own): torch's zeros for keyless rows
         ep = without_constant_outputs(zero_rows_without_keys(ep))
     program = _translate(ep, gm, opset, table)
+    if gemm is not None:
+        program.model.metadata_props[int8_gemm_choice.METADATA_KEY] = gemm
     if optimize:
         onnxscript.optimizer.optimize_ir(program.model)
     if external_data is None:

@@ -74,6 +74,15 @@ def providers_for(target: str) -> list[str]:
     return [wanted, "CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [wanted]
 
 
+def _warn_if_int8_gemm_saturates(session: Any, path: Path) -> None:
+    """A file exported for a CPU whose uint8·int8 GEMM is exact (int8_gemm.py), opened on one where it saturates."""
+    from .int8_gemm import METADATA_KEY, u8s8_exact
+
+    if session.get_modelmeta().custom_metadata_map.get(METADATA_KEY) == "u8s8" and not u8s8_exact():
+        log.warning("onnxruntime: %s multiplies its int8 linears as uint8·int8, which saturates on this CPU "
+                    "(no VNNI): re-export here (int8_gemm='auto' or 'u8u8') for the exact product", path.name)
+
+
 class OrtModule:
     """A compiled model: `run(*args, **kwargs)` → the model's outputs as torch tensors."""
 
@@ -92,6 +101,7 @@ class OrtModule:
             self.session = ort.InferenceSession(str(self.onnx_path), sess_options=options, providers=providers)
         except Exception as e:  # noqa: BLE001 - ORT's own (a kernel it lacks, a graph it rejects)
             raise BackendError("onnxruntime", f"opening {self.onnx_path.name} on {target}", e) from e
+        _warn_if_int8_gemm_saturates(self.session, self.onnx_path)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         n_tensors = sum(leaf.kind != CONSTANT for leaf in io.outputs)

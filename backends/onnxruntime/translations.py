@@ -17,14 +17,24 @@ still one norm op. ORT registers SimplifiedLayerNormalization in the ONNX domain
 it, so a file using it would fail `onnx.checker`; below opset 23 RMSNorm is therefore written in primitive
 ops, which ORT's own graph optimizer fuses back into SimplifiedLayerNormalization at session creation.
 
-The int8 family (convention: fxopt/quant_ops.py), in standard ops that ORT's CPU provider runs as integer kernels:
+The int8 family (convention: fxopt/quant_ops.py), in the ops ORT's CPU provider runs as fused integer kernels:
 
     fxopt.quantize_int8(x, pre, scale, g)   -> s = Max(ReduceMax(Abs(x32 * pre)), SCALE_MIN) / 127 (per token:
-                                               axes [-1], keepdims), q = Cast(Clip(Round(x32 * pre / s)), int8)
-    fxopt.int8_linear(q, s, wq, ws, b, dt)  -> Cast(Cast(MatMulInteger(u8(q), u8(Transpose(wq)), 128, 128), float)
-                                               * s * ws + b, dt), u8(v) = v + 128 as uint8 (exact)
+                                               axes [-1], keepdims), codes = QuantizeLinear(x32 * pre, s, 128)
+                                               (per token: on the [tokens, in] view, one scale per row)
+    fxopt.int8_linear(q, s, wq, ws, b, dt)  -> per token:  Cast(MatMulIntegerToFloat(codes, wqᵀ, 1, ws) * s + b, dt)
+                                               per tensor: Cast(MatMulIntegerToFloat(codes, wqᵀ, s, ws, bias=b), dt)
 
-The weights are int8 initializers; the Transpose of a constant is folded by ORT when the session is created.
+The codes travel between the two as uint8 q + 128 with zero point 128: QuantizeLinear divides by s and rounds
+half to even (MLAS), and |x/s| <= 127 for a scale taken from the absmax, so the uint8 codes are exactly the
+op's q + 128 (a static scale clips x to ±127 s first, as the op clamps the codes to ±127). The integer product
+is the op's: weights as int8 with zero point 0 (ORT's uint8·int8 kernel) where `int8_gemm.u8s8_exact` proves
+that kernel exact on this CPU, else as uint8 wq + 128 with zero point 128 (uint8·uint8, exact everywhere).
+The epilogue is the op's fp32 product in another order: (acc · ws) · s for a per-token scale (ORT's
+MatMulIntegerToFloat takes one A scale; a per-row one would be applied after its bias), acc · (s · ws) + b
+per tensor, each within an ulp or two of (acc · s) · ws.
+The weights are int8 initializers; the Transpose (and uint8 shift) of a constant is folded by ORT when the
+session is created, and MatMulIntegerToFloat packs them once.
 
 Later passes extend `translation_table` (GQA) in the same way: one trace-only function per op.
 """
@@ -35,6 +45,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar, Union
 
 import onnx
+import onnx_ir as ir
 import torch
 from onnxscript import BFLOAT16, DOUBLE, FLOAT, FLOAT16
 from onnxscript import opset18 as op
@@ -47,6 +58,7 @@ from fxopt.quant_ops import QMAX, SCALE_MIN
 TFloat = TypeVar("TFloat", bound=Union[FLOAT16, FLOAT, DOUBLE, BFLOAT16])  # noqa: UP007 (torch.onnx reads typing.Union)
 
 MS_DOMAIN = "com.microsoft"
+INT8_GEMMS = ("u8s8", "u8u8")
 RMS_NORMALIZATION_OPSET = 23  # first ONNX opset with RMSNormalization
 _FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"]
 
@@ -158,50 +170,103 @@ def _make_add_rms_norm(opset: int) -> Callable:
     return fxopt_add_rms_norm
 
 
-def fxopt_quantize_int8(x: TFloat, pre_scale: TFloat | None = None, scale: TFloat | None = None,
-                        granularity: str = "token"):
-    xw = op.Cast(x, to=onnx.TensorProto.FLOAT)
-    if pre_scale is not None:
-        xw = op.Mul(xw, op.Cast(pre_scale, to=onnx.TensorProto.FLOAT))
-    if scale is not None:
-        s = op.Cast(scale, to=onnx.TensorProto.FLOAT)
-    else:
-        peak = op.ReduceMax(op.Abs(xw), op.Constant(value_ints=[-1]), keepdims=1) if granularity == "token" \
-            else op.ReduceMax(op.Abs(xw), keepdims=0)
-        s = op.Div(op.Max(peak, op.Constant(value_float=SCALE_MIN)), op.Constant(value_float=float(QMAX)))
-    r = op.Clip(op.Round(op.Div(xw, s)), op.Constant(value_float=-float(QMAX)), op.Constant(value_float=float(QMAX)))
-    return op.Cast(r, to=onnx.TensorProto.INT8), s
+U8_ZERO_POINT = 128  # the codes q in [-127, 127] as uint8 q + 128
 
 
-def fxopt_int8_linear(q, scale, wq, w_scale, bias=None, out_dtype: int = onnx.TensorProto.FLOAT):
-    # codes and weights as uint8 with zero point 128 (v + 128: the same integer product): on x86 without VNNI,
-    # ORT's s8·s8 MatMulInteger runs ~3x slower than the FP32 MatMul, and its u8·s8 kernel saturates 16-bit pair
-    # sums (inexact); u8·u8 is exact. The weight's shift is constant-folded when the session is created.
-    zero = op.Constant(value=_uint8_scalar(128))
-    acc = op.MatMulInteger(_shifted_u8(q), op.Transpose(_shifted_u8(wq), perm=[1, 0]), zero, zero)
-    y = op.Mul(op.Mul(op.Cast(acc, to=onnx.TensorProto.FLOAT), scale), op.Cast(w_scale, to=onnx.TensorProto.FLOAT))
-    if bias is not None:
-        y = op.Add(y, op.Cast(bias, to=onnx.TensorProto.FLOAT))
-    to = _onnx_dtype(out_dtype) if isinstance(out_dtype, torch.dtype) else int(out_dtype)
-    return op.Cast(y, to=to)
+def _ms_op(name: str, inputs: Sequence[tuple[str, str, bool]], outputs: Sequence[tuple[str, str]],
+           types: Sequence[tuple[str, Sequence[str]]]) -> Op:
+    """An onnxscript Op for an ORT contrib op with typed inputs ((name, type var, optional), ...)."""
+    option = onnx.defs.OpSchema.FormalParameterOption
+    schema = onnx.defs.OpSchema(
+        name, MS_DOMAIN, 1,
+        inputs=[onnx.defs.OpSchema.FormalParameter(n, t, param_option=option.Optional if o else option.Single)
+                for n, t, o in inputs],
+        outputs=[onnx.defs.OpSchema.FormalParameter(n, t) for n, t in outputs],
+        type_constraints=[(t, list(allowed), "") for t, allowed in types])
+    return Op(Opset(MS_DOMAIN, 1), name, schema)
 
 
-def _shifted_u8(v):
-    return op.Cast(op.Add(op.Cast(v, to=onnx.TensorProto.FLOAT), op.Constant(value_float=128.0)),
-                   to=onnx.TensorProto.UINT8)
+_INT8 = ["tensor(uint8)", "tensor(int8)"]
+MatMulIntegerToFloat = _ms_op(
+    "MatMulIntegerToFloat",
+    (("A", "T1", False), ("B", "T2", False), ("a_scale", "T3", False), ("b_scale", "T3", False),
+     ("a_zero_point", "T1", True), ("b_zero_point", "T2", True), ("bias", "T3", True)),
+    (("Y", "T3"),), (("T1", _INT8), ("T2", _INT8), ("T3", ["tensor(float)"])))
 
 
 def _uint8_scalar(v: int) -> onnx.TensorProto:
     return onnx.helper.make_tensor("zero_point", onnx.TensorProto.UINT8, [], [v])
 
 
-def translation_table(opset: int) -> dict[torch._ops.OpOverload, Callable]:
-    """fxopt op overload -> trace-only ONNX translation, for the dynamo exporter at `opset`."""
+def _u8_zero_point():
+    return op.Constant(value=_uint8_scalar(U8_ZERO_POINT))
+
+
+def _as_uint8(value):
+    # the exporter would otherwise type the codes as the torch op's int8
+    value.dtype = ir.DataType.UINT8
+    return value
+
+
+def fxopt_quantize_int8(x: TFloat, pre_scale: TFloat | None = None, scale: TFloat | None = None,
+                        granularity: str = "token"):
+    xw = op.Cast(x, to=onnx.TensorProto.FLOAT)
+    if pre_scale is not None:
+        xw = op.Mul(xw, op.Cast(pre_scale, to=onnx.TensorProto.FLOAT))
+    if scale is not None:  # static: a value beyond ±127 s would reach code -128 in QuantizeLinear
+        s = op.Cast(scale, to=onnx.TensorProto.FLOAT)
+        bound = op.Mul(s, op.Constant(value_float=float(QMAX)))
+        return _as_uint8(op.QuantizeLinear(op.Clip(xw, op.Neg(bound), bound), s, _u8_zero_point())), s
+    if granularity != "token":
+        peak = op.ReduceMax(op.Abs(xw), keepdims=0)
+        s = op.Div(op.Max(peak, op.Constant(value_float=SCALE_MIN)), op.Constant(value_float=float(QMAX)))
+        return _as_uint8(op.QuantizeLinear(xw, s, _u8_zero_point())), s
+    peak = op.ReduceMax(op.Abs(xw), op.Constant(value_ints=[-1]), keepdims=1)
+    s = op.Div(op.Max(peak, op.Constant(value_float=SCALE_MIN)), op.Constant(value_float=float(QMAX)))
+    # QuantizeLinear takes one scale per index of one axis: the tokens of the [tokens, in] view
+    rows = op.Reshape(xw, op.Concat(op.Constant(value_ints=[-1]), op.Shape(xw, start=-1), axis=0))
+    row_scale = op.Reshape(s, op.Constant(value_ints=[-1]))
+    codes = op.QuantizeLinear(rows, row_scale, op.Expand(_u8_zero_point(), op.Shape(row_scale)), axis=0)
+    return _as_uint8(op.Reshape(codes, op.Shape(xw))), s
+
+
+def _make_int8_linear(u8s8: bool) -> Callable:
+    def fxopt_int8_linear(q, scale, wq, w_scale, bias=None, out_dtype: int = onnx.TensorProto.FLOAT):
+        codes = q if q.dtype == ir.DataType.UINT8 else _shifted_u8(q)  # int8 codes from elsewhere: shifted here
+        if u8s8:
+            weight, weight_zero = op.Transpose(wq, perm=[1, 0]), None
+        else:
+            weight, weight_zero = op.Transpose(_shifted_u8(wq), perm=[1, 0]), _u8_zero_point()
+        ws = op.Cast(w_scale, to=onnx.TensorProto.FLOAT)
+        b = None if bias is None else op.Cast(bias, to=onnx.TensorProto.FLOAT)
+        if scale.shape is not None and scale.shape.rank() == 0:  # per tensor: scales and bias in the GEMM
+            y = MatMulIntegerToFloat(codes, weight, scale, ws, _u8_zero_point(), weight_zero, b)
+        else:
+            y = op.Mul(MatMulIntegerToFloat(codes, weight, op.Constant(value_float=1.0), ws, _u8_zero_point(),
+                                            weight_zero), scale)
+            if b is not None:
+                y = op.Add(y, b)
+        to = _onnx_dtype(out_dtype) if isinstance(out_dtype, torch.dtype) else int(out_dtype)
+        return y if to == onnx.TensorProto.FLOAT else op.Cast(y, to=to)
+
+    return fxopt_int8_linear
+
+
+def _shifted_u8(v):
+    return op.Cast(op.Add(op.Cast(v, to=onnx.TensorProto.FLOAT), op.Constant(value_float=float(U8_ZERO_POINT))),
+                   to=onnx.TensorProto.UINT8)
+
+
+def translation_table(opset: int, *, int8_gemm: str = "u8u8") -> dict[torch._ops.OpOverload, Callable]:
+    """fxopt op overload -> trace-only ONNX translation, for the dynamo exporter at `opset`; `int8_gemm`:
+    "u8s8" (int8 weights, for a CPU where `int8_gemm.u8s8_exact()`) or "u8u8" (exact on every CPU)."""
+    if int8_gemm not in INT8_GEMMS:
+        raise ValueError(f"int8_gemm must be one of {INT8_GEMMS}, got {int8_gemm!r}")
     return {
         ops.rms_norm: _make_rms_norm(opset),
         ops.add_layer_norm: fxopt_add_layer_norm,
         ops.add_rms_norm: _make_add_rms_norm(opset),
         ops.quantize_int8: fxopt_quantize_int8,
-        ops.int8_linear: fxopt_int8_linear,
+        ops.int8_linear: _make_int8_linear(int8_gemm == "u8s8"),
     }
 

@@ -51,13 +51,13 @@ def test_the_onnx_file_stores_the_block_weights_as_int8(quantized, tmp_path):
     opt, _, _ = quantized
     path = fxopt.export_onnx(opt, tmp_path / "int8.onnx")
     graph = onnx.load(path).graph
-    # 8-bit: int8 codes, or (the linears' weights, as the ORT lowering feeds MatMulInteger) the same codes + 128
-    # as uint8 with zero point 128, once the exporter has folded the constant shift
+    # 8-bit: int8 codes, or (the linears' weights where the ORT lowering multiplies uint8·uint8) the same codes
+    # + 128 as uint8 with zero point 128, once the exporter has folded the constant shift
     int8 = [i for i in graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
             and len(i.dims) == 2]
     stats = opt.report["smoothquant"].stats
     assert len(int8) == stats["quantized_linear"] + stats.get("int8_embedding", 0)
-    assert {n.op_type for n in graph.node} >= {"MatMulInteger"}
+    assert {n.op_type for n in graph.node} >= {"QuantizeLinear", "MatMulIntegerToFloat"}
     float_2d = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2]
     assert not [n for n in float_2d if any(r in n for r in ("query", "key", "value", "proj", "dense"))
                 and "embed" not in n and "pooler" not in n], float_2d
