@@ -113,25 +113,21 @@ def _optimize(ns: argparse.Namespace, argv: list[str]) -> None:
     loaded, opt, calibration = _run(ns, names)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = ["model.pt2", "report.json", "report.txt", "run.json"] + \
-        {"onnx": ["model.onnx"], "tvm": [f"tvm-{ns.target}/"], None: []}[ns.export]
-    with tqdm(steps, desc="fxopt write", leave=False, disable=not show_progress(None)) as bar:
-        for step in bar:
-            bar.set_postfix_str(step)
-            if step == "model.pt2":
-                fxopt.save(opt, out / step)
-            elif step == "report.json":
-                (out / step).write_text(opt.report.to_json())
-            elif step == "report.txt":
-                (out / step).write_text(f"{loaded.description}\n{opt.report}\n")
-            elif step == "run.json":
-                run = {"model": loaded.description, "command": shlex.join(["fxopt", *argv]), "passes": names,
-                       "calibration": calibration, "written": steps}
-                (out / step).write_text(json.dumps(run, indent=2))
-            elif step == "model.onnx":
-                fxopt.export_onnx(opt, out / step)
-            else:
-                fxopt.export_tvm(opt, out / step, target=ns.target)
+    run = {"model": loaded.description, "command": shlex.join(["fxopt", *argv]), "passes": names,
+           "calibration": calibration}
+    writers = [("model.pt2", lambda path: fxopt.save(opt, path)),
+               ("report.json", lambda path: path.write_text(opt.report.to_json())),
+               ("report.txt", lambda path: path.write_text(f"{loaded.description}\n{opt.report}\n")),
+               ("run.json", lambda path: path.write_text(json.dumps(run, indent=2)))]
+    if ns.export == "onnx":
+        writers.append(("model.onnx", lambda path: fxopt.export_onnx(opt, path)))
+    elif ns.export == "tvm":
+        writers.append((f"tvm-{ns.target}/", lambda path: fxopt.export_tvm(opt, path, target=ns.target)))
+    steps = run["written"] = [name for name, _ in writers]
+    with tqdm(writers, desc="fxopt write", leave=False, disable=not show_progress(None)) as bar:
+        for name, write in bar:
+            bar.set_postfix_str(name)
+            write(out / name)
     print(f"{loaded.description}" + (f"\ncalibration: {calibration}" if calibration else "")
           + f"\n{opt.report}\n\nwrote {', '.join(str(out / w) for w in steps)}\n"
           f"render the report: fxopt report {shlex.quote(str(out))}")

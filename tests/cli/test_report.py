@@ -15,15 +15,10 @@ from fxopt import cli
 from fxopt.model_spec import calibration_items, load_model
 from fxopt.passes import ConvertToGQA, FuseLayerNorm, PermuteForNM, PruneNM
 from fxopt.render import to_html
+from tests.cli.test_cli import run
 
 pytest.importorskip("transformers")
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
