@@ -12,7 +12,9 @@ linears are quantized by default (layers="blocks"; an LM head, pooler or classif
 
 Options: alpha (float in [0, 1] or "auto": per group, the α of a grid minimising the fake-quantized output error on
 the kept calibration tokens, or no smoothing where that error is smaller still), act ("token" dynamic per token,
-"tensor" dynamic per tensor, "tensor_static" per tensor from calibration), weight ("channel" or "tensor"),
+"tensor" dynamic per tensor, "tensor_asym" dynamic per tensor of the tensor less its midpoint c, with c·Σ_j Ŵ[:, j]
+added after the int8 linear (asymmetric per-tensor: all levels on [min, max]), "tensor_static" per tensor from
+calibration), weight ("channel" or "tensor"),
 smooth=False (W8A8 without smoothing, the baseline), embeddings (int8 embedding tables, one scale per row, where
 no float reader shares the table: embeddings.py), smooth_only=True (stop after the exact folds; groups whose
 scale would go into the quantizer get it as an explicit multiply x·(1/s) instead), layers ("blocks" or "all"),
@@ -40,6 +42,7 @@ from fxopt.structure import analyze_graph, block_linears
 from .embeddings import plan_tables, quantize_table
 from .plan import Group, plan_groups
 from .rewrite import (
+    centered,
     fold_into_norm,
     prescale_input,
     quantize_site,
@@ -51,6 +54,7 @@ from .rewrite import (
 from .scales import best_alpha, out_in, smoothing_scale, tokens, weight_max
 
 _INF = float("inf")
+ACT = ("token", "tensor", "tensor_asym", "tensor_static")  # activation quantizers: per token or per tensor
 
 
 def _alpha_ok(v) -> bool:
@@ -76,7 +80,7 @@ class SmoothQuant(Pass):
     exactness: ClassVar = Exactness.APPROXIMATE
     option_checks: ClassVar = {
         "alpha": (_alpha_ok, "a number in [0, 1] or 'auto'"),
-        "act": (lambda v: v in ("token", "tensor", "tensor_static"), "'token', 'tensor' or 'tensor_static'"),
+        "act": (lambda v: v in ACT, f"one of {', '.join(map(repr, ACT))}"),
         "weight": (lambda v: v in ("channel", "tensor"), "'channel' or 'tensor'"),
         "smooth": (is_bool, "a bool"), "smooth_only": (is_bool, "a bool"), "embeddings": (is_bool, "a bool"),
         "layers": (lambda v: v in ("blocks", "all"), "'blocks' or 'all'"),
@@ -111,7 +115,7 @@ class SmoothQuant(Pass):
         alpha = self.alpha
         if alpha == "auto":
             kept = [b[0] for x in group.inputs for b in ctx.stats.of(BlockIO((x.name,), (), self.auto_batches)).inputs]
-            alpha = best_alpha(tokens(kept), weights, act, self.act == "token", self.weight == "channel")
+            alpha = best_alpha(tokens(kept), weights, act, self.act, self.weight == "channel")
             if alpha is None:  # smoothing this group only adds quantization error
                 return act, torch.ones_like(act), None
         return act, smoothing_scale(act, weight_max(weights), float(alpha)), float(alpha)
@@ -172,8 +176,9 @@ class SmoothQuant(Pass):
         for x in dict.fromkeys(t.input for t in g.quantized):
             readers = [t for t in g.quantized if t.input is x]
             first = min((t.node for t in readers), key=order.__getitem__)
-            codes = quantizer(rw, x, first, pre, static, granularity)
+            quantized, center = centered(rw, x, first, pre) if self.act == "tensor_asym" else (x, None)
+            codes = quantizer(rw, quantized, first, pre if center is None else None, static, granularity)
             for t in readers:
-                quantize_site(rw, t, codes, smoothed_weight(rw, t, s), self.weight)
+                quantize_site(rw, t, codes, smoothed_weight(rw, t, s), self.weight, center)
                 rw.counts["smoothed_into_norm" if pre is None and self.smooth else
                           "smoothed_in_quantizer" if self.smooth else "unsmoothed"] += 1

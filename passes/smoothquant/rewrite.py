@@ -69,20 +69,40 @@ def quantizer(rw: Rewriter, x: fx.Node, before: fx.Node, pre: torch.Tensor | Non
     return rw.getitem(q, 0, before=before), rw.getitem(q, 1, before=before)
 
 
+def centered(rw: Rewriter, x: fx.Node, before: fx.Node, pre: torch.Tensor | None) -> tuple[fx.Node, fx.Node]:
+    """(x·pre − c, c), c = (max + min)/2 of x·pre over the whole tensor: the symmetric per-tensor quantizer of the
+    centered tensor spends its levels on [min, max] only (asymmetric per-tensor quantization; a one-sided
+    activation such as a GELU output gets twice the resolution). `quantize_site` adds c·Σ_j Ŵ[:, j] back."""
+    aten = torch.ops.aten
+    if pre is not None:
+        scale = rw.constant(f"{x.name}_smooth", pre.to(val(x).dtype), before=before)
+        x = rw.call(aten.mul.Tensor, (x, scale), before=before, like=x)
+    hi = rw.call(aten.max.default, (x,), before=before)
+    lo = rw.call(aten.min.default, (x,), before=before)
+    center = rw.call(aten.mul.Tensor, (rw.call(aten.add.Tensor, (hi, lo), before=before), 0.5), before=before)
+    return rw.call(aten.sub.Tensor, (x, center), before=before, like=x), center
+
+
 def static_scale(act_max: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """The per-tensor scale of the smoothed activations from the calibration channel maxima: max_j act_j / s_j."""
     return scale_of((act_max.double() / s).amax())
 
 
 def quantize_site(rw: Rewriter, site: LinearSite, codes: tuple[fx.Node, fx.Node], w: torch.Tensor,
-                  weight_granularity: str) -> None:
-    """Replace `site`'s output by an int8 linear of the codes and `w` ([out, in], already smoothed)."""
+                  weight_granularity: str, center: fx.Node | None = None) -> None:
+    """Replace `site`'s output by an int8 linear of the codes and `w` ([out, in], already smoothed); with the
+    `center` c the codes were taken after subtracting (`centered`), + c·Σ_j Ŵ[:, j] of the int8 weights Ŵ."""
     wq, ws = quantize_weight_int8(w, weight_granularity)
     out = site.output
     wq_node = rw.constant(f"{site.weight_name}_int8", wq, before=out)
     ws_node = rw.constant(f"{site.weight_name}_scale", ws, before=out)
     dtype = val(out).dtype
     y = rw.call(ops.int8_linear, (*codes, wq_node, ws_node, site.bias, dtype), before=out, like=site.node)
+    if center is not None:
+        sums = rw.constant(f"{site.weight_name}_colsum", (wq.double() * ws.double().reshape(-1, 1)).sum(1).to(dtype),
+                           before=out)
+        shift = rw.call(torch.ops.aten.mul.Tensor, (center, sums), before=out, like=sums)
+        y = rw.call(torch.ops.aten.add.Tensor, (y, shift), before=out, like=y)
     if tuple(val(y).shape) != tuple(val(out).shape):  # pragma: no cover - a site's output is x.shape[:-1] + (out,)
         raise AssertionError(f"{out.name}: int8 linear gives {tuple(val(y).shape)}, site gave {tuple(val(out).shape)}")
     rw.replace(out, y, "quantized_linear")

@@ -33,20 +33,27 @@ def smoothing_scale(act_max: torch.Tensor, w_max: torch.Tensor, alpha: float) ->
     return (act_max.double().pow(alpha) / w_max.pow(1 - alpha)).clamp_min(CLAMP)
 
 
-def _fake(t: torch.Tensor, dim: int | None) -> torch.Tensor:
-    peak = t.abs().amax() if dim is None else t.abs().amax(dim, keepdim=True)
-    s = scale_of(peak)
+def _round_trip(t: torch.Tensor, per_row: bool) -> torch.Tensor:
+    s = scale_of(t.abs().amax(-1, keepdim=True) if per_row else t.abs().amax())
     return codes(t, s).to(t.dtype) * s
 
 
-def quantized_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, per_token: bool,
+def _fake(t: torch.Tensor, act: str) -> torch.Tensor:
+    """The activation quantizer `act` (SmoothQuant's option) applied and undone."""
+    if act == "tensor_asym":
+        center = (t.amax() + t.amin()) / 2
+        return _round_trip(t - center, False) + center
+    return _round_trip(t, act == "token")
+
+
+def quantized_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, act: str,
                     per_channel: bool, reference: list[torch.Tensor] | None = None) -> float:
     """Σ over the group's linears of ||Q(x/s)·Q(W·s)ᵀ - x·Wᵀ||², in float32 (`reference`: the x·Wᵀ, if known)."""
-    xs = _fake((x / s).float(), -1 if per_token else None)
+    xs = _fake((x / s).float(), act)
     reference = reference or [x.float() @ w.float().t() for w in weights]
     total = 0.0
     for w, ref in zip(weights, reference):
-        ws = _fake((w.double() * s).float(), -1 if per_channel else None)
+        ws = _round_trip((w.double() * s).float(), per_channel)
         total += float(((xs @ ws.t()) - ref).pow(2).sum())
     return total
 
@@ -58,14 +65,14 @@ def tokens(samples: list[torch.Tensor]) -> torch.Tensor:
     return x[::step][:MAX_TOKENS]
 
 
-def best_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_max: torch.Tensor, per_token: bool,
+def best_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_max: torch.Tensor, act: str,
                per_channel: bool) -> float | None:
     """The α of ALPHA_GRID with the smallest error, or None when not smoothing is better than every α."""
     w_max = weight_max(weights)
     reference = [x.float() @ w.float().t() for w in weights]  # the float products, once for every candidate
-    errors = {a: quantized_error(x, weights, smoothing_scale(act_max, w_max, a), per_token, per_channel, reference)
+    errors = {a: quantized_error(x, weights, smoothing_scale(act_max, w_max, a), act, per_channel, reference)
               for a in ALPHA_GRID}
     best = min(errors, key=lambda a: (errors[a], abs(a - 0.5)))
-    unsmoothed = quantized_error(x, weights, torch.ones_like(act_max, dtype=torch.float64), per_token, per_channel,
+    unsmoothed = quantized_error(x, weights, torch.ones_like(act_max, dtype=torch.float64), act, per_channel,
                                  reference)
     return None if unsmoothed < errors[best] else best

@@ -142,7 +142,7 @@ def test_q_k_and_v_share_one_scale_and_gate_and_up_another():
 
 
 @pytest.mark.parametrize("name", ["opt", "llama_gqa", "gpt2", "bert"])
-@pytest.mark.parametrize("act", ["token", "tensor_static"])
+@pytest.mark.parametrize("act", ["token", "tensor_static", "tensor_asym"])
 def test_w8a8_replaces_every_block_linear_by_an_int8_linear_and_keeps_its_contract(name, act):
     family = FAMILIES[name]
     model = family.build("sdpa")
@@ -198,6 +198,48 @@ def test_smoothing_recovers_most_of_what_naive_per_tensor_w8a8_loses_on_outlier_
 
     naive, smoothed, auto = error(smooth=False), error(alpha=0.5), error(alpha="auto")
     assert smoothed < naive / 10 and auto < naive / 10, (naive, smoothed, auto)
+
+
+class GeluFeedForward(nn.Module):
+    """fc2 reads a GELU output: one-sided, in [-0.17, max], as every transformer FFN's down projection does."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+def test_asymmetric_per_tensor_quantizes_the_tensor_less_its_midpoint_and_adds_it_back_exactly():
+    from fxopt.quant_ops import QMAX, quantize_weight_int8
+
+    model, x = GeluFeedForward().eval(), torch.randn(4, 8, 32) * 3
+    opt = smoothquant(model, x, calibration((4, 8, 32)), fuse=False, smooth=False, act="tensor_asym", layers="all")
+    h = torch.nn.functional.gelu(model.fc1(x)).double()
+    # the reference, written out: codes of h − c on one symmetric scale, the int8 weights, c·Σ_j Ŵ[:, j] back
+    c = (h.amax() + h.amin()) / 2
+    step = (h - c).abs().amax() / QMAX
+    wq, ws = quantize_weight_int8(model.fc2.weight.detach(), "channel")
+    w = wq.double() * ws.double()[:, None]
+    want = ((h - c) / step).round() * step @ w.t() + c * w.sum(1) + model.fc2.bias.double()
+    got = opt.graph_module(x)
+    out_scale = want.abs().amax() / QMAX  # the op family's bound: within 2 output scales of the reference
+    assert (got.double() - want).abs().max() <= 2 * out_scale
+    assert (h.amax() - h.amin()) / 2 < h.abs().amax() * 0.6  # one-sided: the centered range is about half
+
+
+def test_on_a_one_sided_activation_the_asymmetric_quantizer_loses_less_than_the_symmetric_one():
+    model, x = GeluFeedForward().eval(), torch.randn(8, 16, 32) * 3
+    want = model(x)
+
+    def error(act):
+        opt = smoothquant(model, x, calibration((8, 16, 32)), fuse=False, smooth=False, act=act, layers="all",
+                          min_cosine=0.0)
+        return float((opt(x) - want).pow(2).mean())
+
+    # half the step on [-0.17, max] quarters fc2's activation noise; fc1's input and the weights' share is unchanged
+    assert error("tensor_asym") < error("tensor") * 2 / 3
 
 
 def test_options_are_checked():
