@@ -7,7 +7,8 @@ Sentences: English prose from Python's own documentation (`pydoc_data.topics`, s
 split into sentences of 6-40 words; 256 evenly spaced ones are evaluated, 64 others calibrate. fxopt variants:
 no smoothing vs SmoothQuant (alpha 0.5 and "auto") x activation granularity (per-tensor dynamic, per-tensor
 asymmetric dynamic, per-token dynamic), and α chosen on the calibration sentences' own embedding cosine (a held-out
-set: never the evaluated sentences) from SWEEP; per-channel int8 weights, every transformer-block linear quantized. Peers: ONNX Runtime
+set: never the evaluated sentences) from SWEEP; per-channel int8 weights, every transformer-block linear
+quantized. Peers: ONNX Runtime
 `quantize_dynamic` (QInt8 weights, what Optimum and Olive run for dynamic int8) on the FP32 ONNX export of the same
 model. NNCF and llm-compressor are not installed here; their numbers on these weights (algorithms/peers notes:
 NNCF 0.9973 / 0.9890, llm-compressor 0.9978 / 0.9958, mean / min over 256 sentences) are quoted, not rerun.
