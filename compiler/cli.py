@@ -68,14 +68,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _shape(text: str) -> tuple[int, int]:
-    from .errors import PassOptionError
+    from .errors import FxoptError
 
     try:
         batch, length = (int(v) for v in text.split(","))
     except ValueError as e:
-        raise PassOptionError("fxopt", "--shape", f"must be two integers 'B,T', got {text!r}") from e
+        raise FxoptError(f"--shape must be two integers 'B,T', got {text!r}") from e
     if batch < 1 or length < 1:
-        raise PassOptionError("fxopt", "--shape", f"must be positive, got {text!r}")
+        raise FxoptError(f"--shape must be positive, got {text!r}")
     return batch, length
 
 
@@ -85,12 +85,12 @@ def _run(ns: argparse.Namespace, names: list[str]) -> tuple[Any, Any, str | None
     from fxopt import passes
     from fxopt.pass_base import Requirement
 
-    from .errors import PassOptionError
+    from .errors import FxoptError
     from .model_spec import calibration_items, load_model
 
     shape = _shape(ns.shape)
     if ns.calib is not None and ns.calib < 1:
-        raise PassOptionError("fxopt", "--calib", f"must be a positive number of batches, got {ns.calib}")
+        raise FxoptError(f"--calib must be a positive number of batches, got {ns.calib}")
     chosen = [passes.get(n) for n in names]
     needs = any(Requirement.CALIBRATION in p.requires for p in chosen)
     loaded = load_model(ns.model, shape)
@@ -136,16 +136,15 @@ def _optimize(ns: argparse.Namespace, argv: list[str]) -> None:
 def _report(ns: argparse.Namespace) -> None:
     from . import render
     from .artifact import ArtifactError
+    from .errors import FxoptError
     from .report import Report
 
     source = Path(ns.out)
-    run: dict = {}
     if source.is_dir():
         if not (source / "report.json").is_file():
             raise ArtifactError(f"{source}: no report.json here; give an `fxopt optimize` output directory")
-        if (source / "run.json").is_file():
-            run = json.loads((source / "run.json").read_text())
         source = source / "report.json"
+    run = _run_record(source.parent / "run.json") if source.suffix != ".pt2" else {}
     if source.suffix == ".pt2":
         import fxopt
 
@@ -153,15 +152,33 @@ def _report(ns: argparse.Namespace) -> None:
     elif source.is_file():
         try:
             report = Report.from_dict(json.loads(source.read_text()))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ArtifactError(f"{source}: not an fxopt report ({type(e).__name__}: {e})") from e
     else:
         raise ArtifactError(f"{source}: no such file or directory")
     to = Path(ns.to) if ns.to else source.parent
-    to.mkdir(parents=True, exist_ok=True)
-    (to / "report.md").write_text(render.to_markdown(report, run, to / "report_files", "report_files/"))
-    (to / "report.html").write_text(render.to_html(report, run))
+    try:
+        to.mkdir(parents=True, exist_ok=True)
+        (to / "report.md").write_text(render.to_markdown(report, run, to / "report_files", "report_files/"))
+        (to / "report.html").write_text(render.to_html(report, run))
+    except OSError as e:
+        raise FxoptError(f"cannot write the report to {to}: {e.strerror or e}") from e
     print(f"wrote {to / 'report.md'} (plots in {to / 'report_files'}) and {to / 'report.html'}")
+
+
+def _run_record(path: Path) -> dict:
+    """run.json beside a report (what `fxopt optimize` recorded: model, command, calibration), or {}."""
+    from .artifact import ArtifactError
+
+    if not path.is_file():
+        return {}
+    try:
+        run = json.loads(path.read_text())
+    except ValueError as e:
+        raise ArtifactError(f"{path}: not JSON ({e})") from e
+    if not isinstance(run, dict):
+        raise ArtifactError(f"{path}: not a run record (a JSON object), got {type(run).__name__}")
+    return run
 
 
 def _source(gm: Any, name: str) -> str:

@@ -34,6 +34,7 @@ class Loaded:
     kwargs: dict
     description: str
     tokenizer: Any = None  # a transformers tokenizer where the model came with one
+    own_inputs: bool = False  # a factory gave its own example inputs: calibration cannot be drawn like token ids
 
 
 def _is_causal(model: Any) -> bool:
@@ -110,7 +111,7 @@ def _from_factory(spec: str, shape: tuple[int, int]) -> Loaded:
     made = getattr(module, factory)()
     if isinstance(made, tuple):
         model, args, kwargs = (*made, {})[:3] if len(made) == 2 else made
-        return Loaded(model.eval(), tuple(args), dict(kwargs), f"{factory}() from {file}")
+        return Loaded(model.eval(), tuple(args), dict(kwargs), f"{factory}() from {file}", own_inputs=True)
     return Loaded(made.eval(), *random_inputs(made, shape), f"{factory}() from {file}")
 
 
@@ -127,6 +128,9 @@ def calibration_items(loaded: Loaded, count: int, batch: int, text_file: str | N
         if not lines:
             raise FxoptError(f"--calib-file {text_file}: no text in it")
         source = f"lines of {text_file}"
+    elif loaded.own_inputs:
+        return [(loaded.args, loaded.kwargs)], ("the factory's own example inputs, 1 batch (fxopt cannot draw more "
+                                                "inputs like them; pass calibration= to fxopt.optimize for more)")
     elif loaded.tokenizer is not None:
         from .sample_text import english_sentences
 
@@ -135,25 +139,35 @@ def calibration_items(loaded: Loaded, count: int, batch: int, text_file: str | N
         shape = (batch, loaded.args[0].shape[-1] if loaded.args and hasattr(loaded.args[0], "shape") else 16)
         items = [random_inputs(loaded.model, shape, seed=i + 1) for i in range(count)]
         return items, f"{count} batches of random token ids (the model has no tokenizer)"
-    items = _encoded(loaded, lines, count, batch)
-    return items, f"{len(items)} batches of {batch} from {source}"
+    length = calibration_length(loaded)
+    items = _encoded(loaded, lines, count, batch, length, source)
+    return items, f"{len(items)} batches of {batch} x ≤ {length} tokens from {source}"
 
 
-def _encoded(loaded: Loaded, lines: list[str], count: int, batch: int) -> list:
-    import torch
+def calibration_length(loaded: Loaded) -> int:
+    """Tokens per calibration row: the example's own length where it is 0 or 1 (torch.export keeps such a dim
+    static), else CALIBRATION_LENGTH, capped at the positions the model has."""
+    example = loaded.args[0].shape[-1] if loaded.args and hasattr(loaded.args[0], "shape") else CALIBRATION_LENGTH
+    if example < 2:
+        return int(example)
+    config = getattr(loaded.model, "config", None)
+    limits = [getattr(config, k, None) for k in ("max_position_embeddings", "n_positions", "n_ctx", "max_length")]
+    return min([CALIBRATION_LENGTH] + [int(v) for v in limits if isinstance(v, int) and v > 0])
 
+
+def _encoded(loaded: Loaded, lines: list[str], count: int, batch: int, length: int, source: str) -> list:
     tok = loaded.tokenizer
     if "attention_mask" in loaded.kwargs:  # an encoder: padded batches of sentences with their mask
         rows = [lines[i % len(lines)] for i in range(count * batch)]
         items = []
         for i in range(0, len(rows), batch):
-            enc = tok(rows[i:i + batch], padding=True, truncation=True, max_length=CALIBRATION_LENGTH,
-                      return_tensors="pt")
+            enc = tok(rows[i:i + batch], padding=True, truncation=True, max_length=length, return_tensors="pt")
             items.append(((enc["input_ids"],), {**loaded.kwargs, "attention_mask": enc["attention_mask"]}))
         return items
     stream = tok("\n".join(lines), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    per_item = batch * CALIBRATION_LENGTH  # a decoder: the text packed into full rows, no padding
-    while stream.numel() < count * per_item:
-        stream = torch.cat([stream, stream])
-    return [((stream[i * per_item:(i + 1) * per_item].view(batch, CALIBRATION_LENGTH),), dict(loaded.kwargs))
+    if stream.numel() == 0:
+        raise FxoptError(f"calibration text ({source}) gives no tokens with this model's tokenizer")
+    per_item = batch * length  # a decoder: the text packed into full rows, no padding
+    stream = stream.repeat(-(-count * per_item // stream.numel()))  # repeated as often as it takes
+    return [((stream[i * per_item:(i + 1) * per_item].view(batch, length),), dict(loaded.kwargs))
             for i in range(count)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -97,11 +98,14 @@ def compare(before: Any, after: Any, tol: Tolerance) -> Numerics:
             continue
         compared += b64.numel()
         err = (a64 - b64).abs().max().item() if a64.numel() else 0.0
-        if not torch.isfinite(a64).all():
+        if not torch.isfinite(a64).all():  # inf/NaN where the graph before was finite: wrong under any contract
             err = float("inf")
+            failures.append(f"output {i}: {int((~torch.isfinite(a64)).sum())} non-finite values where the graph "
+                            "before was finite")
         scale = b64.abs().max().item()
         bound = tol.atol + tol.relative(b.dtype) * scale
         cos = torch.nn.functional.cosine_similarity(a64.flatten(), b64.flatten(), dim=0, eps=1e-30).item()
+        cos = cos if math.isfinite(cos) else -1.0  # a NaN cosine (non-finite values) is the worst, never the best
         rel = err / scale if scale > 0 else err
         if err > bound:
             failures.append(f"output {i}: max|err| {err:.3g} > {bound:.3g} (atol {tol.atol:g} + rtol "

@@ -79,6 +79,11 @@ class Measure:
     after: Mapping[str, float]  # site -> value after it; the same sites
     log_scale: bool = False
 
+    def __post_init__(self) -> None:
+        if set(self.before) != set(self.after):
+            raise ValueError(f"measure {self.title!r}: sites before and after differ "
+                             f"({sorted(set(self.before) ^ set(self.after))[:3]})")
+
     def to_dict(self) -> dict[str, Any]:
         return {"title": self.title, "unit": self.unit, "before": dict(self.before), "after": dict(self.after),
                 "log_scale": self.log_scale}

@@ -38,17 +38,18 @@ def plots(report: Report) -> list[Plot]:
 
     matplotlib.use("Agg", force=False)
     made = []
-    checked = [p for p in report.passes if p.applied and p.numerics is not None]
-    if checked:
-        made.append(Plot("errors", "Error after each step, against the bound it promised", _errors(checked)))
-    sized = [p for p in report.passes if p.weight_bytes is not None]
-    if any(p.weight_bytes[0] != p.weight_bytes[1] for p in sized):
-        made.append(Plot("weight-bytes", "Bytes of weights and constants the graph reads, after each step",
-                         _weight_bytes(sized)))
-    for p in report.passes:
-        for i, m in enumerate(p.measures):
-            if m.before:
-                made.append(Plot(f"{p.name}-{i + 1}", f"{p.name}: {m.title}", _measure(m)))
+    with matplotlib.rc_context({"text.parse_math": False}):  # a "$" in a module name is text, not TeX
+        checked = [p for p in report.passes if p.applied and p.numerics is not None]
+        if checked:
+            made.append(Plot("errors", "Error after each step, against the bound it promised", _errors(checked)))
+        sized = [p for p in report.passes if p.weight_bytes is not None]
+        if any(p.weight_bytes[0] != p.weight_bytes[1] for p in sized):
+            made.append(Plot("weight-bytes", "Bytes of weights and constants the graph reads, after each step",
+                             _weight_bytes(sized)))
+        for p in report.passes:
+            for m in p.measures:
+                if m.before:  # file names by position: a step's name is data, not a path
+                    made.append(Plot(f"measure-{len(made) + 1}", f"{p.name}: {m.title}", _measure(m)))
     return made
 
 
@@ -68,7 +69,8 @@ def _errors(passes: list[PassReport]) -> bytes:
     names = [p.name for p in passes]
     errors = [p.numerics.max_abs for p in passes]
     bounds = [p.numerics.bound if math.isfinite(p.numerics.bound) else 0.0 for p in passes]
-    gaps = [g if (g := 1 - min(p.numerics.cosine, 1.0)) > 1e-12 else 0.0 for p in passes]  # float64 noise: 0
+    gaps = [g if (g := 1 - min(p.numerics.cosine, 1.0)) > 1e-12 or not math.isfinite(g) else 0.0
+            for p in passes]  # below 1e-12: float64 noise, 0
     promised = [1 - p.tolerance.min_cosine if p.tolerance is not None and p.tolerance.min_cosine is not None
                 else 0.0 for p in passes]
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(names) + 1.8))
@@ -77,10 +79,10 @@ def _errors(passes: list[PassReport]) -> bytes:
     for ax, values, limits, label, limit_label in panels:
         shown = [v for v in values + limits if v > 0 and math.isfinite(v)] or [1e-8]
         low = min(shown) / 30
-        ax.barh(names, [v if v > 0 else 0 for v in values], color=AFTER, left=low)
+        ax.barh(names, [v if v > 0 and math.isfinite(v) else 0 for v in values], color=AFTER, left=low)
         for i, v in enumerate(values):
-            if v == 0:
-                ax.text(low, i, " 0 (identical)", va="center", fontsize=8)
+            if v == 0 or not math.isfinite(v):
+                ax.text(low, i, " 0 (identical)" if v == 0 else f" {v} (non-finite)", va="center", fontsize=8)
         marks = [(n, v) for n, v in zip(names, limits) if v > 0]
         if marks:
             ax.scatter([v for _, v in marks], [n for n, _ in marks], marker="|", s=300, color="black",
@@ -102,10 +104,11 @@ def _weight_bytes(passes: list[PassReport]) -> bytes:
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.4))
     bars = ax.barh(labels, [v / 2**20 for v in values], color=[BEFORE] + [AFTER] * len(passes))
     for bar, v in zip(bars, values):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v / 2**20:.2f} MiB "
-                f"({v / values[0]:.2f}×)", va="center", fontsize=8)
+        ratio = f" ({v / values[0]:.2f}×)" if values[0] else ""
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v / 2**20:.2f} MiB{ratio}", va="center",
+                fontsize=8)
     ax.set_xlabel("MiB")
-    ax.set_xlim(0, max(values) / 2**20 * 1.35)
+    ax.set_xlim(0, max(max(values) / 2**20 * 1.35, 1e-6))
     ax.invert_yaxis()
     return _png(fig)
 
@@ -185,15 +188,22 @@ def _details(p: PassReport) -> list[tuple[str, list[str]]]:
     return out
 
 
+def _md(text: str) -> str:
+    """Text as Markdown shows it: HTML escaped, one line, no table breaks, no emphasis, link or code syntax
+    (an underscore inside a word is not emphasis in CommonMark, so node names stay readable)."""
+    text = html.escape(" ".join(str(text).split()), quote=False)
+    return "".join("\\" + c if c in "\\|*[]`" else c for c in text)
+
+
 def to_markdown(report: Report, run: Mapping[str, Any], plot_dir: Path | None, plot_prefix: str = "") -> str:
     """The report as Markdown; with `plot_dir`, the plots are written there as PNGs and linked as
     `plot_prefix + name + '.png'`."""
-    lines = ["# fxopt report", ""] + [f"- {ln}" for ln in _run_lines(report, run)] + ["", "## Steps", ""]
+    lines = ["# fxopt report", ""] + [f"- {_md(ln)}" for ln in _run_lines(report, run)] + ["", "## Steps", ""]
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in _rows(report)]
+    lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in _rows(report)]
     for p in report.passes:
         for heading, items in _details(p):
-            lines += ["", f"### {p.name}: {heading}", ""] + [f"- {i}" for i in items]
+            lines += ["", f"### {_md(p.name)}: {heading}", ""] + [f"- {_md(i)}" for i in items]
     if plot_dir is not None:
         made = plots(report)
         if made:
@@ -201,7 +211,7 @@ def to_markdown(report: Report, run: Mapping[str, Any], plot_dir: Path | None, p
         plot_dir.mkdir(parents=True, exist_ok=True)
         for plot in made:
             (plot_dir / f"{plot.name}.png").write_bytes(plot.png)
-            lines += ["", f"### {plot.title}", "", f"![{plot.title}]({plot_prefix}{plot.name}.png)"]
+            lines += ["", f"### {_md(plot.title)}", "", f"![{_md(plot.title)}](<{plot_prefix}{plot.name}.png>)"]
     return "\n".join(lines) + "\n"
 
 

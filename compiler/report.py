@@ -129,8 +129,9 @@ def _pass_from_dict(d: Mapping[str, Any]) -> PassReport:
     tolerance = None if tol is None else Tolerance(
         {getattr(torch, k): float(v) for k, v in tol["rtol"].items()}, float(tol["atol"]), tol["min_cosine"],
         tol["whole_output_if_nonfinite"])
-    measures = tuple(Measure(m["title"], m["unit"], m["before"], m["after"], m["log_scale"])
-                     for m in d.get("measures", ()))
+    measures = tuple(Measure(m["title"], m["unit"], {k: float(v) for k, v in m["before"].items()},
+                             {k: float(v) for k, v in m["after"].items()}, m["log_scale"])
+                     for m in d.get("measures", ()))  # float(): "inf"/"nan" were written as strings
     weight_bytes = d.get("weight_bytes")
     return PassReport(d["name"], d["applied"], d["exactness"], d["seconds"], dict(d["stats"]), d["why_not"],
                       tuple(d["reasons"]), numerics, tolerance, tuple(d.get("notes", ())), measures,

@@ -74,8 +74,10 @@ def centered(rw: Rewriter, x: fx.Node, before: fx.Node, pre: torch.Tensor | None
     centered tensor spends its levels on [min, max] only (asymmetric per-tensor quantization; a one-sided
     activation such as a GELU output gets twice the resolution). `quantize_site` adds c·Σ_j Ŵ[:, j] back."""
     aten = torch.ops.aten
+    if val(x).dtype != torch.float32:  # all of it in fp32, as the quantizer computes: 1/s of a dead channel is 1e5
+        x = rw.call(aten._to_copy.default, (x,), {"dtype": torch.float32}, before=before, like=x)
     if pre is not None:
-        scale = rw.constant(f"{x.name}_smooth", pre.to(val(x).dtype), before=before)
+        scale = rw.constant(f"{x.name}_smooth", pre.float(), before=before)
         x = rw.call(aten.mul.Tensor, (x, scale), before=before, like=x)
     hi = rw.call(aten.max.default, (x,), before=before)
     lo = rw.call(aten.min.default, (x,), before=before)
@@ -98,10 +100,12 @@ def quantize_site(rw: Rewriter, site: LinearSite, codes: tuple[fx.Node, fx.Node]
     ws_node = rw.constant(f"{site.weight_name}_scale", ws, before=out)
     dtype = val(out).dtype
     y = rw.call(ops.int8_linear, (*codes, wq_node, ws_node, site.bias, dtype), before=out, like=site.node)
-    if center is not None:
-        sums = rw.constant(f"{site.weight_name}_colsum", (wq.double() * ws.double().reshape(-1, 1)).sum(1).to(dtype),
+    if center is not None:  # c (fp32) · Σ_j Ŵ[:, j] in fp32, added in the output's dtype
+        sums = rw.constant(f"{site.weight_name}_colsum", (wq.double() * ws.double().reshape(-1, 1)).sum(1).float(),
                            before=out)
         shift = rw.call(torch.ops.aten.mul.Tensor, (center, sums), before=out, like=sums)
+        if dtype != torch.float32:
+            shift = rw.call(torch.ops.aten._to_copy.default, (shift,), {"dtype": dtype}, before=out, like=shift)
         y = rw.call(torch.ops.aten.add.Tensor, (y, shift), before=out, like=y)
     if tuple(val(y).shape) != tuple(val(out).shape):  # pragma: no cover - a site's output is x.shape[:-1] + (out,)
         raise AssertionError(f"{out.name}: int8 linear gives {tuple(val(y).shape)}, site gave {tuple(val(out).shape)}")

@@ -47,7 +47,7 @@ def test_the_markdown_has_a_row_per_step_with_its_numerics_and_links_every_plot(
     sq = next(r for r in rows if r[0] == "smoothquant")
     assert sq[1] == "yes" and sq[5] == "cosine ≥ 0.95" and float(sq[4]) == pytest.approx(
         report["smoothquant"].numerics.cosine, abs=1e-6)
-    links = re.findall(r"!\[([^]]+)]\((report_files/[^)]+\.png)\)", text)
+    links = re.findall(r"!\[([^]]+)]\(<(report_files/[^>]+\.png)>\)", text)
     titles = [t for t, _ in links]
     assert "Error after each step, against the bound it promised" in titles
     assert any(t.startswith("smoothquant: activation abs-max") for t in titles)
@@ -159,3 +159,74 @@ def test_calibration_without_a_tokenizer_is_random_ids_and_text_is_refused(capsy
     code, _, err = run(capsys, "optimize", "LlamaForCausalLM", "--passes", "smoothquant",
                        "--calib-file", str(tmp_path / "calib.txt"), "-o", str(tmp_path / "o"))
     assert code == cli.EXIT_REFUSED and "--calib-file" in err and "no tokenizer" in err
+
+
+# -- review findings: hostile report contents and calibration inputs ---------------------------------------------
+
+def hostile_report():
+    from fxopt.capture import CaptureInfo
+    from fxopt.numerics import Numerics
+    from fxopt.pass_base import ROUNDING, Measure
+    from fxopt.report import PassReport
+
+    capture = CaptureInfo(method="torch.export", seconds=0.1, dynamic_dims={}, static_dims={}, notes=[],
+                          failed_attempts=[])
+    measure = Measure("abs-max of <script>alert(1)</script> | $x^2$", "", {"a$b$c": float("nan"), "b": 1.0},
+                      {"a$b$c": float("inf"), "b": 0.5}, log_scale=True)
+    inf = Numerics(float("inf"), float("inf"), -1.0, 1.0, 0, False, "", 4)
+    return fxopt.Report(capture, [
+        PassReport("../../escaped", True, "exact", 0.1, {"x": 1}, None, ("n: <b>bold</b>\nsecond line",), inf,
+                   ROUNDING, ("note | with pipe",), (measure,), (0, 10)),
+        PassReport("skipped", False, "exact", 0.0, {}, "why\nnot <i>", ("why\nnot <i>",))])
+
+
+def test_a_hostile_report_round_trips_and_renders_escaped_with_plot_files_inside_the_output(tmp_path):
+    report = fxopt.Report.from_dict(json.loads(hostile_report().to_json()))  # inf/nan measures come back floats
+    assert report.passes[0].measures[0].before["a$b$c"] != report.passes[0].measures[0].before["a$b$c"]  # NaN
+    text = report.to_markdown(str(tmp_path / "plots dir"))
+    assert "<script>" not in text and "<b>" not in text and "&lt;script&gt;" in text
+    rows = markdown_table(text, "Steps")
+    assert len(rows) == 3 and all(len(r) == len(rows[0]) for r in rows)  # newlines and pipes kept inside cells
+    assert sorted(p.parent for p in tmp_path.rglob("*.png")) == [tmp_path / "plots dir"] * 3
+    assert "(<" + str(tmp_path / "plots dir") in text  # a path with a space is still one link
+    page = to_html(report, {"model": "<img src=x onerror=alert(1)>"})
+    assert "<img src=x" not in page and "<script>" not in page
+
+
+def test_report_of_a_run_with_a_malformed_run_record_or_an_unwritable_destination_exits_3(quantized_run, tmp_path,
+                                                                                          capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "report.json").write_text((quantized_run / "report.json").read_text())
+    (bad / "run.json").write_text("{not json")
+    code, _, err = run(capsys, "report", str(bad))
+    assert code == cli.EXIT_REFUSED and "run.json" in err
+    (tmp_path / "a-file").write_text("")
+    code, _, err = run(capsys, "report", str(quantized_run), "-o", str(tmp_path / "a-file"))
+    assert code == cli.EXIT_REFUSED and "cannot write the report" in err
+
+
+def test_calibration_text_fits_the_models_positions_and_text_without_tokens_is_refused(tmp_path):
+    import transformers
+
+    from fxopt.model_spec import Loaded
+
+    minilm = load_model("minilm", (2, 8))
+    config = transformers.GPT2Config(n_positions=24, n_embd=32, n_layer=1, n_head=2,
+                                     vocab_size=minilm.tokenizer.vocab_size)
+    gpt2 = transformers.GPT2LMHeadModel(config).eval()
+    loaded = Loaded(gpt2, (torch.randint(0, 100, (2, 8)),), {"use_cache": False}, "gpt2", minilm.tokenizer)
+    items, _ = calibration_items(loaded, 2, 2, None)
+    assert [tuple(a[0].shape) for a, _ in items] == [(2, 24)] * 2  # packed rows, as long as its positions allow
+    (tmp_path / "blank.txt").write_text("\u200b\n")  # a zero-width space: text to str.strip, no tokens
+    with pytest.raises(fxopt.FxoptError, match="no tokens"):
+        calibration_items(loaded, 1, 2, str(tmp_path / "blank.txt"))
+
+
+def test_a_factory_with_its_own_float_inputs_calibrates_on_them(capsys, tmp_path):
+    (tmp_path / "f.py").write_text("import torch\nfrom torch import nn\n\ndef make():\n"
+                                   "    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)), "
+                                   "(torch.randn(2, 4, 8),)\n")
+    code, out, _ = run(capsys, "optimize", f"{tmp_path / 'f.py'}:make", "--passes", "smoothquant",
+                       "-o", str(tmp_path / "o"))
+    assert code == cli.EXIT_OK and "calibration: the factory's own example inputs" in out

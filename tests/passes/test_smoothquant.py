@@ -242,6 +242,30 @@ def test_on_a_one_sided_activation_the_asymmetric_quantizer_loses_less_than_the_
     assert error("tensor_asym") < error("tensor") * 2 / 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_asymmetric_quantizer_works_in_fp32_so_a_dead_channel_of_a_half_model_stays_finite(dtype):
+    model = GeluFeedForward()
+    with torch.no_grad():  # fc2's input channel 5 is gelu(0) = 0 on every token: s = 1e-5, 1/s = 1e5 (inf in fp16)
+        model.fc1.weight[5] = 0
+        model.fc1.bias[5] = 0
+    model = model.to(dtype).eval()
+    x = torch.randn(4, 8, 32, dtype=dtype)
+    calib = [t.to(dtype) for t in calibration((4, 8, 32))]
+    opt = smoothquant(model, x, calib, fuse=False, act="tensor_asym", layers="all", alpha=0.9, min_cosine=0.0)
+    y = opt(x)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+
+
+def test_an_output_that_turns_non_finite_breaks_any_contract():
+    from fxopt.numerics import compare
+    from fxopt.pass_base import Tolerance
+
+    loose = Tolerance(rtol={torch.float32: float("inf")}, atol=float("inf"), min_cosine=0.0)
+    before, after = torch.ones(4), torch.tensor([1.0, float("nan"), 1.0, 1.0])
+    result = compare(before, after, loose)
+    assert not result.ok and "non-finite" in result.detail and result.cosine == -1.0
+
+
 def test_options_are_checked():
     with pytest.raises(fxopt.PassOptionError, match="alpha"):
         SmoothQuant(alpha=1.5)
