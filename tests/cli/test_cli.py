@@ -47,6 +47,9 @@ def test_optimize_writes_a_loadable_program_its_report_and_an_onnx_file(capsys, 
     ids = torch.randint(2, 1000, (3, 7))
     out = opt(ids, attention_mask=torch.ones(3, 7, dtype=torch.long))
     assert out.last_hidden_state.shape == (3, 7, 384)
+    code, out, _ = run(capsys, "report", str(tmp_path))
+    assert code == cli.EXIT_OK and (tmp_path / "report.html").is_file()
+    assert "trained all-MiniLM-L6-v2" in (tmp_path / "report.md").read_text()  # the run record, read beside it
 
 
 FACTORY = textwrap.dedent("""
