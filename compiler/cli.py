@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -248,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fxopt: error: {first_line(e, 1000)}", file=sys.stderr)
         return EXIT_REFUSED
+    except BrokenPipeError:  # the reader went away (`fxopt passes | head`): what it read was written; say nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when stdout is flushed
+        return EXIT_OK
     except Exception as e:  # noqa: BLE001 - one line unless --debug
         if ns.debug:
             raise

@@ -87,6 +87,13 @@ def test_bad_input_is_one_line_naming_what_is_wrong_with_exit_code_3(capsys, arg
     assert err.startswith("fxopt: error: ") and named in err and err.count("\n") == 1
 
 
+def test_a_reader_that_stops_early_is_not_an_error():
+    # `true` exits without reading: fxopt writes into a closed pipe
+    res = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m fxopt.cli passes | true"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and res.stderr == ""
+
+
 def test_the_console_script_is_installed_and_usage_errors_exit_2():
     res = subprocess.run([sys.executable, "-m", "fxopt.cli", "passes"], capture_output=True, text=True)
     assert res.returncode == 0 and "smoothquant" in res.stdout
