@@ -120,6 +120,7 @@ class Rewriter:
         if user is None:
             raise ValueError(f"{reader.name} does not read {const.name}")
         new = self.constant(str(const.target), tensor, before=user)
+        new.meta[SOURCE] = const.meta.get(SOURCE, str(const.target))  # the parameter it stands in for, by name
         if user is not reader and len(user.users) > 1:  # a transpose shared with another reader: this one's own
             mine = self.call(user.target, (new, *user.args[1:]), before=reader, like=user)
             self.set_arg(reader, list(reader.args).index(user), mine)
@@ -174,6 +175,7 @@ class Rewriter:
 
 
 META_BY = "fxopt_meta_by"  # the pass whose rewriter last computed this node's meta["val"]
+SOURCE = "fxopt_source"  # on a constant made by replace_constant_for: the parameter name it stands in for
 
 
 def propagate_meta(node: fx.Node, fake_mode) -> Any:

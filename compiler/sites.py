@@ -24,6 +24,7 @@ from torch import fx
 
 from . import ops
 from .pattern import CAST_TARGETS, VIEWS
+from .rewrite import SOURCE
 
 aten = torch.ops.aten
 
@@ -161,7 +162,7 @@ def linear_site(node: fx.Node) -> LinearSite | None:
 
 def _site(node, x, weight, out_in: bool, bias, out, reshapes) -> LinearSite:
     rows, cols = val(weight).shape
-    return LinearSite(node=node, input=x, weight=weight, weight_name=str(weight.target),
+    return LinearSite(node=node, input=x, weight=weight, weight_name=weight.meta.get(SOURCE, str(weight.target)),
                       layout="out_in" if out_in else "in_out", bias=bias, output=out,
                       in_features=int(cols if out_in else rows), out_features=int(rows if out_in else cols),
                       reshapes=reshapes)

@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from fxopt.attention_analysis import cache_write
-from fxopt.rewrite import Rewriter, get_attr
+from fxopt.rewrite import SOURCE, Rewriter, get_attr
 from fxopt.sites import val
 
 from .plan import OperandPlan, scaled_args
@@ -79,6 +79,7 @@ def apply(rw: Rewriter, p: OperandPlan, weight: torch.Tensor, bias: torch.Tensor
     G heads repeated `repeat` times along dim 1). Returns the new parameters' names."""
     before = p.pure
     w = rw.constant(p.site.weight_name, weight, before=before, parameter=True)
+    w.meta[SOURCE] = p.site.weight_name  # the projection it replaces, by the model's name
     b = None if bias is None else rw.constant(str(p.site.bias.target), bias, before=before, parameter=True)
     lin = rw.call(aten.linear.default, (p.site.input, w, b), before=before, like=before)
     dim = p.rows.shape[1]

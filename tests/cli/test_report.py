@@ -103,6 +103,9 @@ def test_each_pass_measures_the_same_sites_before_and_after_and_the_pipeline_cou
     assert kept.before and all(kept.after[k] >= kept.before[k] for k in kept.before)
     (pruned,) = prune.measures
     assert all(pruned.after[k] >= pruned.before[k] for k in pruned.before)  # with >= without the permutation
+    # sites are named by the model's parameters, also where permute_nm has replaced the weight by a new constant
+    assert pruned.before and all(re.fullmatch(r"model\.layers\.\d\.(self_attn|mlp)\.\w+_proj\.weight", k)
+                                 for k in pruned.before), sorted(pruned.before)
     bytes_ = {p.name: p.weight_bytes for p in opt.report.passes if p.applied}
     assert bytes_["fuse_layernorm"][0] == bytes_["fuse_layernorm"][1]
     assert bytes_["mha_to_gqa"][1] < bytes_["mha_to_gqa"][0]
