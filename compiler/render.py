@@ -4,7 +4,7 @@ no script). Built from a `Report` alone, so a saved `report.json` or a `.pt2` ar
 Plots, each where the report has its data: the error each step left against the bound it promised; the bytes of
 the tensors the graph reads after each step (quantization, GQA); and every pass's per-site `Measure`, before and
 after (activation abs-max before/after smoothing, kept magnitude without/with an N:M permutation, K/V-cache bytes
-at MHA/GQA). matplotlib draws them (Agg, no display needed).
+at MHA/GQA). matplotlib draws them on figures of their own (no pyplot state, no display needed).
 """
 
 from __future__ import annotations
@@ -34,46 +34,50 @@ class Plot:
 
 def plots(report: Report) -> list[Plot]:
     """Every plot the report has data for, in reading order."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     made = []
-    with matplotlib.rc_context({"text.parse_math": False}):  # a "$" in a module name is text, not TeX
-        checked = [p for p in report.passes if p.applied and p.numerics is not None]
-        if checked:
-            made.append(Plot("errors", "Error after each step, against the bound it promised", _errors(checked)))
-        sized = [p for p in report.passes if p.weight_bytes is not None]
-        if any(p.weight_bytes[0] != p.weight_bytes[1] for p in sized):
-            made.append(Plot("weight-bytes", "Bytes of weights and constants the graph reads, after each step",
-                             _weight_bytes(sized)))
-        for p in report.passes:
-            for m in p.measures:
-                if m.before:  # file names by position: a step's name is data, not a path
-                    made.append(Plot(f"measure-{len(made) + 1}", f"{p.name}: {m.title}", _measure(m)))
+    checked = [p for p in report.passes if p.applied and p.numerics is not None]
+    if checked:
+        made.append(Plot("errors", "Error after each step, against the bound it promised", _errors(checked)))
+    sized = [p for p in report.passes if p.weight_bytes is not None]
+    if any(p.weight_bytes[0] != p.weight_bytes[1] for p in sized):
+        made.append(Plot("weight-bytes", "Bytes of weights and constants the graph reads, after each step",
+                         _weight_bytes(sized)))
+    for p in report.passes:
+        for m in p.measures:
+            if m.before:  # file names by position: a step's name is data, not a path
+                made.append(Plot(f"measure-{len(made) + 1}", f"{p.name}: {m.title}", _measure(m)))
     return made
 
 
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
+def _text(label: str) -> str:
+    """A label as matplotlib shows it literally: a "$" in a module name is text, not the start of TeX math."""
+    return str(label).replace("$", r"\$")
 
+
+def _figure(width: float, height: float) -> Any:
+    """A figure of its own (not pyplot's: the user's backend and open figures are left alone)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def _png(fig: Any) -> bytes:
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=96)
-    plt.close(fig)
     return buffer.getvalue()
 
 
 def _errors(passes: list[PassReport]) -> bytes:
-    import matplotlib.pyplot as plt
-
-    names = [p.name for p in passes]
+    names = [_text(p.name) for p in passes]
     errors = [p.numerics.max_abs for p in passes]
     bounds = [p.numerics.bound if math.isfinite(p.numerics.bound) else 0.0 for p in passes]
     gaps = [g if (g := 1 - min(p.numerics.cosine, 1.0)) > 1e-12 or not math.isfinite(g) else 0.0
             for p in passes]  # below 1e-12: float64 noise, 0
     promised = [1 - p.tolerance.min_cosine if p.tolerance is not None and p.tolerance.min_cosine is not None
                 else 0.0 for p in passes]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(names) + 1.8))
+    fig = _figure(10, 0.5 * len(names) + 1.8)
+    axes = fig.subplots(1, 2)
     panels = [(axes[0], errors, bounds, "max |output error| vs the graph before the step", "bound (exact steps)"),
               (axes[1], gaps, promised, "1 − worst output cosine", "1 − min_cosine promised")]
     for ax, values, limits, label, limit_label in panels:
@@ -97,11 +101,10 @@ def _errors(passes: list[PassReport]) -> bytes:
 
 
 def _weight_bytes(passes: list[PassReport]) -> bytes:
-    import matplotlib.pyplot as plt
-
-    labels = ["captured"] + [p.name for p in passes]
+    labels = ["captured"] + [_text(p.name) for p in passes]
     values = [passes[0].weight_bytes[0]] + [p.weight_bytes[1] for p in passes]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.4))
+    fig = _figure(8, 0.45 * len(labels) + 1.4)
+    ax = fig.subplots()
     bars = ax.barh(labels, [v / 2**20 for v in values], color=[BEFORE] + [AFTER] * len(passes))
     for bar, v in zip(bars, values):
         ratio = f" ({v / values[0]:.2f}×)" if values[0] else ""
@@ -123,19 +126,18 @@ def short_labels(sites: list[str], width: int = 48) -> list[str]:
 
 
 def _measure(m: Measure) -> bytes:
-    import matplotlib.pyplot as plt
-
     sites = list(m.before)
     y = range(len(sites))
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(sites) + 1.6))
+    fig = _figure(9, 0.32 * len(sites) + 1.6)
+    ax = fig.subplots()
     h = 0.4
     ax.barh([i - h / 2 for i in y], [m.before[s] for s in sites], h, color=BEFORE, label="before")
     ax.barh([i + h / 2 for i in y], [m.after[s] for s in sites], h, color=AFTER, label="after")
-    ax.set_yticks(list(y), short_labels(sites), fontsize=8)
+    ax.set_yticks(list(y), [_text(t) for t in short_labels(sites)], fontsize=8)
     ax.invert_yaxis()
     if m.log_scale:
         ax.set_xscale("log")
-    ax.set_xlabel(m.unit or m.title)
+    ax.set_xlabel(_text(m.unit or m.title))
     ax.legend(loc="lower right", fontsize=8)
     return _png(fig)
 

@@ -174,8 +174,8 @@ def hostile_report():
 
     capture = CaptureInfo(method="torch.export", seconds=0.1, dynamic_dims={}, static_dims={}, notes=[],
                           failed_attempts=[])
-    measure = Measure("abs-max of <script>alert(1)</script> | $x^2$", "", {"a$b$c": float("nan"), "b": 1.0},
-                      {"a$b$c": float("inf"), "b": 0.5}, log_scale=True)
+    measure = Measure("abs-max of <script>alert(1)</script> | $x^2$", "", {"p$^_$q": float("nan"), "b": 1.0},
+                      {"p$^_$q": float("inf"), "b": 0.5}, log_scale=True)
     inf = Numerics(float("inf"), float("inf"), -1.0, 1.0, 0, False, "", 4)
     return fxopt.Report(capture, [
         PassReport("../../escaped", True, "exact", 0.1, {"x": 1}, None, ("n: <b>bold</b>\nsecond line",), inf,
@@ -185,7 +185,7 @@ def hostile_report():
 
 def test_a_hostile_report_round_trips_and_renders_escaped_with_plot_files_inside_the_output(tmp_path):
     report = fxopt.Report.from_dict(json.loads(hostile_report().to_json()))  # inf/nan measures come back floats
-    assert report.passes[0].measures[0].before["a$b$c"] != report.passes[0].measures[0].before["a$b$c"]  # NaN
+    assert report.passes[0].measures[0].before["p$^_$q"] != report.passes[0].measures[0].before["p$^_$q"]  # NaN
     text = report.to_markdown(str(tmp_path / "plots dir"))
     assert "<script>" not in text and "<b>" not in text and "&lt;script&gt;" in text
     rows = markdown_table(text, "Steps")
