@@ -27,7 +27,7 @@ BEFORE, AFTER = "#9aa5b1", "#1f6feb"
 
 @dataclass(frozen=True)
 class Plot:
-    name: str  # file stem: "errors", "weight-bytes", "smoothquant-1"
+    name: str  # file stem: "errors", "weight-bytes", "measure-3" (by position, never from a step name)
     title: str
     png: bytes
 
