@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import quant_ops, torch_kernels
+from . import quant_asym, quant_fused, quant_ops, torch_kernels
 
 NAMESPACE = "fxopt"
 
@@ -99,6 +99,8 @@ DECLARATIONS = (
            _add_rms_norm_ref, doc="(rms_norm(x + residual), x + residual): residual add + RMSNorm",
            decomposition=_add_rms_norm_ref, cuda_kernel=torch_kernels.add_rms_norm_cuda),
     *quant_ops.declarations(),  # quantize_int8, int8_linear (the int8 family's convention: compiler/quant_ops.py)
+    *quant_asym.declarations(),  # asymmetric per-tensor activations (uint8 codes with a zero point)
+    *quant_fused.declarations(),  # quantize fused into its producer, dequantize into the GEMM epilogue
 )
 
 _lib = torch.library.Library(NAMESPACE, "DEF")

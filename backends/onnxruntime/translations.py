@@ -55,6 +55,8 @@ from onnxscript.values import Op, Opset
 from fxopt import ops
 from fxopt.quant_ops import QMAX, SCALE_MIN
 
+from . import int8_asym, int8_fused
+
 TFloat = TypeVar("TFloat", bound=Union[FLOAT16, FLOAT, DOUBLE, BFLOAT16])  # noqa: UP007 (torch.onnx reads typing.Union)
 
 MS_DOMAIN = "com.microsoft"
@@ -268,5 +270,7 @@ def translation_table(opset: int, *, int8_gemm: str = "u8u8") -> dict[torch._ops
         ops.add_rms_norm: _make_add_rms_norm(opset),
         ops.quantize_int8: fxopt_quantize_int8,
         ops.int8_linear: _make_int8_linear(int8_gemm == "u8s8"),
+        **int8_asym.translations(int8_gemm),
+        **int8_fused.translations(opset, int8_gemm),
     }
 

@@ -22,7 +22,7 @@ from fxopt import ops
 from fxopt.errors import LoweringTableError, UnsupportedOpError
 
 from . import convert as cv
-from . import quant
+from . import quant, quant_asym, quant_fused
 from .attention import make_sdpa, permute_passthrough, view_passthrough
 from .indexing import embedding, index_tensor, select_int
 from .tensors import any_all, arithmetic, clamp, divide, empty, histc, maximum, relu, repeat, self_compare
@@ -68,6 +68,8 @@ def lowerings(extern: bool = False) -> dict[torch._ops.OpOverload, Converter]:
         ops.add_layer_norm: cv.add_layer_norm,
         ops.quantize_int8: quant.quantize_int8,
         ops.int8_linear: quant.int8_linear,
+        **quant_asym.converters(),
+        **quant_fused.converters(),
         aten.linear.default: cv.make_linear(extern),
         aten.addmm.default: cv.make_addmm(extern),
         aten.mm.default: matmul,
