@@ -16,6 +16,8 @@ from fxopt.backends import BACKENDS, missing_lowerings
 from fxopt.ops import OpDecl
 from fxopt.quant_ops import quantize_weight_int8
 
+QUANTIZE_UINT8, UINT8_LINEAR = torch.ops.fxopt.quantize_uint8.default, torch.ops.fxopt.uint8_linear.default
+
 SHAPE = (2, 3, 4, 8)  # the last dim is normalized
 LAYOUTS = [p for p in itertools.permutations(range(4))]  # memory order of the dims
 
@@ -34,14 +36,18 @@ def quant_args(op: torch._ops.OpOverload, x: torch.Tensor, with_weight: bool) ->
     pre = torch.rand(channels) + 0.5 if with_weight else None
     if op is ops.quantize_int8:
         return [x, pre, None, "token" if with_weight else "tensor"]
-    q, s = ops.quantize_int8(x, pre, None, "token")
+    if op is QUANTIZE_UINT8:
+        return [x, pre]
     wq, ws = quantize_weight_int8(torch.randn(5, channels))
-    return [q, s, wq, ws, torch.randn(5) if with_weight else None, x.dtype]
+    bias = torch.randn(5) if with_weight else None
+    if op is UINT8_LINEAR:
+        return [*QUANTIZE_UINT8(x, pre), wq, ws, bias, x.dtype]
+    return [*ops.quantize_int8(x, pre, None, "token"), wq, ws, bias, x.dtype]
 
 
 def op_args(op: torch._ops.OpOverload, x: torch.Tensor, other: torch.Tensor, with_weight: bool) -> list:
     """Arguments for `op` from its schema: tensors named x / residual get the laid-out inputs."""
-    if op in (ops.quantize_int8, ops.int8_linear):
+    if op in (ops.quantize_int8, ops.int8_linear, QUANTIZE_UINT8, UINT8_LINEAR):
         return quant_args(op, x, with_weight)
     args = []
     for a in op._schema.arguments:
@@ -93,8 +99,11 @@ def test_a_norm_after_a_head_transpose_keeps_the_transposed_layout():
 
 def test_the_registry_lists_every_fxopt_op_once_with_its_declaration():
     assert list(ops.REGISTRY) == list(ops.FUSED_OPS)
-    assert {decl.name for decl in ops.REGISTRY.values()} == {"rms_norm", "add_layer_norm", "add_rms_norm",
-                                                             "quantize_int8", "int8_linear"}
+    names = [decl.name for decl in ops.REGISTRY.values()]
+    assert len(names) == len(set(names))
+    assert {"rms_norm", "add_layer_norm", "add_rms_norm", "quantize_int8", "int8_linear"} <= set(names)
+    defined = {n for n in dir(torch.ops.fxopt) if isinstance(getattr(torch.ops.fxopt, n), torch._ops.OpOverloadPacket)}
+    assert defined == set(names)  # nothing defined in the namespace outside the registry
     for op, decl in ops.REGISTRY.items():
         assert op.namespace == ops.NAMESPACE and op._schema.name == f"fxopt::{decl.name}" and decl.doc
 
@@ -132,8 +141,10 @@ def test_a_declared_op_runs_its_reference_and_exposes_its_decomposition():
     assert torch.equal(op(x), 2 * x)
     assert_fake_matches_reference(op, [x])
     assert ops.decomposition_table({**ops.REGISTRY, **THROWAWAY})[op] is _double
-    # every fused norm declares one (torch.compile fuses through it); int8_linear is opaque (its CUDA kernel)
-    assert set(ops.decomposition_table()) == set(ops.REGISTRY) - {ops.int8_linear}
+    # every fused norm and quantizer declares one (torch.compile fuses through it); the int8 linears are opaque
+    decomposed = set(ops.decomposition_table())
+    assert {ops.rms_norm, ops.add_rms_norm, ops.add_layer_norm, ops.quantize_int8, QUANTIZE_UINT8} <= decomposed
+    assert not decomposed & {ops.int8_linear, UINT8_LINEAR}
 
 
 @pytest.mark.parametrize("op", list(ops.REGISTRY))
