@@ -11,6 +11,18 @@
         (|q·wq| <= 127² · in < 2³¹ for in < 133 000); the dequantize epilogue in fp32.
     quantize_weight_int8(w, granularity) = (wq, ws) with the same convention, over each output row ("channel")
         or the whole weight ("tensor"): the offline half, a plain function (no op).
+    quantize_weight_groups(w, bits, group_size) = (wq, ws): ZeroQuant's row groups, b bits (8 or 4): rows
+        g·group_size .. (g+1)·group_size - 1 share s_g = max(absmax(W[group]), SCALE_MIN) / qmax(b), qmax(b) =
+        2^(b-1) - 1 (127, 7), wq = clamp(round_half_even(w / s_g), -qmax, qmax); ws is s_g repeated per row ([out])
+        so the epilogue is int8_linear's. group_size = 1 is "channel", group_size = out is "tensor", bitwise.
+    int4_linear(q, s, wp, ws, bias, out_dtype) = int8_linear(q, s, unpack_int4(wp, q.shape[-1]), ws, bias, out_dtype)
+        wp: [out, ceil(in/2)] uint8, two 4-bit codes per byte (pack_int4): the stored weight is in/2 bytes a row,
+        1/2 of int8, 1/4 of fp16, 1/8 of fp32. The codes are in [-7, 7], so |q·wq| <= 127·7·in: exact.
+
+int4 packing (pack_int4 / unpack_int4): byte[o, j] = (wq[o, 2j] + 8) | (wq[o, 2j+1] + 8) << 4, i.e. each code as
+the unsigned nibble code + 8 (zero point 8: nibble 8 is 0, nibble 0 unused), the even input column in the low
+nibble; an odd `in` is padded with a code 0 (nibble 8). This is ONNX Runtime's MatMulNBits layout (bits=4, low
+nibble first, default zero point 2^(bits-1) = 8), so its lowering reshapes the bytes, never repacks them.
 
 Symmetric, zero point 0, the code -128 unused (so that -q is representable), round half to even (torch.round,
 ONNX Round). SCALE_MIN keeps an all-zero row or tensor finite: its codes are 0 and it dequantizes to 0 exactly.
@@ -31,12 +43,17 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def scale_of(absmax: torch.Tensor) -> torch.Tensor:
-    return absmax.clamp_min(SCALE_MIN) / QMAX
+def qmax_of(bits: int) -> int:
+    """The largest code of a symmetric `bits`-bit quantizer (the code -2^(bits-1) is unused): 127, 7."""
+    return 2 ** (bits - 1) - 1
 
 
-def codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(x / scale), -QMAX, QMAX).to(torch.int8)
+def scale_of(absmax: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
+    return absmax.clamp_min(SCALE_MIN) / qmax
+
+
+def codes(x: torch.Tensor, scale: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
+    return torch.clamp(torch.round(x / scale), -qmax, qmax).to(torch.int8)
 
 
 def _quantize_ref(x, pre_scale, scale, granularity: str):
@@ -89,6 +106,44 @@ def quantize_weight_int8(w: torch.Tensor, granularity: str = "channel") -> tuple
     raise ValueError(f"weight granularity must be 'channel' or 'tensor', got {granularity!r}")
 
 
+WEIGHT_BITS = (8, 4)
+INT4_ZERO = 8  # the nibble of code 0
+
+
+def quantize_weight_groups(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes in [-qmax, qmax], fp32 scale per output row) of a [out, in] weight, `group_size` consecutive
+    output rows sharing one scale (ZeroQuant's groups); `group_size` must divide `out`."""
+    if bits not in WEIGHT_BITS:
+        raise ValueError(f"weight bits must be one of {WEIGHT_BITS}, got {bits!r}")
+    out = w.shape[0]
+    if group_size < 1 or out % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the weight's {out} rows")
+    ww, qmax = _wide(w.detach()), qmax_of(bits)
+    peak = ww.abs().reshape(out // group_size, -1).amax(-1)
+    s = scale_of(peak, qmax).repeat_interleave(group_size)
+    return codes(ww, s[:, None], qmax), s.to(torch.float32)
+
+
+def pack_int4(wq: torch.Tensor) -> torch.Tensor:
+    """[out, in] codes in [-7, 7] -> [out, ceil(in/2)] uint8: even columns in the low nibble, zero point 8."""
+    if wq.numel() and int(wq.abs().max()) > qmax_of(4):
+        raise ValueError("pack_int4: codes must lie in [-7, 7]")
+    u = (wq.to(torch.int16) + INT4_ZERO).to(torch.uint8)
+    if u.shape[-1] % 2:
+        u = torch.nn.functional.pad(u, (0, 1), value=INT4_ZERO)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The int8 codes of `pack_int4`'s bytes, the first `in_features` columns."""
+    nibbles = torch.stack((packed & 15, packed >> 4), -1).reshape(*packed.shape[:-1], -1)[..., :in_features]
+    return (nibbles.to(torch.int16) - INT4_ZERO).to(torch.int8)
+
+
+def _int4_linear_ref(q, s, w_packed, ws, bias, out_dtype):
+    return _int8_linear_ref(q, s, unpack_int4(w_packed, q.shape[-1]), ws, bias, out_dtype)
+
+
 def declarations():
     from .ops import OpDecl
 
@@ -100,4 +155,8 @@ def declarations():
                "ScalarType out_dtype) -> Tensor",
                _int8_linear_ref, doc="int8 x int8 -> int32 product with a dequantize (+ bias) epilogue",
                cuda_kernel=_int8_linear_cuda),
+        OpDecl("int4_linear", "(Tensor q, Tensor scale, Tensor w_packed, Tensor w_scale, Tensor? bias, "
+               "ScalarType out_dtype) -> Tensor",
+               _int4_linear_ref, doc="int8 activations x int4 weights packed two per byte -> exact integer "
+               "product with a dequantize (+ bias) epilogue"),
     )

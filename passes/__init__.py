@@ -7,15 +7,17 @@ from typing import Any
 from fxopt.errors import UnknownPassError
 from fxopt.pass_base import Pass
 
+from .fuse_int8 import FuseInt8
 from .fuse_layernorm import FuseLayerNorm
 from .mha_to_gqa import ConvertToGQA
 from .permute_nm import PermuteForNM
 from .prune_nm import PruneNM
 from .smoothquant import SmoothQuant
 from .stabilize_softmax import StabilizeSoftmax
+from .zeroquant import ZeroQuant
 
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
-    ConvertToGQA, FuseLayerNorm, PermuteForNM, PruneNM, SmoothQuant, StabilizeSoftmax)}
+    ConvertToGQA, FuseInt8, FuseLayerNorm, PermuteForNM, PruneNM, SmoothQuant, StabilizeSoftmax, ZeroQuant)}
 
 # the passes that keep the function exactly (up to float rounding), in a sensible order
 EXACT_PIPELINE: tuple[str, ...] = ("stabilize_softmax", "fuse_layernorm")
@@ -29,4 +31,4 @@ def get(name: str, **options: Any) -> Pass:
 
 
 __all__ = ["EXACT_PIPELINE", "PASSES", "ConvertToGQA", "FuseLayerNorm", "PermuteForNM", "PruneNM", "SmoothQuant",
-           "StabilizeSoftmax", "get"]
+           "StabilizeSoftmax", "ZeroQuant", "get"]

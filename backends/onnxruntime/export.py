@@ -182,15 +182,16 @@ def legalize(program: Any, *, opset: int | None = None,
 
 
 def _foreign_code_readers(gm: fx.GraphModule) -> list[str]:
-    """Nodes other than int8_linear that read quantize_int8's codes: the lowering carries the codes as uint8
-    q + 128 (translations.py), which only its int8_linear reads."""
+    """Nodes other than int8_linear / int4_linear that read quantize_int8's codes: the lowering carries the codes
+    as uint8 q + 128 (translations.py), which only those linears read."""
     entries = []
     for node in _call_nodes(gm):
         if node.target is not ops.quantize_int8:
             continue
         for codes in (u for u in node.users if u.target is operator.getitem and u.args[1] == 0):
             for user in codes.users:
-                if user.target is not ops.int8_linear or user.args[0] is not codes:
+                if user.target not in (ops.int8_linear, torch.ops.fxopt.int4_linear.default) \
+                        or user.args[0] is not codes:
                     entries.append(f"{user.name}: reads the int8 codes of {node.name} (in ONNX the codes are "
                                    f"uint8 q + 128, read only by fxopt.int8_linear)")
     return entries
@@ -331,6 +332,13 @@ def _checked_opset(opset: Any) -> int:
     return opset
 
 
+def _reads_int8_weights(target) -> bool:
+    """An fxopt op with an integer weight operand (`wq`): an int8 linear, in whichever form, whose GEMM
+    the `int8_gemm` choice decides."""
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == ops.NAMESPACE and \
+        any(a.name == "wq" for a in target._schema.arguments)
+
+
 @quiet
 def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int | None = None,
                 external_data: bool | None = None, ort_fusions: bool = False, optimize: bool = True,
@@ -349,7 +357,7 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
     gm = _graph_module(opt)
     opset = default_opset(gm) if opset is None else _checked_opset(opset)
     gemm = None
-    if any(n.target is ops.int8_linear for n in _call_nodes(gm)):
+    if any(_reads_int8_weights(n.target) for n in _call_nodes(gm)):
         gemm = int8_gemm_choice.resolve(int8_gemm)
         notes += (f"int8 linears as ORT {'uint8·int8' if gemm == 'u8s8' else 'uint8·uint8'} GEMMs"
                   + (" (uint8·int8 probed exact on this CPU)" if int8_gemm == "auto" and gemm == "u8s8" else ""),)

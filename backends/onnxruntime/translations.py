@@ -36,6 +36,18 @@ per tensor, each within an ulp or two of (acc · s) · ws.
 The weights are int8 initializers; the Transpose (and uint8 shift) of a constant is folded by ORT when the
 session is created, and MatMulIntegerToFloat packs them once.
 
+    fxopt.int4_linear(q, s, wp, ws, b, dt)  -> Cast(com.microsoft.MatMulNBits(q · s, wp as (N, k_blocks, blob),
+                                               ws repeated over the k_blocks, bias=b; bits=4, block_size=bs), dt)
+
+MatMulNBits (ORT 1.31's registered schema): B is uint8 (N, k_blocks, block_size·bits/8), k_blocks =
+ceil(K / block_size), 4-bit values low nibble first, dequantized as (nibble − zero_point)·scale with the default
+zero point 2^(bits−1) = 8 when none is given; scales (N, k_blocks) in A's dtype. That is exactly pack_int4's
+layout (quant_ops), so the bytes are only reshaped (rows padded with 0x88, two code-0 nibbles, up to whole
+blocks). Our scale is one per row (ZeroQuant's row groups), so it is the same in each of a row's K blocks. A is
+the dequantized activation q·s (fp32, exact products of an int8 code and a scale up to one rounding), so ORT's
+fp32 kernel (accuracy_level 0: A is not requantized) computes Σ_k (q·s)·(c·ws) in fp32 where the op sums the
+integers exactly and scales once: equal up to fp32 rounding of the sum.
+
 Later passes extend `translation_table` (GQA) in the same way: one trace-only function per op.
 """
 
@@ -254,6 +266,58 @@ def _make_int8_linear(u8s8: bool) -> Callable:
     return fxopt_int8_linear
 
 
+INT4_BLOCK_MAX = 128  # MatMulNBits' K block: a power of two >= 16; one scale per row makes its size free
+
+
+def _matmul_nbits_op() -> Op:
+    option = onnx.defs.OpSchema.FormalParameterOption
+    attr = onnx.defs.OpSchema.Attribute
+    ints = onnx.defs.OpSchema.AttrType.INT
+    schema = onnx.defs.OpSchema(
+        "MatMulNBits", MS_DOMAIN, 1,
+        inputs=[onnx.defs.OpSchema.FormalParameter(n, t, param_option=option.Optional if o else option.Single)
+                for n, t, o in (("A", "T1", False), ("B", "T2", False), ("scales", "T1", False),
+                                ("zero_points", "T3", True), ("g_idx", "T4", True), ("bias", "T1", True))],
+        outputs=[onnx.defs.OpSchema.FormalParameter("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(uint8)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(float)"], ""), ("T4", ["tensor(int32)"], "")],
+        attributes=[attr("K", ints, required=True), attr("N", ints, required=True),
+                    attr("bits", ints, required=False), attr("block_size", ints, required=True),
+                    attr("accuracy_level", ints, required=False)])
+    return Op(Opset(MS_DOMAIN, 1), "MatMulNBits", schema)
+
+
+MatMulNBits = _matmul_nbits_op()
+
+
+def int4_block_size(k: int) -> int:
+    """MatMulNBits' K block for K inputs: the next power of two >= K, between 16 and INT4_BLOCK_MAX."""
+    return min(INT4_BLOCK_MAX, max(16, 1 << max(k - 1, 1).bit_length()))
+
+
+def fxopt_int4_linear(q, scale, w_packed, w_scale, bias=None, out_dtype: int = onnx.TensorProto.FLOAT):
+    k, n = q.shape[-1], w_packed.shape[0]
+    if not isinstance(k, int) or not isinstance(n, int):
+        raise ValueError(f"int4_linear: MatMulNBits needs static K and N, got K={k}, N={n}")
+    codes = op.Cast(q, to=onnx.TensorProto.FLOAT)
+    if q.dtype == ir.DataType.UINT8:  # the quantizer's codes travel as q + 128
+        codes = op.Sub(codes, op.Constant(value_float=float(U8_ZERO_POINT)))
+    a = op.Mul(codes, op.Cast(scale, to=onnx.TensorProto.FLOAT))
+    block = int4_block_size(k)
+    blocks = -(-k // block)
+    extra = blocks * block // 2 - w_packed.shape[1]
+    padded = w_packed if extra == 0 else op.Pad(
+        w_packed, op.Constant(value_ints=[0, 0, 0, extra]),
+        op.Constant(value=onnx.helper.make_tensor("pad", onnx.TensorProto.UINT8, [], [0x88])))
+    b = op.Reshape(padded, op.Constant(value_ints=[n, blocks, block // 2]))
+    ws = op.Cast(w_scale, to=onnx.TensorProto.FLOAT)
+    scales = op.Expand(op.Reshape(ws, op.Constant(value_ints=[n, 1])), op.Constant(value_ints=[n, blocks]))
+    bias32 = None if bias is None else op.Cast(bias, to=onnx.TensorProto.FLOAT)
+    y = MatMulNBits(a, b, scales, None, None, bias32, K=k, N=n, bits=4, block_size=block)
+    to = _onnx_dtype(out_dtype) if isinstance(out_dtype, torch.dtype) else int(out_dtype)
+    return y if to == onnx.TensorProto.FLOAT else op.Cast(y, to=to)
+
+
 def _shifted_u8(v):
     return op.Cast(op.Add(op.Cast(v, to=onnx.TensorProto.FLOAT), op.Constant(value_float=float(U8_ZERO_POINT))),
                    to=onnx.TensorProto.UINT8)
@@ -270,6 +334,7 @@ def translation_table(opset: int, *, int8_gemm: str = "u8u8") -> dict[torch._ops
         ops.add_rms_norm: _make_add_rms_norm(opset),
         ops.quantize_int8: fxopt_quantize_int8,
         ops.int8_linear: _make_int8_linear(int8_gemm == "u8s8"),
+        torch.ops.fxopt.int4_linear.default: fxopt_int4_linear,
         **int8_asym.translations(int8_gemm),
         **int8_fused.translations(opset, int8_gemm),
     }

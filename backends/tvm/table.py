@@ -68,6 +68,7 @@ def lowerings(extern: bool = False) -> dict[torch._ops.OpOverload, Converter]:
         ops.add_layer_norm: cv.add_layer_norm,
         ops.quantize_int8: quant.quantize_int8,
         ops.int8_linear: quant.int8_linear,
+        torch.ops.fxopt.int4_linear.default: quant.int4_linear,
         **quant_asym.converters(),
         **quant_fused.converters(),
         aten.linear.default: cv.make_linear(extern),

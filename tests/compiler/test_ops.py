@@ -14,9 +14,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fxopt import ops
 from fxopt.backends import BACKENDS, missing_lowerings
 from fxopt.ops import OpDecl
-from fxopt.quant_ops import quantize_weight_int8
+from fxopt.quant_ops import pack_int4, quantize_weight_groups, quantize_weight_int8
 
 QUANTIZE_UINT8, UINT8_LINEAR = torch.ops.fxopt.quantize_uint8.default, torch.ops.fxopt.uint8_linear.default
+INT4_LINEAR = torch.ops.fxopt.int4_linear.default
 
 SHAPE = (2, 3, 4, 8)  # the last dim is normalized
 LAYOUTS = [p for p in itertools.permutations(range(4))]  # memory order of the dims
@@ -42,12 +43,15 @@ def quant_args(op: torch._ops.OpOverload, x: torch.Tensor, with_weight: bool) ->
     bias = torch.randn(5) if with_weight else None
     if op is UINT8_LINEAR:
         return [*QUANTIZE_UINT8(x, pre), wq, ws, bias, x.dtype]
+    if op is INT4_LINEAR:
+        w4, s4 = quantize_weight_groups(torch.randn(5, channels), 4, 1)
+        return [*ops.quantize_int8(x, pre, None, "token"), pack_int4(w4), s4, bias, x.dtype]
     return [*ops.quantize_int8(x, pre, None, "token"), wq, ws, bias, x.dtype]
 
 
 def op_args(op: torch._ops.OpOverload, x: torch.Tensor, other: torch.Tensor, with_weight: bool) -> list:
     """Arguments for `op` from its schema: tensors named x / residual get the laid-out inputs."""
-    if op in (ops.quantize_int8, ops.int8_linear, QUANTIZE_UINT8, UINT8_LINEAR):
+    if op in (ops.quantize_int8, ops.int8_linear, QUANTIZE_UINT8, UINT8_LINEAR, INT4_LINEAR):
         return quant_args(op, x, with_weight)
     args = []
     for a in op._schema.arguments:

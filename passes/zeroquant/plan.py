@@ -1,0 +1,68 @@
+"""ZeroQuant's plan: which linears, with which groups, and what each stores. Plain data; the graph is never touched.
+
+A linear's weight, as [out, in], is split into `out / group_size` groups of consecutive output rows; a group
+size that does not divide a chosen linear's rows is refused (`PassOptionError` naming `group_size` and every
+such linear) before anything is edited: a linear silently left in float would be a different model than asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from fxopt.errors import PassOptionError
+from fxopt.rewrite import get_attr
+from fxopt.sites import LinearSite, val
+from fxopt.structure import Structure
+
+
+@dataclass(frozen=True, eq=False)
+class LinearPlan:
+    site: LinearSite
+    block: int | None  # the transformer block holding it (LKD trains one block at a time), None outside blocks
+    weight: torch.Tensor  # [out, in], the float weight as the graph has it (LKD replaces it by trained latents)
+    bits: int
+    group_size: int
+
+    @property
+    def groups(self) -> int:
+        return self.site.out_features // self.group_size
+
+    def bytes_before(self) -> int:
+        return self.weight.numel() * val(self.site.weight).element_size()
+
+    def bytes_after(self) -> int:
+        """Stored codes plus one fp32 scale per row (the op's w_scale)."""
+        out, cols = self.weight.shape
+        per_row = cols if self.bits == 8 else (cols + 1) // 2
+        return out * per_row + out * 4
+
+
+def out_in(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    return weight if layout == "out_in" else weight.t()
+
+
+def chosen_sites(structure: Structure, layers: str) -> list[tuple[LinearSite, int | None]]:
+    """(site, block index) of the linears to quantize: the blocks' (layers="blocks") or every linear ("all")."""
+    block_of: dict[LinearSite, int] = {}
+    for b in structure.blocks:
+        a, m = b.attention, b.mlp
+        for s in ((a.q, a.k, a.v, a.o) if a is not None else ()) + ((m.gate, m.up, m.down) if m is not None else ()):
+            if s is not None:
+                block_of.setdefault(s, b.index)
+    sites = list(block_of) if layers == "blocks" else list(structure.linears)
+    return [(s, block_of.get(s)) for s in sites]
+
+
+def plan_linears(gm: fx.GraphModule, structure: Structure, layers: str, bits: int, group_size: int,
+                 pass_name: str) -> list[LinearPlan]:
+    chosen = chosen_sites(structure, layers)
+    bad = [f"{s.weight_name} ({s.out_features} rows)" for s, _ in chosen if s.out_features % group_size]
+    if bad:
+        raise PassOptionError(pass_name, "group_size", f"= {group_size} does not divide the output rows of "
+                              f"{', '.join(bad)}; choose a divisor of every quantized linear's rows "
+                              f"(1 = per output channel)")
+    return [LinearPlan(s, block, out_in(get_attr(gm, s.weight.target).detach(), s.layout), bits, group_size)
+            for s, block in chosen]
