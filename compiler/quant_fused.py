@@ -1,7 +1,131 @@
-"""The int8 family's fused forms (quantize inside the producing op, dequantize inside the GEMM epilogue)."""
+"""The int8 family's fused forms: quantize inside the producing op, dequantize inside the GEMM epilogue.
+
+Each op is the composition of the unfused reference ops (compiler/ops.py, compiler/quant_ops.py), so on the
+CPU a fused op and the sequence it replaces are the same function, bit for bit. Activations are quantized per
+token (`quantize_int8(·, pre_scale, None, "token")`: the quantizer that a one-row kernel can fuse).
+
+    rms_norm_quantize_int8(x, shape, w, eps, pre)           = quantize(rms_norm(x, shape, w, eps), pre)
+    layer_norm_quantize_int8(x, shape, w, b, eps, pre)      = quantize(layer_norm(x, shape, w, b, eps), pre)
+    add_rms_norm_quantize_int8(x, r, shape, w, eps, pre)    = (*quantize(y, pre), s)    y, s = add_rms_norm(x, r, ...)
+    add_layer_norm_quantize_int8(x, r, shape, w, b, eps, pre) = (*quantize(y, pre), s)  y, s = add_layer_norm(x, r, ...)
+    silu_mul_quantize_int8(gate, up, pre)                   = quantize(silu(gate) * up, pre)
+    activation_quantize_int8(x, activation, pre)            = quantize(act(x), pre)
+    int8_linear_epilogue(q, s, wq, ws, bias, activation, residual, out_dtype)
+                                                      = act(int8_linear(q, s, wq, ws, bias, out_dtype)) [+ residual]
+
+quantize(·, pre) returns (codes int8, per-token scales fp32 of shape x.shape[:-1] + (1,)); the add+norm forms
+return the residual sum (x + r, in x's dtype) third, as add_rms_norm / add_layer_norm do. `activation` is one of
+ACTIVATIONS: "none", "relu", "silu", "gelu" (erf), "gelu_tanh"; it is applied to the int8 linear's output after its
+rounding to out_dtype, and the residual (out_dtype, the output's shape) is added after that, rounded once more
+(the unfused `act(y) + r`). Every rounding of the sequence is kept: a kernel never skips one (an RMSNorm's output
+is rounded to x's dtype before the weight multiply and again after it; silu(gate) is rounded before the product).
+
+CUDA kernels are Triton (compiler/triton_int8.py); they compute the reference's roundings in its order, with
+CUDA's own transcendental functions where the reference's ATen kernel may use another implementation (exp, erf,
+rsqrt): within a unit in the last place of the float intermediate, which moves a code by at most one where the
+scaled value lies on a rounding boundary. The int32 accumulation is exact in both (|q·wq| <= 127²·in < 2³¹).
+No op declares a decomposition: torch.compile keeps them opaque and calls the Triton kernels, which already
+fuse what Inductor would.
+"""
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from . import triton_int8
+from .quant_ops import _int8_linear_ref, _quantize_ref
+
+ACTIVATIONS = ("none", "relu", "silu", "gelu", "gelu_tanh")
+
+
+def activate(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """The ATen activation a graph spells: relu, silu, gelu (erf) or gelu(approximate="tanh"); "none" is y."""
+    if activation == "none":
+        return y
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "silu":
+        return F.silu(y)
+    if activation in ("gelu", "gelu_tanh"):
+        return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _token(x: torch.Tensor, pre_scale: torch.Tensor | None):
+    return _quantize_ref(x, pre_scale, None, "token")
+
+
+def _norms():
+    from . import ops  # ops imports this module to collect the declarations
+
+    return ops
+
+
+def _rms_norm_quantize_ref(x, normalized_shape, weight, eps, pre_scale):
+    return _token(_norms()._rms_norm_ref(x, normalized_shape, weight, eps), pre_scale)
+
+
+def _layer_norm_quantize_ref(x, normalized_shape, weight, bias, eps, pre_scale):
+    return _token(F.layer_norm(x, normalized_shape, weight, bias, eps), pre_scale)
+
+
+def _add_rms_norm_quantize_ref(x, residual, normalized_shape, weight, eps, pre_scale):
+    y, s = _norms()._add_rms_norm_ref(x, residual, normalized_shape, weight, eps)
+    return (*_token(y, pre_scale), s)
+
+
+def _add_layer_norm_quantize_ref(x, residual, normalized_shape, weight, bias, eps, pre_scale):
+    y, s = _norms()._add_layer_norm_ref(x, residual, normalized_shape, weight, bias, eps)
+    return (*_token(y, pre_scale), s)
+
+
+def _silu_mul_quantize_ref(gate, up, pre_scale):
+    return _token(F.silu(gate) * up, pre_scale)
+
+
+def _activation_quantize_ref(x, activation, pre_scale):
+    return _token(activate(x, activation), pre_scale)
+
+
+def _int8_linear_epilogue_ref(q, scale, wq, w_scale, bias, activation, residual, out_dtype):
+    y = activate(_int8_linear_ref(q, scale, wq, w_scale, bias, out_dtype), activation)
+    return y if residual is None else y + residual
+
+
+REFERENCES = {
+    "rms_norm_quantize_int8": _rms_norm_quantize_ref,
+    "layer_norm_quantize_int8": _layer_norm_quantize_ref,
+    "add_rms_norm_quantize_int8": _add_rms_norm_quantize_ref,
+    "add_layer_norm_quantize_int8": _add_layer_norm_quantize_ref,
+    "silu_mul_quantize_int8": _silu_mul_quantize_ref,
+    "activation_quantize_int8": _activation_quantize_ref,
+    "int8_linear_epilogue": _int8_linear_epilogue_ref,
+}
+
+_NORM = "SymInt[] normalized_shape, Tensor? weight"
+_SCHEMAS = {
+    "rms_norm_quantize_int8": (f"(Tensor x, {_NORM}, float eps, Tensor? pre_scale) -> (Tensor, Tensor)",
+                               "per-token int8 quantization of an RMSNorm's output, in the norm's kernel"),
+    "layer_norm_quantize_int8": (f"(Tensor x, {_NORM}, Tensor? bias, float eps, Tensor? pre_scale) -> "
+                                 "(Tensor, Tensor)", "per-token int8 quantization of a LayerNorm's output"),
+    "add_rms_norm_quantize_int8": (f"(Tensor x, Tensor residual, {_NORM}, float eps, Tensor? pre_scale) -> "
+                                   "(Tensor, Tensor, Tensor)", "residual add + RMSNorm + per-token int8 codes"),
+    "add_layer_norm_quantize_int8": (f"(Tensor x, Tensor residual, {_NORM}, Tensor? bias, float eps, "
+                                     "Tensor? pre_scale) -> (Tensor, Tensor, Tensor)",
+                                     "residual add + LayerNorm + per-token int8 codes"),
+    "silu_mul_quantize_int8": ("(Tensor gate, Tensor up, Tensor? pre_scale) -> (Tensor, Tensor)",
+                               "SwiGLU's silu(gate) * up, quantized per token"),
+    "activation_quantize_int8": ("(Tensor x, str activation, Tensor? pre_scale) -> (Tensor, Tensor)",
+                                 "an activation (GELU, SiLU, ReLU) quantized per token"),
+    "int8_linear_epilogue": ("(Tensor q, Tensor scale, Tensor wq, Tensor w_scale, Tensor? bias, str activation, "
+                             "Tensor? residual, ScalarType out_dtype) -> Tensor",
+                             "int8 GEMM with dequantize (+ bias, + activation, + residual) in its epilogue"),
+}
+
 
 def declarations():
-    return ()
+    from .ops import OpDecl
+
+    return tuple(OpDecl(name, schema, REFERENCES[name], doc=doc, cuda_kernel=triton_int8.cuda_kernel(name))
+                 for name, (schema, doc) in _SCHEMAS.items())

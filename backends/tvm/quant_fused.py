@@ -1,7 +1,104 @@
-"""Relax lowerings of the fused int8 ops (compiler/quant_fused.py)."""
+"""Relax lowerings of the fused int8 ops (compiler/quant_fused.py): each op as the unfused sequence it stands for,
+through the existing converters (convert.py's norms, quant.py's quantize_int8 / int8_linear), so TVM generates
+the same kernels it does for the unfused graph (and may fuse them itself).
+
+    <norm>_quantize_int8(x, [r,] …, pre)  -> the norm's converter, then quantize_int8(y, pre, None, "token")
+    silu_mul_quantize_int8(g, u, pre)     -> quantize_int8(astype(silu(g32), dt) · u, pre)
+    activation_quantize_int8(x, act, pre) -> quantize_int8(act(x), pre)
+    int8_linear_epilogue(…, act, r, dt)   -> act(int8_linear(…, dt)) [+ r]
+
+Activations run in fp32 and are cast back to the tensor's dtype, as ATen rounds them.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from tvm import relax
+
+from fxopt.quant_fused import ACTIVATIONS
+
+from . import convert as cv
+from . import quant
+from .relax_util import arg, cast, dtype_of, emit
+
+
+class _Value:
+    """An env key for an intermediate Relax value (the converters read `imp.env[node.args[i]]`)."""
+
+    op = "relax"
+
+
+class _Call:
+    """The arguments of an unfused op, for its converter (which reads only `args` and `kwargs`)."""
+
+    def __init__(self, *args: Any):
+        self.args, self.kwargs = args, {}
+
+
+def _bind(imp: Any, expr: relax.Expr) -> _Value:
+    key = _Value()
+    imp.env[key] = expr
+    return key
+
+
+def _item(imp: Any, t: relax.Expr, i: int) -> relax.Expr:
+    return emit(imp, relax.TupleGetItem(t, i))
+
+
+def _activate(imp: Any, y: relax.Expr, activation: str) -> relax.Expr:
+    if activation == "none":
+        return y
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    fn = {"relu": relax.op.nn.relu, "silu": relax.op.nn.silu, "gelu": relax.op.nn.gelu,
+          "gelu_tanh": relax.op.nn.gelu_tanh}[activation]
+    return cast(imp, emit(imp, fn(cast(imp, y, "float32"))), dtype_of(y))
+
+
+def _quantize(imp: Any, y: relax.Expr, pre: Any) -> relax.Expr:
+    return quant.quantize_int8(_Call(_bind(imp, y), pre, None, "token"), imp)
+
+
+def _norm_quantize(norm: Any, n_args: int, with_sum: bool):
+    def convert(node: Any, imp: Any) -> relax.Expr:
+        out = norm(_Call(*node.args[:n_args]), imp)
+        pre = arg(node, n_args, "pre_scale")
+        if not with_sum:
+            return _quantize(imp, out, pre)
+        qs = _quantize(imp, _item(imp, out, 0), pre)
+        return emit(imp, relax.Tuple([_item(imp, qs, 0), _item(imp, qs, 1), _item(imp, out, 1)]))
+    return convert
+
+
+def silu_mul_quantize(node: Any, imp: Any) -> relax.Expr:
+    gate, up = imp.env[node.args[0]], imp.env[node.args[1]]
+    product = emit(imp, relax.op.multiply(_activate(imp, gate, "silu"), up))
+    return _quantize(imp, product, arg(node, 2, "pre_scale"))
+
+
+def activation_quantize(node: Any, imp: Any) -> relax.Expr:
+    return _quantize(imp, _activate(imp, imp.env[node.args[0]], node.args[1]), arg(node, 2, "pre_scale"))
+
+
+def int8_linear_epilogue(node: Any, imp: Any) -> relax.Expr:
+    q, s, wq, ws = node.args[:4]
+    y = quant.int8_linear(_Call(q, s, wq, ws, arg(node, 4, "bias"), arg(node, 7, "out_dtype")), imp)
+    y = _activate(imp, y, arg(node, 5, "activation"))
+    residual = arg(node, 6, "residual")
+    return y if residual is None else emit(imp, relax.op.add(y, imp.env[residual]))
+
 
 def converters() -> dict:
-    return {}
+    import torch
+
+    f = torch.ops.fxopt
+    return {
+        f.rms_norm_quantize_int8.default: _norm_quantize(cv.rms_norm, 4, False),
+        f.layer_norm_quantize_int8.default: _norm_quantize(cv.layer_norm, 5, False),
+        f.add_rms_norm_quantize_int8.default: _norm_quantize(cv.add_rms_norm, 5, True),
+        f.add_layer_norm_quantize_int8.default: _norm_quantize(cv.add_layer_norm, 6, True),
+        f.silu_mul_quantize_int8.default: silu_mul_quantize,
+        f.activation_quantize_int8.default: activation_quantize,
+        f.int8_linear_epilogue.default: int8_linear_epilogue,
+    }

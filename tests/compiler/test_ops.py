@@ -15,6 +15,7 @@ from fxopt import ops
 from fxopt.backends import BACKENDS, missing_lowerings
 from fxopt.ops import OpDecl
 from fxopt.quant_ops import pack_int4, quantize_weight_groups, quantize_weight_int8
+from tests.compiler import quant_fused_cases
 
 QUANTIZE_UINT8, UINT8_LINEAR = torch.ops.fxopt.quantize_uint8.default, torch.ops.fxopt.uint8_linear.default
 INT4_LINEAR = torch.ops.fxopt.int4_linear.default
@@ -51,6 +52,8 @@ def quant_args(op: torch._ops.OpOverload, x: torch.Tensor, with_weight: bool) ->
 
 def op_args(op: torch._ops.OpOverload, x: torch.Tensor, other: torch.Tensor, with_weight: bool) -> list:
     """Arguments for `op` from its schema: tensors named x / residual get the laid-out inputs."""
+    if op in quant_fused_cases.OPS:
+        return quant_fused_cases.args(op, x, other, with_weight)
     if op in (ops.quantize_int8, ops.int8_linear, QUANTIZE_UINT8, UINT8_LINEAR, INT4_LINEAR):
         return quant_args(op, x, with_weight)
     args = []

@@ -1,0 +1,446 @@
+"""fxopt W8A8 with fused int8 kernels on an H100/H200: kernel numerics, per-GEMM times, end to end.
+
+  python benchmarks/int8_gpu.py --out DIR                    # everything: check, gemm, e2e (llama, bert), profile
+  python benchmarks/int8_gpu.py --parts check gemm --sweep   # kernel numerics, GEMM times over tile configs
+
+Parts:
+  check    every fused op's Triton kernel against its reference on the same CUDA inputs (Llama-1B rows):
+           codes that differ and by how much, scales, outputs in units of the output's rounding; the int8 GEMM's
+           int32 accumulation (fp32 output, unit scales) compared for equality with the exact fp64 product.
+  gemm     per-GEMM times at M = 16 and M = 2048, K, N in {2048, 5632}: fp16 F.linear (cuBLAS), int8_linear as
+           quant_ops runs it (torch._int_mm + a separate dequantize), the Triton epilogue GEMM; CUDA-graph replays
+           of calls cycling through weight copies that exceed L2, CUDA-event medians. --sweep times tile configs.
+  e2e      Llama-1B-shaped (hidden 2048, 16 layers, 32 heads, FFN 5632, vocab 32000) b4 s512 and BERT-base
+           b8 s128, HF models from configs with seed 0 (random weights), fp16, sdpa: torch eager and torch.compile,
+           fxopt fp16 (["stabilize_softmax", "fuse_layernorm"], as benchmarks/torch_gpu.py runs it), fxopt W8A8
+           (+ SmoothQuant(smooth=False, act="token")) without and with fuse_int8. Modes: eager, "graph" (the
+           eager module captured in a CUDA graph by hand, replayed), torch.compile reduce-overhead. Timed
+           interleaved (benchmarks/torch_gpu.Timer), CUDA-event medians; cosine of the output vs torch fp16.
+  profile  kernels per forward (torch.profiler), fxopt fp16 vs W8A8 fused, graph mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+sys.path.insert(0, str(Path(__file__).parent))
+from torch_gpu import Timer, make_inputs, make_model, runner  # noqa: E402
+
+log = logging.getLogger("int8_gpu")
+FP16_PIPELINE = ["stabilize_softmax", "fuse_layernorm"]
+CASES = {"llama1b_b4_s512": ("llama1b", 4, 512), "bert_b8_s128": ("bert", 8, 128)}
+GEMM_SHAPES = [(m, k, n) for m in (16, 2048) for k, n in ((2048, 2048), (2048, 5632), (5632, 2048))]
+SWEEP = [(16, 64, 256, 1, 4, 4), (16, 128, 256, 1, 4, 4), (16, 64, 128, 1, 4, 5), (32, 64, 256, 1, 4, 4),
+         (64, 64, 256, 1, 4, 4), (64, 128, 128, 1, 4, 4), (64, 128, 256, 1, 4, 3),
+         (128, 128, 128, 8, 8, 4), (128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4), (256, 128, 128, 8, 8, 3),
+         (128, 256, 64, 8, 8, 4), (128, 128, 256, 8, 8, 3)]
+
+
+# ---- check -------------------------------------------------------------------------------------------------
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in units of the spacing of b's dtype at b (an ulp of the reference)."""
+    bits = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}[b.dtype]
+    bf = b.float()
+    spacing = torch.exp2(torch.floor(torch.log2(bf.abs().clamp_min(2.0 ** -14))) - bits)
+    return float(((a.float() - bf).abs() / spacing).max())
+
+
+def _compare(name: str, got, ref) -> dict:
+    got, ref = (got if isinstance(got, tuple) else (got,)), (ref if isinstance(ref, tuple) else (ref,))
+    row = {"op": name}
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
+        assert g.shape == r.shape and g.dtype == r.dtype and g.stride() == r.stride(), (name, i, g.shape, r.shape)
+        if g.dtype == torch.int8:
+            d = (g.int() - r.int()).abs()
+            row["codes_differ"] = float((d > 0).float().mean())
+            row["codes_max_diff"] = int(d.max())
+        elif i == 1 and g.dtype == torch.float32 and r.shape[-1] == 1:
+            row["scale_max_rel"] = float(((g - r).abs() / r).max())
+        else:
+            row[f"out{i}_equal"] = bool(torch.equal(g, r))
+            row[f"out{i}_max_ulps"] = _ulps(g, r)
+    return row
+
+
+def check(dtype=torch.float16) -> list[dict]:
+    from fxopt import ops  # noqa: F401 - registers the ops
+    from fxopt.quant_fused import REFERENCES
+    from fxopt.quant_ops import quantize_weight_int8
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dev = "cuda"
+    rows = []
+    f = torch.ops.fxopt
+    for n in (2048, 5632):
+        x = torch.randn(4, 512, n, device=dev, generator=g).to(dtype)
+        r = torch.randn(4, 512, n, device=dev, generator=g).to(dtype)
+        w = (torch.rand(n, device=dev, generator=g) + 0.5).to(dtype)
+        b = (torch.randn(n, device=dev, generator=g) * 0.1).to(dtype)
+        pre = torch.rand(n, device=dev, generator=g) + 0.5
+        cases = [("rms_norm_quantize_int8", (x, [n], w, 1e-6, None)),
+                 ("rms_norm_quantize_int8", (x, [n], w, 1e-6, pre)),
+                 ("layer_norm_quantize_int8", (x, [n], w, b, 1e-12, None)),
+                 ("add_rms_norm_quantize_int8", (x, r, [n], w, 1e-6, None)),
+                 ("add_layer_norm_quantize_int8", (x, r, [n], w, b, 1e-12, pre)),
+                 ("silu_mul_quantize_int8", (x, r, None)),
+                 ("silu_mul_quantize_int8", (x, r, pre)),
+                 *[("activation_quantize_int8", (x, a, None)) for a in ("gelu", "gelu_tanh", "silu", "relu")]]
+        for name, args in cases:
+            rows.append({**_compare(name, getattr(f, name)(*args), REFERENCES[name](*args)), "n": n})
+    for m, k, n in ((2048, 2048, 5632), (2048, 5632, 2048), (16, 2048, 5632), (77, 2000, 1000)):
+        q, s = f.quantize_int8(torch.randn(m, k, device=dev, generator=g).to(dtype), None, None, "token")
+        wq, ws = (t.to(dev) for t in quantize_weight_int8(torch.randn(n, k, device=dev, generator=g)))
+        b = (torch.randn(n, device=dev, generator=g) * 0.1).to(dtype)
+        res = torch.randn(m, n, device=dev, generator=g).to(dtype)
+        for act, bias, residual in (("none", None, None), ("none", b, None), ("gelu", b, None), ("silu", None, None),
+                                    ("none", None, res), ("relu", b, res)):
+            args = (q, s, wq, ws, bias, act, residual, dtype)
+            row = _compare("int8_linear_epilogue", f.int8_linear_epilogue(*args),
+                           REFERENCES["int8_linear_epilogue"](*args))
+            rows.append({**row, "shape": (m, k, n), "act": act, "bias": bias is not None, "res": residual is not None})
+        one = torch.ones((), device=dev)
+        exact = torch.matmul(q.double(), wq.double().t()).float()
+        got = f.int8_linear_epilogue(q, one, wq, one, None, "none", None, torch.float32)
+        rows.append({"op": "int32 accumulation", "shape": (m, k, n), "exact": bool(torch.equal(got, exact))})
+    return rows
+
+
+# ---- gemm --------------------------------------------------------------------------------------------------
+
+def graph_time(fn: Callable[[int], object], copies: int, reps: int = 20) -> float:
+    """Median ms of one call, from CUDA-graph replays of `copies` calls (call i uses weight copy i)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(copies):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / copies)
+    return statistics.median(times)
+
+
+def gemm_row(m: int, k: int, n: int, sweep: bool) -> dict:
+    from fxopt import triton_int8
+    from fxopt.quant_ops import _int8_linear_cuda, quantize_weight_int8
+
+    copies = max(4, int(200e6 // (n * k * 2)) + 1)  # fp16 weights beyond the 50 MB L2
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    w16 = [torch.randn(n, k, device="cuda", dtype=torch.float16) / k ** 0.5 for _ in range(copies)]
+    w8 = [tuple(t.cuda() for t in quantize_weight_int8(w)) for w in w16]
+    q, s = torch.ops.fxopt.quantize_int8(x, None, None, "token")
+
+    def triton(i: int, cfg=None):
+        return triton_int8.launch_gemm(q, s, w8[i][0], w8[i][1], None, "none", None, torch.float16, cfg)
+
+    t = {"fp16 F.linear": graph_time(lambda i: F.linear(x, w16[i]), copies),
+         "int8_linear (_int_mm + dequant)": graph_time(
+             lambda i: _int8_linear_cuda(q, s, w8[i][0], w8[i][1], None, torch.float16), copies),
+         "triton epilogue": graph_time(triton, copies)}
+    if m > 16:
+        t["_int_mm alone"] = graph_time(lambda i: torch._int_mm(q, w8[i][0].t()), copies)
+    row = {"m": m, "k": k, "n": n, "config": triton_int8.gemm_config(m, n, k), **t}
+    if sweep:
+        best = None
+        for cfg in SWEEP:
+            if cfg[0] > 2 * m and m > 16:
+                continue
+            try:
+                ms = graph_time(lambda i, c=cfg: triton(i, c), copies, reps=10)
+            except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
+                log.info("config %s: %s", cfg, str(e).splitlines()[0][:100])
+                continue
+            row[f"sweep {cfg}"] = ms
+            if best is None or ms < best[1]:
+                best = (cfg, ms)
+        row["best"] = best
+    flops = 2 * m * k * n
+    log.info("gemm %s: %s", (m, k, n), {a: (round(v, 4), round(flops / v / 1e9, 1)) for a, v in t.items()})
+    return row
+
+
+def gemm(sweep: bool) -> list[dict]:
+    rows = []
+    for m, k, n in GEMM_SHAPES:
+        rows.append(gemm_row(m, k, n, sweep))
+        torch.cuda.empty_cache()
+    return rows
+
+
+def gemm_table(rows: list[dict]) -> str:
+    cols = ["fp16 F.linear", "int8_linear (_int_mm + dequant)", "triton epilogue"]
+    out = ["| M, K, N | " + " | ".join(f"{c} µs" for c in cols) + " | triton vs fp16 | int8 weight bytes |",
+           "|---|" + "---|" * (len(cols) + 2)]
+    for r in rows:
+        out.append(f"| {r['m']}, {r['k']}, {r['n']} | " + " | ".join(f"{r[c] * 1e3:.1f}" for c in cols)
+                   + f" | {r['fp16 F.linear'] / r['triton epilogue']:.2f}x | {r['k'] * r['n'] / 2**20:.1f} MiB |")
+    return "\n".join(out)
+
+
+# ---- e2e ---------------------------------------------------------------------------------------------------
+
+VARIANTS = ("torch fp16", "fxopt fp16", "fxopt W8A8", "fxopt W8A8 fused")
+
+
+def build(kind: str, batch: int, seq: int, variants) -> tuple[dict, tuple, dict]:
+    import fxopt
+    from fxopt.passes import FuseInt8, SmoothQuant
+
+    model = make_model(kind).to(device="cuda", dtype=torch.float16).eval()
+    args, kwargs = make_inputs(kind, batch, seq, model.config.vocab_size, "cuda")
+    modules = {"torch fp16": model}
+    for name in variants:
+        if name == "torch fp16":
+            continue
+        passes = list(FP16_PIPELINE)
+        if "W8A8" in name:
+            passes.append(SmoothQuant(smooth=False, act="token"))
+        if "fused" in name:
+            passes.append(FuseInt8())
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            opt = fxopt.optimize(model, args, passes=passes, example_kwargs=kwargs, calibration=[(args, kwargs)])
+        log.info("%s %s: optimized in %.1f s\n%s", kind, name, time.perf_counter() - t0, opt.report)
+        modules[name] = opt
+    return modules, args, kwargs
+
+
+def graphed(module, args, kwargs) -> Callable[[], torch.Tensor] | None:
+    """The eager module captured in one CUDA graph (after warm-up on a side stream); None where capture fails."""
+    def call():
+        with torch.inference_mode():
+            out = module(*args, **kwargs)
+            return out if isinstance(out, torch.Tensor) else out[0]
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                call()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call()
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - reported, the cell stays empty
+        log.warning("CUDA graph capture failed: %s", str(e).splitlines()[0][:200])
+        torch.cuda.synchronize()
+        return None
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def weight_bytes(module) -> dict:
+    gm = getattr(module, "graph_module", module)
+    tensors = {**dict(gm.named_parameters(remove_duplicate=True)), **dict(gm.named_buffers(remove_duplicate=True))}
+    seen, total, blocks = set(), 0, 0
+    for name, t in tensors.items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+        if "layers" in name or "layer_" in name or "layer." in name:
+            blocks += t.numel() * t.element_size()
+    return {"total": total, "blocks": blocks}
+
+
+def e2e(case: str, spec: tuple, modes, reps: int) -> tuple[list[dict], dict]:
+    kind, batch, seq = spec
+    modules, args, kwargs = build(kind, batch, seq, VARIANTS)
+    fns: dict[str, Callable] = {}
+    for name, module in modules.items():
+        for mode in modes:
+            if mode == "graph":
+                fn = graphed(module, args, kwargs)
+            else:
+                fn = runner(module, mode, args, kwargs)
+                try:
+                    fn()
+                except Exception as e:  # noqa: BLE001
+                    log.warning("%s %s failed: %s", name, mode, str(e).splitlines()[0][:200])
+                    fn = None
+            if fn is not None:
+                fns[f"{name} | {mode}"] = fn
+    ref = runner(modules["torch fp16"], "eager", args, kwargs)().float().clone()
+    cos = {k: cosine(fn().float(), ref) for k, fn in fns.items()}
+    times = Timer("cuda").interleaved_ms(fns, reps)
+    rows = []
+    base = {m: statistics.median(times[f"fxopt fp16 | {m}"]) for m in modes if f"fxopt fp16 | {m}" in times}
+    best_fp16 = min(base.values())
+    for key, ts in times.items():
+        name, mode = key.split(" | ")
+        ms = statistics.median(ts)
+        rows.append({"case": case, "variant": name, "mode": mode, "ms": ms, "min_ms": min(ts),
+                     "vs_fxopt_fp16_same_mode": base.get(mode, float("nan")) / ms,
+                     "vs_fxopt_fp16_best": best_fp16 / ms, "cosine_vs_torch_fp16": cos[key]})
+        log.info("%s", rows[-1])
+    sizes = {name: weight_bytes(m) for name, m in modules.items()}
+    del fns, modules
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return rows, sizes
+
+
+def e2e_table(rows: list[dict]) -> str:
+    out = ["| case | variant | mode | median ms | min ms | speed-up vs fxopt fp16 (same mode) | vs fxopt fp16 "
+           "(its best mode) | cosine vs torch fp16 |", "|---|---|---|---|---|---|---|---|"]
+    out += [f"| {r['case']} | {r['variant']} | {r['mode']} | {r['ms']:.3f} | {r['min_ms']:.3f} | "
+            f"{r['vs_fxopt_fp16_same_mode']:.2f}x | {r['vs_fxopt_fp16_best']:.2f}x | {r['cosine_vs_torch_fp16']:.5f} |"
+            for r in rows]
+    return "\n".join(out)
+
+
+# ---- profile -----------------------------------------------------------------------------------------------
+
+def category(kernel: str) -> str:
+    k = kernel.lower()
+    if "int8_gemm" in k:
+        return "int8 GEMM (Triton, fused dequant)"
+    if "row_quant" in k:
+        return "norm/activation + quantize (Triton)"
+    if "_norm_kernel" in k:
+        return "norm (Triton)"
+    if "flash" in k or "fmha" in k or "attention" in k or "efficient" in k:
+        return "attention"
+    if "igemm" in k or "imma" in k or ("int" in k and "gemm" in k) or "s8" in k:
+        return "int8 GEMM (cuBLAS)"
+    if "gemm" in k or "xmma" in k or "cutlass" in k or "nvjet" in k or "matmul" in k:
+        return "fp16 GEMM (cuBLAS)"
+    if "reduce" in k:
+        return "reductions"
+    return "elementwise / copies / other"
+
+
+def profile(case: str, spec: tuple, calls: int = 5) -> dict:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    kind, batch, seq = spec
+    modules, args, kwargs = build(kind, batch, seq, ("fxopt fp16", "fxopt W8A8", "fxopt W8A8 fused"))
+    tables = {}
+    for name, module in modules.items():
+        if name == "torch fp16":
+            continue
+        call = runner(module, "eager", args, kwargs)
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                call()
+            torch.cuda.synchronize()
+        kernels = {}
+        for e in prof.key_averages():
+            if e.device_time_total > 0:
+                kernels[e.key] = (e.count / calls, e.device_time_total / calls / 1e3)
+        cats: dict[str, list] = {}
+        for key, (count, ms) in kernels.items():
+            c = cats.setdefault(category(key), [0, 0.0])
+            c[0] += count
+            c[1] += ms
+        tables[name] = {"kernels": kernels, "categories": cats}
+    del modules
+    torch.cuda.empty_cache()
+    return tables
+
+
+def profile_table(case: str, tables: dict) -> str:
+    names = list(tables)
+    cats = sorted({c for t in tables.values() for c in t["categories"]})
+    out = [f"#### {case}: device ms per forward (kernel launches), eager", "",
+           "| kernel category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for c in cats:
+        cells = [tables[n]["categories"].get(c) for n in names]
+        out.append(f"| {c} | " + " | ".join(f"{v[1]:.3f} ({v[0]:.0f})" if v else "" for v in cells) + " |")
+    out.append("| total | " + " | ".join(
+        f"{sum(v[1] for v in tables[n]['categories'].values()):.3f} "
+        f"({sum(v[0] for v in tables[n]['categories'].values()):.0f})" for n in names) + " |")
+    for n in names[-1:]:
+        out += ["", f"Top kernels, {n}:", ""]
+        top = sorted(tables[n]["kernels"].items(), key=lambda kv: -kv[1][1])[:10]
+        out += [f"- {count:4.0f} x, {ms:7.3f} ms  `{key[:100]}`" for key, (count, ms) in top]
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", nargs="*", default=["check", "gemm", "e2e", "profile"])
+    p.add_argument("--cases", nargs="*", default=list(CASES))
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--modes", nargs="*", default=["eager", "graph", "reduce-overhead"])
+    p.add_argument("--reps", type=int, default=60)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    a.out.mkdir(parents=True, exist_ok=True)
+    result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    try:
+        import triton
+        result["triton"] = triton.__version__
+    except ImportError:
+        pass
+
+    def save():
+        (a.out / "int8_gpu.json").write_text(json.dumps(result, indent=1, default=str))
+
+    if "check" in a.parts:
+        t0 = time.perf_counter()
+        result["check"] = check()
+        for r in result["check"]:
+            print(r)  # noqa: T201
+        log.info("check in %.1f s", time.perf_counter() - t0)
+        save()
+    if "gemm" in a.parts:
+        result["gemm"] = gemm(a.sweep)
+        save()
+        print(gemm_table(result["gemm"]))  # noqa: T201
+        if a.sweep:
+            for r in result["gemm"]:
+                print((r["m"], r["k"], r["n"]), "best", r["best"])  # noqa: T201
+    for case in a.cases:
+        if "e2e" in a.parts:
+            rows, sizes = e2e(case, CASES[case], a.modes, a.reps)
+            result.setdefault("e2e", []).extend(rows)
+            result.setdefault("weight_bytes", {})[case] = sizes
+            save()
+            print(e2e_table(rows))  # noqa: T201
+        if "profile" in a.parts:
+            result.setdefault("profile", {})[case] = profile(case, CASES[case])
+            save()
+            print(profile_table(case, result["profile"][case]))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Triton kernels of the fused int8 ops (compiler/quant_fused.py), registered as their CUDA kernels.
+
+Row kernels (one program per token row, the row in registers): [residual add →] RMSNorm / LayerNorm, or
+silu(gate)·up, or an activation, then the per-token quantizer, in one pass: the float row never goes to memory.
+GEMM kernel: int8 × int8 → int32 (tensor cores, exact accumulation), then the dequantize epilogue
+acc·s_tok·s_w (+ bias) rounded to the output dtype, the activation, the residual add, one store.
+
+The arithmetic is the reference's, in its order of roundings (the residual sum and an RMSNorm's normalized
+value rounded to x's dtype, the weight product and the activation rounded again; the quantizer's division
+correctly rounded, `div_rn`, and rounded half to even, `rint`), and floating-point contraction is off
+(`enable_fp_fusion=False`: no fused multiply-add that the reference does not do). Transcendentals (exp, erf,
+tanh, rsqrt) are CUDA's, which may differ from ATen's by an ulp of the fp32 intermediate.
+
+Every kernel falls back to the op's reference for what it does not cover (no Triton, not CUDA, fp64, strided
+inputs, several normalized dims, mixed dtypes, rows wider than MAX_ROW), so the values and the layout are
+always the reference's. Launches allocate their outputs with torch.empty and never synchronize, so they are
+captured by CUDA graphs (torch.compile mode="reduce-overhead") like any ATen kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    try:
+        from triton.language.extra import libdevice
+    except ImportError:  # pragma: no cover - older Triton
+        from triton.language.extra.cuda import libdevice
+except ImportError:  # CPU-only installs: the references run
+    triton = None
+
+MAX_ROW = 32768
+MAX_K = 133_000  # 127² · K < 2³¹: the int32 accumulation is exact
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_ACT = {"none": 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4}
+_NORM_RMS, _NORM_LN, _SILU_MUL, _ACT_ONLY = 0, 1, 2, 3
+
+if triton is not None:
+
+    @triton.jit
+    def _activate(v, ACT: tl.constexpr):
+        """v: fp32 values of an out-dtype tensor; the activation in fp32 (ATen's formulas)."""
+        if ACT == 1:
+            v = tl.maximum(v, 0.0)
+        elif ACT == 2:
+            v = v / (1.0 + tl.exp(-v))
+        elif ACT == 3:
+            v = 0.5 * v * (1.0 + libdevice.erf(v * 0.7071067811865476))
+        elif ACT == 4:
+            v = 0.5 * v * (1.0 + libdevice.tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
+        return v
+
+    @triton.jit
+    def _row_quant_kernel(X, R, W, B, P, Q, S, SUM, N, eps, MODE: tl.constexpr, ACT: tl.constexpr,
+                          HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_P: tl.constexpr,
+                          BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        keep = cols < N
+        offs = row * N + cols
+        x = tl.load(X + offs, mask=keep, other=0.0)
+        dt = x.dtype
+        if MODE == 2:  # silu(gate) rounded to the dtype, times up, rounded again
+            up = tl.load(R + offs, mask=keep, other=0.0).to(tl.float32)
+            xf = x.to(tl.float32)
+            y = (xf / (1.0 + tl.exp(-xf))).to(dt).to(tl.float32)
+            y = (y * up).to(dt).to(tl.float32)
+        elif MODE == 3:
+            y = _activate(x.to(tl.float32), ACT).to(dt).to(tl.float32)
+        else:
+            if HAS_R:
+                x = x + tl.load(R + offs, mask=keep, other=0.0)  # rounded to the dtype, as x + residual is
+                tl.store(SUM + offs, x, mask=keep)
+            xf = x.to(tl.float32)
+            if MODE == 0:
+                rstd = libdevice.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
+                y = (xf * rstd).to(dt).to(tl.float32)  # rounded before the weight multiply, as the reference
+                if HAS_W:
+                    y = (y * tl.load(W + cols, mask=keep, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+            else:
+                mean = tl.sum(xf, axis=0) / N
+                d = tl.where(keep, xf - mean, 0.0)
+                y = d * libdevice.rsqrt(tl.sum(d * d, axis=0) / N + eps)
+                if HAS_W:
+                    y = y * tl.load(W + cols, mask=keep, other=0.0).to(tl.float32)
+                if HAS_B:
+                    y = y + tl.load(B + cols, mask=keep, other=0.0).to(tl.float32)
+                y = y.to(dt).to(tl.float32)
+        if HAS_P:
+            y = y * tl.load(P + cols, mask=keep, other=0.0).to(tl.float32)
+        y = tl.where(keep, y, 0.0)
+        s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=0), 1e-8), 127.0)
+        q = tl.minimum(tl.maximum(libdevice.rint(tl.math.div_rn(y, s)), -127.0), 127.0)
+        tl.store(Q + offs, q.to(tl.int8), mask=keep)
+        tl.store(S + row, s)
+
+    @triton.jit
+    def _int8_gemm_kernel(A, Bw, C, SA, SB, BIAS, RES, M, N, K, sa_stride, sb_stride,
+                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, EVEN_K: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        width = GROUP_M * grid_n  # grouped order: GROUP_M row tiles share each weight tile while it is in L2
+        group = pid // width
+        first_m = group * GROUP_M
+        size_m = tl.minimum(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
+        rn_c = tl.where(rn < N, rn, 0).to(tl.int64)
+        a_ptr = A + rm_c[:, None] * K + rk[None, :]
+        b_ptr = Bw + rn_c[None, :] * K + rk[:, None]  # W is [N, K], K contiguous: the K-major B tile
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        for k in range(0, tl.cdiv(K, BK)):
+            if EVEN_K:
+                a = tl.load(a_ptr)
+                b = tl.load(b_ptr)
+            else:
+                a = tl.load(a_ptr, mask=rk[None, :] < K - k * BK, other=0)
+                b = tl.load(b_ptr, mask=rk[:, None] < K - k * BK, other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            a_ptr += BK
+            b_ptr += BK
+        sa = tl.load(SA + rm_c * sa_stride)
+        sb = tl.load(SB + rn_c * sb_stride)
+        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(BIAS + rn_c).to(tl.float32)[None, :]
+        out_t = C.dtype.element_ty
+        y = y.to(out_t)
+        keep = (rm[:, None] < M) & (rn[None, :] < N)
+        offs = rm_c[:, None] * N + rn_c[None, :]
+        if ACT != 0:
+            y = _activate(y.to(tl.float32), ACT).to(out_t)
+        if HAS_RES:
+            y = (y.to(tl.float32) + tl.load(RES + offs, mask=keep, other=0.0).to(tl.float32)).to(out_t)
+        tl.store(C + offs, y, mask=keep)
+
+
+# ---- launch configuration ------------------------------------------------------------------------------------
+
+# (BM, BN, BK, GROUP_M, num_warps, num_stages) by M; tuned on an H100/H200 at Llama-1B's K, N in {2048, 5632}
+# (benchmarks/int8_gpu.py --sweep; benchmarks/results/int8_gpu.md)
+GEMM_CONFIGS: list[tuple[int, tuple[int, int, int, int, int, int]]] = [
+    (16, (16, 64, 256, 1, 4, 4)),
+    (64, (64, 64, 256, 1, 4, 4)),
+    (256, (64, 128, 128, 8, 4, 4)),
+    (1 << 62, (128, 256, 128, 8, 8, 3)),
+]
+
+
+def gemm_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
+    for bound, cfg in GEMM_CONFIGS:
+        if m <= bound:
+            return cfg
+    return GEMM_CONFIGS[-1][1]
+
+
+def launch_gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype, config=None) -> torch.Tensor:
+    """The epilogue GEMM on 2-d operands: q2 [M, K] int8, sa M or 1 scales, wq [N, K] int8, ws N or 1 scales."""
+    m, k = q2.shape
+    n = wq.shape[0]
+    c = torch.empty((m, n), dtype=out_dtype, device=q2.device)
+    bm, bn, bk, group, warps, stages = config or gemm_config(m, n, k)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _int8_gemm_kernel[grid](
+        q2, wq, c, sa, ws, bias if bias is not None else ws, res2 if res2 is not None else c, m, n, k,
+        1 if sa.numel() > 1 else 0, 1 if ws.numel() > 1 else 0,
+        HAS_BIAS=bias is not None, ACT=_ACT[activation], HAS_RES=res2 is not None, EVEN_K=k % bk == 0,
+        BM=bm, BN=bn, BK=bk, GROUP_M=group, num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+    return c
+
+
+def _launch_rows(mode: int, x, other, weight, bias, pre, eps: float, act: str, with_sum: bool):
+    n = x.shape[-1]
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    total = torch.empty_like(x) if with_sum else None
+    block = triton.next_power_of_2(n)
+    warps = 1 if block <= 512 else 4 if block <= 4096 else 8 if block <= 8192 else 16
+    _row_quant_kernel[(x.numel() // n,)](
+        x, other if other is not None else x, weight if weight is not None else x, bias if bias is not None else x,
+        pre if pre is not None else x, q, s, total if total is not None else x, n, float(eps),
+        MODE=mode, ACT=_ACT[act], HAS_R=with_sum or mode == _SILU_MUL, HAS_W=weight is not None,
+        HAS_B=bias is not None, HAS_P=pre is not None, BLOCK=block, num_warps=warps, enable_fp_fusion=False)
+    return (q, s, total) if with_sum else (q, s)
+
+
+# ---- coverage and the CUDA-key kernels -------------------------------------------------------------------------
+
+def _dense(t: torch.Tensor | None, like: torch.Tensor, shape=None, dtype=None) -> bool:
+    if t is None:
+        return True
+    return (t.is_contiguous() and t.device == like.device and t.dtype == (dtype or like.dtype)
+            and (shape is None or tuple(t.shape) == tuple(shape)))
+
+
+def _rows_cover(x: torch.Tensor, *others) -> bool:
+    return (triton is not None and x.is_cuda and x.dtype in _FLOATS and x.is_contiguous() and x.numel() > 0
+            and x.dim() >= 1 and x.shape[-1] <= MAX_ROW and all(_dense(t, x, shape) for t, shape in others))
+
+
+def _pre_ok(pre: torch.Tensor | None, x: torch.Tensor) -> bool:
+    return pre is None or (pre.is_contiguous() and pre.device == x.device and pre.dtype in _FLOATS
+                           and tuple(pre.shape) == (x.shape[-1],))
+
+
+def _reference(name: str) -> Callable:
+    from .quant_fused import REFERENCES
+
+    return REFERENCES[name]
+
+
+def _norm_kernel(name: str, rms: bool, residual: bool) -> Callable:
+    def kernel(x, *args):
+        r, rest = (args[0], args[1:]) if residual else (None, args)
+        shape, weight = rest[0], rest[1]
+        bias, eps, pre = (None, rest[2], rest[3]) if rms else (rest[2], rest[3], rest[4])
+        row = (x.shape[-1],)
+        if not (len(shape) == 1 and int(shape[0]) == x.shape[-1] and _pre_ok(pre, x)
+                and _rows_cover(x, (r, x.shape), (weight, row), (bias, row))):
+            return _reference(name)(x, *args)
+        return _launch_rows(_NORM_RMS if rms else _NORM_LN, x, r, weight, bias, pre, eps, "none", residual)
+    kernel.__name__ = f"{name}_cuda"
+    return kernel
+
+
+def silu_mul_quantize_cuda(gate, up, pre_scale):
+    if not (_pre_ok(pre_scale, gate) and _rows_cover(gate, (up, gate.shape))):
+        return _reference("silu_mul_quantize_int8")(gate, up, pre_scale)
+    return _launch_rows(_SILU_MUL, gate, up, None, None, pre_scale, 0.0, "none", False)
+
+
+def activation_quantize_cuda(x, activation, pre_scale):
+    if activation not in _ACT or not (_pre_ok(pre_scale, x) and _rows_cover(x)):
+        return _reference("activation_quantize_int8")(x, activation, pre_scale)
+    return _launch_rows(_ACT_ONLY, x, None, None, None, pre_scale, 0.0, activation, False)
+
+
+def gemm_covers(q, scale, wq, w_scale, bias, activation, residual, out_dtype) -> bool:
+    if triton is None or not q.is_cuda or q.dtype != torch.int8 or q.dim() < 1 or not q.is_contiguous():
+        return False
+    k, n, m = q.shape[-1], wq.shape[0], q.numel() // max(q.shape[-1], 1)
+    out_shape = (*q.shape[:-1], n)
+    return (0 < k < MAX_K and m > 0 and activation in _ACT and out_dtype in _FLOATS
+            and wq.dim() == 2 and wq.shape[1] == k and _dense(wq, q, dtype=torch.int8)
+            and _dense(scale, q, dtype=torch.float32) and scale.numel() in (1, m)
+            and (scale.numel() == 1 or tuple(scale.shape) == (*q.shape[:-1], 1))
+            and _dense(w_scale, q, dtype=torch.float32) and w_scale.numel() in (1, n) and w_scale.dim() <= 1
+            and (bias is None or (bias.is_contiguous() and bias.device == q.device and bias.dtype in _FLOATS
+                                  and tuple(bias.shape) == (n,)))
+            and _dense(residual, q, out_shape, out_dtype))
+
+
+def int8_linear_epilogue_cuda(q, scale, wq, w_scale, bias, activation, residual, out_dtype):
+    if not gemm_covers(q, scale, wq, w_scale, bias, activation, residual, out_dtype):
+        return _reference("int8_linear_epilogue")(q, scale, wq, w_scale, bias, activation, residual, out_dtype)
+    k, n = q.shape[-1], wq.shape[0]
+    res2 = residual.reshape(-1, n) if residual is not None else None
+    out = launch_gemm(q.reshape(-1, k), scale, wq, w_scale, bias, activation, res2, out_dtype)
+    return out.view(*q.shape[:-1], n)
+
+
+def int8_linear_cuda(q, scale, wq, w_scale, bias, out_dtype):
+    """For `int8_linear` (compiler/quant_ops.py): the epilogue GEMM where it covers the call, else None."""
+    if not gemm_covers(q, scale, wq, w_scale, bias, "none", None, out_dtype):
+        return None
+    return int8_linear_epilogue_cuda(q, scale, wq, w_scale, bias, "none", None, out_dtype)
+
+
+@functools.cache
+def _kernels() -> dict[str, Callable]:
+    return {
+        "rms_norm_quantize_int8": _norm_kernel("rms_norm_quantize_int8", rms=True, residual=False),
+        "layer_norm_quantize_int8": _norm_kernel("layer_norm_quantize_int8", rms=False, residual=False),
+        "add_rms_norm_quantize_int8": _norm_kernel("add_rms_norm_quantize_int8", rms=True, residual=True),
+        "add_layer_norm_quantize_int8": _norm_kernel("add_layer_norm_quantize_int8", rms=False, residual=True),
+        "silu_mul_quantize_int8": silu_mul_quantize_cuda,
+        "activation_quantize_int8": activation_quantize_cuda,
+        "int8_linear_epilogue": int8_linear_epilogue_cuda,
+    }
+
+
+def cuda_kernel(name: str) -> Callable:
+    """The CUDA-key kernel of the fused op `name` (it runs the reference for what Triton does not cover)."""
+    return _kernels()[name]

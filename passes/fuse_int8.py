@@ -1,0 +1,200 @@
+"""Fuse the int8 family's quantizers into their producers and the dequantize into the GEMM epilogue.
+
+    quantize(norm(x, …), pre)                      =>  <norm>_quantize_int8(x, …, pre)        (rms_norm, layer_norm)
+    quantize(add_norm(x, r, …)[0], pre)            =>  q, s, x + r = add_<norm>_quantize_int8(x, r, …, pre)
+    quantize(silu(g) · u, pre)                     =>  silu_mul_quantize_int8(g, u, pre)
+    quantize(act(x), pre)                          =>  activation_quantize_int8(x, act, pre)  (gelu, silu, relu)
+    [act](int8_linear(q, s, Wq, Ws, b)) [+ r]      =>  int8_linear_epilogue(q, s, Wq, Ws, b, act, r)
+
+quantize is `quantize_int8(·, pre, None, "token")` (dynamic per token: one row, one kernel); what smoothquant
+and zeroquant leave, after canonicalization and fuse_layernorm. Every int8_linear becomes the epilogue op (its
+CUDA kernel dequantizes inside the GEMM), taking in the activation and the residual add its output feeds when
+nothing else reads the intermediate. The quantizer rules run first (users first: the quantizer is visited before
+the activation it reads), so an activation that feeds a quantizer goes into the quantizer, not the GEMM.
+
+Requires: SHAPES.  Exactness: exact up to float rounding (ROUNDING): each fused op's reference is the
+composition it replaces (compiler/quant_fused.py), bitwise on the CPU; the CUDA kernels keep its roundings.
+Near-misses, unchanged with a reason: a norm or activation output also read as a float (a post-LN residual), a
+per-tensor or static quantizer, a product or residual that broadcasts or mixes dtypes, a residual sum read before
+the quantizer's inputs exist.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import fx
+
+from fxopt import ops
+from fxopt.pass_base import Pass, PassContext, PassResult, Requirement
+from fxopt.pattern import AnyOf, Op, Var, node_args
+from fxopt.rewrite import Rewriter
+from fxopt.rules import Rule, apply_rules
+
+aten, fused = torch.ops.aten, torch.ops.fxopt
+_NORMS = {ops.rms_norm: fused.rms_norm_quantize_int8.default,
+          aten.layer_norm.default: fused.layer_norm_quantize_int8.default,
+          ops.add_rms_norm: fused.add_rms_norm_quantize_int8.default,
+          ops.add_layer_norm: fused.add_layer_norm_quantize_int8.default}
+_ARITY = {ops.rms_norm: 4, aten.layer_norm.default: 5, ops.add_rms_norm: 5, ops.add_layer_norm: 6}  # less cudnn
+_ACTS = (aten.gelu.default, aten.silu.default, aten.relu.default)
+
+
+def _quantize(producer) -> Op:
+    return Op(ops.quantize_int8, producer, Var("pre"), None, "token", label="per-token dynamic quantize_int8")
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+def _activation(node: fx.Node) -> str:
+    if node.target is aten.gelu.default:
+        return "gelu_tanh" if node_args(node)[1] == "tanh" else "gelu"
+    return "silu" if node.target is aten.silu.default else "relu"
+
+
+# ---- patterns -----------------------------------------------------------------------------------------------
+
+NORM_QUANT = _quantize(AnyOf(Op((ops.rms_norm, aten.layer_norm.default), Var("x"), name="norm"),
+                             Op(operator.getitem, Op((ops.add_rms_norm, ops.add_layer_norm), Var("x"), name="norm"),
+                                0, name="norm_out")))
+SILU_MUL_QUANT = _quantize(Op(aten.mul.Tensor, Op(aten.silu.default, Var("gate")), Var("up"), commutative=True,
+                              name="product"))
+ACT_QUANT = _quantize(Op(_ACTS, Var("x"), name="act"))
+_LINEAR = Op(ops.int8_linear, Var("q"), Var("s"), Var("wq"), Var("ws"), Var("bias"), Var("dtype"), name="linear")
+_ACTED = Op(_ACTS, _LINEAR, name="act")
+EPILOGUE = AnyOf(Op(aten.add.Tensor, AnyOf(_ACTED, _LINEAR), Var("residual"), 1, commutative=True, name="add"), _ACTED)
+QUANT = _quantize(Var("x"))
+
+
+# ---- checks -------------------------------------------------------------------------------------------------
+
+def _order(n: fx.Node) -> dict:
+    return {x: i for i, x in enumerate(n.graph.nodes)}
+
+
+def _insertion_point(m) -> fx.Node:
+    """The fused norm goes where its last input is ready: after the norm, and after a pre-scale defined later."""
+    order = _order(m.root)
+    pre = m["pre"]
+    return max([m["norm"]] + ([pre] if isinstance(pre, fx.Node) else []), key=order.__getitem__)
+
+
+def _sum_readers(norm: fx.Node) -> list[fx.Node]:
+    return [u for g in norm.users if g.target is operator.getitem and g.args[1] == 1 for u in g.users]
+
+
+def check_norm_quant(m) -> str | None:
+    out = m.get("norm_out", m["norm"])
+    readers = [u for u in out.users if u is not m.root]
+    if readers:
+        return (f"the norm output {out.name} is also read as a float by {readers[0].name} (a post-LN residual): "
+                f"fusing would compute the norm twice")
+    if "norm_out" in m and any(g.target is not operator.getitem or g.args[1] not in (0, 1) for g in m["norm"].users):
+        return f"{m['norm'].name}'s outputs are read other than through its (norm, sum) items"
+    at, order = _insertion_point(m), _order(m.root)
+    early = [u for u in _sum_readers(m["norm"]) if order[u] <= order[at]]
+    if early:
+        return f"the residual sum is read by {early[0].name} before the quantizer's pre-scale exists"
+    return None
+
+
+def check_codes(m) -> str | None:
+    """The epilogue op reads per-token codes (what the backends lower it for); a per-tensor or static
+    quantize_int8's codes stay with int8_linear."""
+    q = m["q"]
+    src = q.args[0] if q.op == "call_function" and q.target is operator.getitem else None
+    if src is not None and src.target is ops.quantize_int8 and node_args(src)[2:] != [None, "token"]:
+        return f"{m['linear'].name} reads per-tensor or static codes ({src.name}): it stays an int8_linear"
+    return None
+
+
+def check_epilogue(m) -> str | None:
+    if "residual" in m and (why := check_same_shape("linear", "residual", "residual add")(m)):
+        return why
+    return check_codes(m)
+
+
+def check_same_shape(a_key: str, b_key: str, what: str):
+    def check(m) -> str | None:
+        a, b = _val(m[a_key]), _val(m[b_key])
+        if not isinstance(m[b_key], fx.Node) or a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:
+            return f"the {what} at {m.root.name} broadcasts, mixes dtypes or adds a constant"
+        return None
+    return check
+
+
+# ---- rewrites -----------------------------------------------------------------------------------------------
+
+def rewrite_norm_quant(rw: Rewriter, m):
+    norm = m["norm"]
+    at = _insertion_point(m).next
+    args = node_args(norm)[:_ARITY[norm.target]]
+    args[-1] = float(args[-1])
+    node = rw.call(_NORMS[norm.target], (*args, m["pre"]), before=at, like=m.root)
+    items = tuple(rw.getitem(node, i, before=at) for i in range(3 if "norm_out" in m else 2))
+    if "norm_out" in m:
+        for g in [g for g in norm.users if g.args[1] == 1]:
+            rw.replace(g, items[2])
+    return items[:2]
+
+
+def rewrite_silu_mul(rw: Rewriter, m):
+    node = rw.call(fused.silu_mul_quantize_int8.default, (m["gate"], m["up"], m["pre"]), before=m.root, like=m.root)
+    return rw.getitem(node, 0, before=m.root), rw.getitem(node, 1, before=m.root)
+
+
+def rewrite_act_quant(rw: Rewriter, m):
+    act = _activation(m["act"]) if "act" in m else "none"
+    node = rw.call(fused.activation_quantize_int8.default, (m["x"], act, m["pre"]),
+                   before=m.root, like=m.root)
+    return rw.getitem(node, 0, before=m.root), rw.getitem(node, 1, before=m.root)
+
+
+def rewrite_epilogue(rw: Rewriter, m) -> fx.Node:
+    act = _activation(m["act"]) if "act" in m else "none"
+    args = (m["q"], m["s"], m["wq"], m["ws"], m["bias"], act, m.get("residual"), m["dtype"])
+    return rw.call(fused.int8_linear_epilogue.default, args, before=m.root, like=m["linear"])
+
+
+RULES = [
+    Rule("quantize(norm(x)) => norm_quantize_int8(x)", NORM_QUANT, rewrite_norm_quant, check_norm_quant,
+         anchor="norm", exclusive=False, stat="norm_quantize"),
+    Rule("quantize(silu(g)·u) => silu_mul_quantize_int8(g, u)", SILU_MUL_QUANT, rewrite_silu_mul,
+         check_same_shape("gate", "up", "product silu(g)·u"), anchor="product", stat="silu_mul_quantize"),
+    Rule("quantize(act(x)) => activation_quantize_int8(x)", ACT_QUANT, rewrite_act_quant, anchor="act",
+         stat="activation_quantize"),
+    Rule("act(int8_linear(q, s, W)) [+ r] => int8_linear_epilogue(q, s, W, act, r)", EPILOGUE, rewrite_epilogue,
+         check_epilogue, anchor="linear", stat="int8_linear_epilogue"),
+]
+# then what is left on its own: a quantizer with no producer to fuse into is the row kernel with no activation;
+# an int8_linear is the GEMM whose epilogue dequantizes
+PLAIN_RULES = [
+    Rule("quantize(x) => activation_quantize_int8(x, 'none')", QUANT, rewrite_act_quant, stat="quantize"),
+    Rule("int8_linear(q, s, W) => int8_linear_epilogue(q, s, W)", _LINEAR, rewrite_epilogue, check_codes,
+         anchor="linear", stat="int8_linear_epilogue"),
+]
+
+
+@dataclass(frozen=True)
+class FuseInt8(Pass):
+    """Per-token quantizers fused into their norm/activation producers; dequantize (+ bias, activation, residual)
+    into the int8 GEMM's epilogue."""
+
+    name: ClassVar[str] = "fuse_int8"
+    requires: ClassVar = frozenset({Requirement.SHAPES})
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        rw = Rewriter(gm, self.name)
+        fusions = apply_rules(rw, RULES)
+        plain = apply_rules(rw, PLAIN_RULES)
+        rw.finish()
+        changed = fusions.changed or plain.changed
+        reasons = fusions.reasons() + plain.reasons()
+        if not changed and not reasons:
+            reasons = ["no per-token int8 quantizer or int8_linear in the graph (run smoothquant or zeroquant first)"]
+        return PassResult(gm, changed, dict(fusions.counts + plain.counts), reasons)

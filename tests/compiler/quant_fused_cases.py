@@ -1,0 +1,25 @@
+"""Test arguments for the fused int8 ops whose schema test_ops.py's generic builder does not cover (a second
+tensor that is not a residual, an activation name, int8 codes): `args(op, x, other, with_weight)`."""
+
+from __future__ import annotations
+
+import torch
+
+from fxopt import ops
+from fxopt.quant_ops import quantize_weight_int8
+
+f = torch.ops.fxopt
+OPS = (f.silu_mul_quantize_int8.default, f.activation_quantize_int8.default, f.int8_linear_epilogue.default)
+
+
+def args(op, x: torch.Tensor, other: torch.Tensor, with_weight: bool) -> list:
+    pre = torch.rand(x.shape[-1]) + 0.5 if with_weight else None
+    if op is f.silu_mul_quantize_int8.default:
+        return [x, other, pre]
+    if op is f.activation_quantize_int8.default:
+        return [x, "gelu" if with_weight else "none", pre]
+    wq, ws = quantize_weight_int8(torch.randn(5, x.shape[-1]))
+    bias = torch.randn(5) if with_weight else None
+    residual = torch.randn(*x.shape[:-1], 5).to(x.dtype) if with_weight else None
+    return [*ops.quantize_int8(x, pre, None, "token"), wq, ws, bias, "silu" if with_weight else "none", residual,
+            x.dtype]

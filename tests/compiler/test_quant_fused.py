@@ -1,0 +1,88 @@
+"""The fused int8 ops equal the unfused op sequences they stand for, bit for bit (the same arithmetic), in every
+dtype; the epilogue GEMM's integer sums are exact at the codes' extremes. (The Triton kernels are checked against
+these references on the GPU by benchmarks/int8_gpu.py's `check` part.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from fxopt import ops
+from fxopt.quant_fused import ACTIVATIONS, activate
+from fxopt.quant_ops import quantize_weight_int8
+
+f = torch.ops.fxopt
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _quant(y, pre):
+    return ops.quantize_int8(y, pre, None, "token")
+
+
+def _inputs(dtype, n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, 5, n, generator=g) * 3).to(dtype)
+    r = torch.randn(2, 5, n, generator=g).to(dtype)
+    w = (torch.rand(n, generator=g) + 0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    pre = torch.rand(n, generator=g) + 0.5
+    return x, r, w, b, pre
+
+
+def _equal(got, want):
+    got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_pre", [False, True])
+def test_norm_quantizers_equal_norm_then_quantize(dtype, with_pre):
+    x, r, w, b, pre = _inputs(dtype)
+    pre = pre if with_pre else None
+    n = [x.shape[-1]]
+    _equal(f.rms_norm_quantize_int8(x, n, w, 1e-6, pre), _quant(ops.rms_norm(x, n, w, 1e-6), pre))
+    _equal(f.layer_norm_quantize_int8(x, n, w, b, 1e-5, pre), _quant(F.layer_norm(x, n, w, b, 1e-5), pre))
+    y, s = ops.add_rms_norm(x, r, n, w, 1e-6)
+    _equal(f.add_rms_norm_quantize_int8(x, r, n, w, 1e-6, pre), (*_quant(y, pre), s))
+    y, s = ops.add_layer_norm(x, r, n, None, b, 1e-5)
+    _equal(f.add_layer_norm_quantize_int8(x, r, n, None, b, 1e-5, pre), (*_quant(y, pre), s))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activation_quantizers_equal_activation_then_quantize(dtype):
+    x, r, _, _, pre = _inputs(dtype)
+    _equal(f.silu_mul_quantize_int8(x, r, pre), _quant(F.silu(x) * r, pre))
+    for name, fn in (("none", lambda v: v), ("relu", torch.relu), ("silu", F.silu), ("gelu", F.gelu),
+                     ("gelu_tanh", lambda v: F.gelu(v, approximate="tanh"))):
+        _equal(f.activation_quantize_int8(x, name, None), _quant(fn(x), None))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        activate(x, "tanh")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_the_epilogue_equals_int8_linear_then_activation_then_residual(dtype, activation):
+    x, _, _, _, _ = _inputs(dtype)
+    q, s = _quant(x, None)
+    wq, ws = quantize_weight_int8(torch.randn(7, x.shape[-1]))
+    bias, res = torch.randn(7).to(dtype), torch.randn(2, 5, 7).to(dtype)
+    y = ops.int8_linear(q, s, wq, ws, bias, dtype)
+    _equal(f.int8_linear_epilogue(q, s, wq, ws, bias, activation, None, dtype), activate(y, activation))
+    _equal(f.int8_linear_epilogue(q, s, wq, ws, bias, activation, res, dtype), activate(y, activation) + res)
+
+
+def test_the_epilogue_sums_are_exact_at_the_codes_extremes():
+    # 127 · 127 · k = 2 080 768 000 < 2^31 for k = 129 000: an fp32 sum would round (beyond 2^24)
+    k = 129_000
+    q = torch.full((2, k), 127, dtype=torch.int8)
+    q[1, ::2] = -127
+    wq = torch.full((3, k), 127, dtype=torch.int8)
+    wq[2] = -127
+    one = torch.ones((), dtype=torch.float64)  # an fp64 epilogue: the sum itself, unrounded
+    got = f.int8_linear_epilogue(q, one, wq, one, None, "none", None, torch.float64)
+    exact = (q.to(torch.int64) @ wq.to(torch.int64).t()).double()
+    assert torch.equal(got, exact)
+    assert exact.abs().max() > 2 ** 31 - 2 ** 28

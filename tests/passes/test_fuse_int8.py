@@ -1,0 +1,195 @@
+"""fuse_int8: quantizers fused into their norm/activation producers, dequantize into the GEMM epilogue; the
+graph after the pass computes what it computed before, bit for bit on the CPU (the fused ops' references are the
+compositions they replace)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+import fxopt
+from fxopt import ops
+from fxopt.passes import FuseInt8, FuseLayerNorm, SmoothQuant
+from tests.models import hf
+
+f = torch.ops.fxopt
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.rand(d) + 0.5), eps
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class SwiGLUBlock(nn.Module):
+    """A pre-norm decoder block the way people write one: attention stand-in, then a SwiGLU MLP."""
+
+    def __init__(self, d: int = 16, hidden: int = 32):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(d), RMSNorm(d)
+        self.mix = nn.Linear(d, d, bias=False)
+        self.gate, self.up = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        x = x + self.mix(self.norm1(x))
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class GeluBlock(nn.Module):
+    """Pre-LN MLP with a GELU (GPT-2 style) and a ReLU branch whose output is also returned as a float."""
+
+    def __init__(self, d: int = 16, hidden: int = 32):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.side = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.ln(x)
+        side = torch.relu(self.side(h))  # read as a float: the ReLU goes into the GEMM's epilogue
+        return x + self.fc2(F.gelu(self.fc1(h))), side
+
+
+class PostLN(nn.Module):
+    """BERT's order: the norm's output is also the next residual (a float reader besides the quantizer)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.ln, self.fc = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.ln(x)
+        return h + self.fc(h)
+
+
+def quantized(model, x, fuse: bool, **options):
+    calib = [(torch.randn_like(x),) for _ in range(2)]
+    passes = [FuseLayerNorm(), SmoothQuant(**{"smooth": False, "act": "token", "layers": "all", **options})]
+    return fxopt.optimize(model.eval(), (x,), passes=[*passes, FuseInt8()] if fuse else passes, calibration=calib)
+
+
+def counts(opt) -> Counter:
+    return Counter(n.target._schema.name.split("::")[-1] for n in opt.graph_module.graph.nodes
+                   if n.op == "call_function" and getattr(n.target, "namespace", None) == "fxopt")
+
+
+def outputs(value) -> list[torch.Tensor]:
+    return list(value) if isinstance(value, tuple | list) else [value]
+
+
+def main(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def assert_same_function(model, x, **options):
+    torch.manual_seed(0)
+    before, after = quantized(model, x, False, **options), quantized(model, x, True, **options)
+    fresh = torch.randn(3, 5, x.shape[-1])
+    for a, b in zip(outputs(before(fresh)), outputs(after(fresh)), strict=True):
+        assert torch.equal(a, b)
+    return after
+
+
+def test_a_swiglu_block_fuses_norms_activation_and_residual_bitwise():
+    torch.manual_seed(0)
+    opt = assert_same_function(SwiGLUBlock(), torch.randn(2, 6, 16))
+    c = counts(opt)
+    # norm1 -> rms_norm_quantize; the residual add before norm2 became add_rms_norm -> add_rms_norm_quantize;
+    # silu(gate)·up -> one quantizer; down + x -> the epilogue's residual; every int8_linear -> the epilogue op
+    assert c == Counter({"rms_norm_quantize_int8": 1, "add_rms_norm_quantize_int8": 1, "silu_mul_quantize_int8": 1,
+                         "int8_linear_epilogue": 4})
+    residual = [n for n in opt.graph_module.graph.nodes if n.target is f.int8_linear_epilogue.default
+                and n.args[6] is not None]
+    assert len(residual) == 1
+    assert opt.report["fuse_int8"].stats == {"norm_quantize": 2, "silu_mul_quantize": 1, "int8_linear_epilogue": 4}
+
+
+def test_gelu_goes_into_its_quantizer_and_a_float_read_relu_into_the_epilogue():
+    torch.manual_seed(0)
+    opt = assert_same_function(GeluBlock(), torch.randn(2, 6, 16))
+    c = counts(opt)
+    assert c["layer_norm_quantize_int8"] == 1 and c["activation_quantize_int8"] == 1
+    acts = sorted(n.args[5] for n in opt.graph_module.graph.nodes if n.target is f.int8_linear_epilogue.default)
+    assert acts == ["none", "none", "relu"]  # fc1 (its GELU is the quantizer's), fc2 (+ residual), side (ReLU)
+    assert "quantize_int8" not in c and "int8_linear" not in c
+
+
+def test_a_post_ln_norm_stays_with_its_reason():
+    torch.manual_seed(0)
+    opt = assert_same_function(PostLN(), torch.randn(2, 6, 16))
+    c = counts(opt)
+    assert "layer_norm_quantize_int8" not in c and c["activation_quantize_int8"] == 1  # a plain row quantizer
+    assert any("also read as a float" in r for r in opt.report["fuse_int8"].reasons)
+
+
+def test_per_tensor_codes_stay_with_int8_linear():
+    torch.manual_seed(0)
+    opt = assert_same_function(PostLN(), torch.randn(2, 6, 16), act="tensor")
+    c = counts(opt)
+    assert c["quantize_int8"] == 1 and c["int8_linear"] == 1 and "int8_linear_epilogue" not in c
+    assert any("per-tensor or static codes" in r for r in opt.report["fuse_int8"].reasons)
+
+
+def test_the_pass_is_idempotent_and_says_why_without_int8_ops():
+    torch.manual_seed(0)
+    opt = quantized(SwiGLUBlock(), torch.randn(2, 6, 16), True)
+    gm = opt.graph_module
+    again = FuseInt8().run(gm, None)
+    assert not again.modified
+    plain = fxopt.optimize(SwiGLUBlock().eval(), (torch.randn(2, 6, 16),), passes=[FuseInt8()])
+    assert not plain.report["fuse_int8"].applied
+    assert any("smoothquant or zeroquant" in r for r in plain.report["fuse_int8"].reasons)
+
+
+@pytest.fixture(scope="module", params=["llama", "bert"])
+def hf_fused(request):
+    family = request.param
+    model, _ = hf.build(family, attn="sdpa", layers=2)
+    args, kwargs = hf.inputs(family, 2, 8)
+    calib = [hf.inputs(family, 2, 8, seed=s) for s in range(1, 3)]
+    passes = [FuseLayerNorm(), SmoothQuant(smooth=False, act="token")]
+    before = fxopt.optimize(model, args, passes=passes, example_kwargs=kwargs, calibration=calib)
+    after = fxopt.optimize(model, args, passes=[*passes, FuseInt8()], example_kwargs=kwargs, calibration=calib)
+    return family, before, after, hf.inputs(family, 3, 9, seed=7)
+
+
+def test_hf_models_fuse_per_layer_and_compute_the_same_function(hf_fused):
+    family, before, after, (args, kwargs) = hf_fused
+    c, layers = counts(after), 2
+    if family == "llama":  # per layer: both norms, SwiGLU's product, 7 GEMMs; o_proj's input quantized alone
+        assert c["rms_norm_quantize_int8"] + c["add_rms_norm_quantize_int8"] == 2 * layers
+        assert c["silu_mul_quantize_int8"] == layers and c["activation_quantize_int8"] == layers
+        assert c["int8_linear_epilogue"] == 7 * layers
+    else:  # BERT is post-LN: the norms stay (their output is the residual); GELU goes into fc2's quantizer
+        assert not any("norm_quantize" in k for k in c)
+        assert c["activation_quantize_int8"] == 4 * layers and c["int8_linear_epilogue"] == 6 * layers
+        assert any("also read as a float" in r for r in after.report["fuse_int8"].reasons)
+    assert "int8_linear" not in c and "quantize_int8" not in c
+    with torch.no_grad():
+        assert torch.equal(main(before(*args, **kwargs)), main(after(*args, **kwargs)))
+
+
+def test_the_fused_graph_exports_to_onnx_runtime(hf_fused):
+    pytest.importorskip("onnxruntime")
+    _, _, after, (args, kwargs) = hf_fused
+    with torch.no_grad():
+        want = main(after(*args, **kwargs))
+        got = main(fxopt.compile(after, "onnxruntime")(*args, **kwargs))
+    cos = F.cosine_similarity(want.flatten().double(), got.flatten().double(), dim=0)
+    assert cos >= 1 - 1e-6, cos
+
+
+def test_every_fused_op_is_in_the_registry():
+    names = {d.name for d in ops.REGISTRY.values()}
+    assert {"rms_norm_quantize_int8", "layer_norm_quantize_int8", "add_rms_norm_quantize_int8",
+            "add_layer_norm_quantize_int8", "silu_mul_quantize_int8", "activation_quantize_int8",
+            "int8_linear_epilogue"} <= names
