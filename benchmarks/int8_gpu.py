@@ -13,7 +13,8 @@ Parts:
   e2e      Llama-1B-shaped (hidden 2048, 16 layers, 32 heads, FFN 5632, vocab 32000) b4 s512 and BERT-base
            b8 s128, HF models from configs with seed 0 (random weights), fp16, sdpa: torch eager and torch.compile,
            fxopt fp16 (["stabilize_softmax", "fuse_layernorm"], as benchmarks/torch_gpu.py runs it), fxopt W8A8
-           (+ SmoothQuant(smooth=False, act="token")) without and with fuse_int8. Modes: eager, "graph" (the
+           (+ ZeroQuant(weight_bits=8, group_size=1, act="token"): per-channel int8 weights, per-token int8 activations)
+           without and with fuse_int8. Modes: eager, "graph" (the
            eager module captured in a CUDA graph by hand, replayed), torch.compile reduce-overhead. Timed
            interleaved (benchmarks/torch_gpu.Timer), CUDA-event medians; cosine of the output vs torch fp16.
   profile  kernels per forward (torch.profiler), fxopt fp16 vs W8A8 fused, graph mode.
@@ -41,10 +42,10 @@ log = logging.getLogger("int8_gpu")
 FP16_PIPELINE = ["stabilize_softmax", "fuse_layernorm"]
 CASES = {"llama1b_b4_s512": ("llama1b", 4, 512), "bert_b8_s128": ("bert", 8, 128)}
 GEMM_SHAPES = [(m, k, n) for m in (16, 2048) for k, n in ((2048, 2048), (2048, 5632), (5632, 2048))]
-SWEEP = [(16, 64, 256, 1, 4, 4), (16, 128, 256, 1, 4, 4), (16, 64, 128, 1, 4, 5), (32, 64, 256, 1, 4, 4),
-         (64, 64, 256, 1, 4, 4), (64, 128, 128, 1, 4, 4), (64, 128, 256, 1, 4, 3),
-         (128, 128, 128, 8, 8, 4), (128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4), (256, 128, 128, 8, 8, 3),
-         (128, 256, 64, 8, 8, 4), (128, 128, 256, 8, 8, 3)]
+SWEEP = [(16, 64, 256, 1, 4, 4), (16, 32, 256, 1, 4, 4), (16, 32, 512, 1, 4, 3), (16, 64, 512, 1, 4, 3),
+         (16, 128, 256, 1, 4, 4), (32, 64, 256, 1, 4, 4),
+         (128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4), (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3),
+         (128, 256, 64, 8, 8, 4), (128, 128, 256, 8, 8, 3), (64, 256, 128, 8, 4, 4), (128, 64, 128, 8, 4, 4)]
 
 
 # ---- check -------------------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def gemm_row(m: int, k: int, n: int, sweep: bool) -> dict:
     if sweep:
         best = None
         for cfg in SWEEP:
-            if cfg[0] > 2 * m and m > 16:
+            if (m <= 16) != (cfg[0] <= 64):
                 continue
             try:
                 ms = graph_time(lambda i, c=cfg: triton(i, c), copies, reps=10)
@@ -186,9 +187,30 @@ def gemm_row(m: int, k: int, n: int, sweep: bool) -> dict:
 def gemm(sweep: bool) -> list[dict]:
     rows = []
     for m, k, n in GEMM_SHAPES:
-        rows.append(gemm_row(m, k, n, sweep))
+        try:
+            rows.append(gemm_row(m, k, n, sweep))
+        except Exception:  # noqa: BLE001
+            log.exception("gemm %s failed", (m, k, n))
         torch.cuda.empty_cache()
     return rows
+
+
+def tune(rows: list[dict]) -> None:
+    """Set triton_int8's configs to the sweep's best (summed over the shapes of each M) for the rest of the run."""
+    from fxopt import triton_int8
+
+    configs = []
+    for m in sorted({r["m"] for r in rows}):
+        total: dict = {}
+        for r in (r for r in rows if r["m"] == m):
+            for key, ms in r.items():
+                if key.startswith("sweep "):
+                    total.setdefault(key, []).append(ms)
+        full = {k: sum(v) for k, v in total.items() if len(v) == sum(r["m"] == m for r in rows)}
+        best = eval(min(full, key=full.get).removeprefix("sweep "))  # noqa: S307 - our own tuple's repr
+        configs.append((m if m < 2048 else 1 << 62, best))
+        log.info("tuned M=%d: %s", m, best)
+    triton_int8.GEMM_CONFIGS[:] = configs
 
 
 def gemm_table(rows: list[dict]) -> str:
@@ -208,7 +230,7 @@ VARIANTS = ("torch fp16", "fxopt fp16", "fxopt W8A8", "fxopt W8A8 fused")
 
 def build(kind: str, batch: int, seq: int, variants) -> tuple[dict, tuple, dict]:
     import fxopt
-    from fxopt.passes import FuseInt8, SmoothQuant
+    from fxopt.passes import FuseInt8, ZeroQuant
 
     model = make_model(kind).to(device="cuda", dtype=torch.float16).eval()
     args, kwargs = make_inputs(kind, batch, seq, model.config.vocab_size, "cuda")
@@ -218,12 +240,12 @@ def build(kind: str, batch: int, seq: int, variants) -> tuple[dict, tuple, dict]
             continue
         passes = list(FP16_PIPELINE)
         if "W8A8" in name:
-            passes.append(SmoothQuant(smooth=False, act="token"))
+            passes.append(ZeroQuant(weight_bits=8, group_size=1, act="token"))  # per-channel weights, per-token acts
         if "fused" in name:
             passes.append(FuseInt8())
         t0 = time.perf_counter()
         with torch.no_grad():
-            opt = fxopt.optimize(model, args, passes=passes, example_kwargs=kwargs, calibration=[(args, kwargs)])
+            opt = fxopt.optimize(model, args, passes=passes, example_kwargs=kwargs)
         log.info("%s %s: optimized in %.1f s\n%s", kind, name, time.perf_counter() - t0, opt.report)
         modules[name] = opt
     return modules, args, kwargs
@@ -275,12 +297,18 @@ def weight_bytes(module) -> dict:
     return {"total": total, "blocks": blocks}
 
 
-def e2e(case: str, spec: tuple, modes, reps: int) -> tuple[list[dict], dict]:
+COMPILED = ("torch fp16", "fxopt fp16", "fxopt W8A8 fused")  # torch.compile cells (each compile takes a minute)
+
+
+def e2e(case: str, spec: tuple, modes, reps: int, with_profile: bool) -> tuple[list[dict], dict, dict]:
     kind, batch, seq = spec
     modules, args, kwargs = build(kind, batch, seq, VARIANTS)
+    tables = profile(modules, args, kwargs) if with_profile else {}
     fns: dict[str, Callable] = {}
     for name, module in modules.items():
         for mode in modes:
+            if mode not in ("eager", "graph") and name not in COMPILED:
+                continue
             if mode == "graph":
                 fn = graphed(module, args, kwargs)
             else:
@@ -309,7 +337,7 @@ def e2e(case: str, spec: tuple, modes, reps: int) -> tuple[list[dict], dict]:
     del fns, modules
     torch._dynamo.reset()
     torch.cuda.empty_cache()
-    return rows, sizes
+    return rows, sizes, tables
 
 
 def e2e_table(rows: list[dict]) -> str:
@@ -342,12 +370,11 @@ def category(kernel: str) -> str:
     return "elementwise / copies / other"
 
 
-def profile(case: str, spec: tuple, calls: int = 5) -> dict:
+def profile(modules: dict, args: tuple, kwargs: dict, calls: int = 5) -> dict:
+    """Kernels per forward of the fxopt variants in eager (the kernels a CUDA graph replays), by name and category."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    kind, batch, seq = spec
-    modules, args, kwargs = build(kind, batch, seq, ("fxopt fp16", "fxopt W8A8", "fxopt W8A8 fused"))
     tables = {}
     for name, module in modules.items():
         if name == "torch fp16":
@@ -370,8 +397,6 @@ def profile(case: str, spec: tuple, calls: int = 5) -> dict:
             c[0] += count
             c[1] += ms
         tables[name] = {"kernels": kernels, "categories": cats}
-    del modules
-    torch.cuda.empty_cache()
     return tables
 
 
@@ -391,6 +416,39 @@ def profile_table(case: str, tables: dict) -> str:
         top = sorted(tables[n]["kernels"].items(), key=lambda kv: -kv[1][1])[:10]
         out += [f"- {count:4.0f} x, {ms:7.3f} ms  `{key[:100]}`" for key, (count, ms) in top]
     return "\n".join(out)
+
+
+def check_table(rows: list[dict]) -> str:
+    out = ["| op | case | codes that differ | max code diff | scale max rel diff | outputs equal | max ulps |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        case = r.get("n", r.get("shape"))
+        extra = f" {r['act']}{' +bias' if r.get('bias') else ''}{' +res' if r.get('res') else ''}" if "act" in r else ""
+        eq = [v for k, v in r.items() if k.endswith("_equal")] or ([r["exact"]] if "exact" in r else [])
+        ulps = [v for k, v in r.items() if k.endswith("_max_ulps")]
+        out.append(f"| {r['op']} | {case}{extra} | {r.get('codes_differ', '')} | {r.get('codes_max_diff', '')} | "
+                   f"{r.get('scale_max_rel', '')} | {all(eq) if eq else ''} | {max(ulps) if ulps else ''} |")
+    return "\n".join(out)
+
+
+def markdown(result: dict) -> str:
+    parts = [f"# fxopt W8A8 with fused int8 kernels ({result['card']}, torch {result['torch']}, "
+             f"Triton {result.get('triton')}, {result['date']})", ""]
+    if result.get("e2e"):
+        parts += ["## End to end", "", e2e_table(result["e2e"]), ""]
+        for case, sizes in result.get("weight_bytes", {}).items():
+            parts.append(f"- {case} weight bytes: " + ", ".join(
+                f"{k}: {v['total'] / 2**20:.0f} MiB (blocks {v['blocks'] / 2**20:.0f} MiB)" for k, v in sizes.items()))
+        parts.append("")
+    if result.get("gemm"):
+        parts += ["## Per GEMM (CUDA-graph replays, weights rotated beyond L2)", "", gemm_table(result["gemm"]), ""]
+    for case, tables in result.get("profile", {}).items():
+        if tables:
+            parts += [profile_table(case, tables), ""]
+    if result.get("check"):
+        parts += ["## Kernel numerics (Triton vs the op's reference, same CUDA inputs)", "",
+                  check_table(result["check"]), ""]
+    return "\n".join(parts)
 
 
 def main() -> None:
@@ -414,10 +472,15 @@ def main() -> None:
 
     def save():
         (a.out / "int8_gpu.json").write_text(json.dumps(result, indent=1, default=str))
+        (a.out / "int8_gpu.md").write_text(markdown(result))
 
     if "check" in a.parts:
         t0 = time.perf_counter()
-        result["check"] = check()
+        try:
+            result["check"] = check()
+        except Exception:  # noqa: BLE001 - the rest of the run still says what it can
+            log.exception("check failed")
+            result["check"] = []
         for r in result["check"]:
             print(r)  # noqa: T201
         log.info("check in %.1f s", time.perf_counter() - t0)
@@ -429,17 +492,18 @@ def main() -> None:
         if a.sweep:
             for r in result["gemm"]:
                 print((r["m"], r["k"], r["n"]), "best", r["best"])  # noqa: T201
+            tune(result["gemm"])
     for case in a.cases:
         if "e2e" in a.parts:
-            rows, sizes = e2e(case, CASES[case], a.modes, a.reps)
+            rows, sizes, tables = e2e(case, CASES[case], a.modes, a.reps, "profile" in a.parts)
             result.setdefault("e2e", []).extend(rows)
             result.setdefault("weight_bytes", {})[case] = sizes
+            result.setdefault("profile", {})[case] = tables
             save()
             print(e2e_table(rows))  # noqa: T201
-        if "profile" in a.parts:
-            result.setdefault("profile", {})[case] = profile(case, CASES[case])
-            save()
-            print(profile_table(case, result["profile"][case]))  # noqa: T201
+            print(json.dumps(sizes))  # noqa: T201
+            if tables:
+                print(profile_table(case, tables))  # noqa: T201
 
 
 if __name__ == "__main__":

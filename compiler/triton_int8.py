@@ -118,7 +118,7 @@ if triton is not None:
         rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
         rn_c = tl.where(rn < N, rn, 0).to(tl.int64)
         a_ptr = A + rm_c[:, None] * K + rk[None, :]
-        b_ptr = Bw + rn_c[None, :] * K + rk[:, None]  # W is [N, K], K contiguous: the K-major B tile
+        b_ptr = Bw + rn_c[:, None] * K + rk[None, :]  # W is [N, K], K contiguous: loaded [BN, BK], used transposed
         acc = tl.zeros((BM, BN), dtype=tl.int32)
         for k in range(0, tl.cdiv(K, BK)):
             if EVEN_K:
@@ -126,8 +126,8 @@ if triton is not None:
                 b = tl.load(b_ptr)
             else:
                 a = tl.load(a_ptr, mask=rk[None, :] < K - k * BK, other=0)
-                b = tl.load(b_ptr, mask=rk[:, None] < K - k * BK, other=0)
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+                b = tl.load(b_ptr, mask=rk[None, :] < K - k * BK, other=0)
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
             a_ptr += BK
             b_ptr += BK
         sa = tl.load(SA + rm_c * sa_stride)

@@ -6,11 +6,15 @@
     quantize(act(x), pre)                          =>  activation_quantize_int8(x, act, pre)  (gelu, silu, relu)
     [act](int8_linear(q, s, Wq, Ws, b)) [+ r]      =>  int8_linear_epilogue(q, s, Wq, Ws, b, act, r)
 
+    quantize(x, pre)                               =>  activation_quantize_int8(x, "none", pre)      (then, the rest)
+    int8_linear(q, s, Wq, Ws, b)                   =>  int8_linear_epilogue(q, s, Wq, Ws, b, "none", None)
+
 quantize is `quantize_int8(·, pre, None, "token")` (dynamic per token: one row, one kernel); what smoothquant
-and zeroquant leave, after canonicalization and fuse_layernorm. Every int8_linear becomes the epilogue op (its
-CUDA kernel dequantizes inside the GEMM), taking in the activation and the residual add its output feeds when
-nothing else reads the intermediate. The quantizer rules run first (users first: the quantizer is visited before
-the activation it reads), so an activation that feeds a quantizer goes into the quantizer, not the GEMM.
+and zeroquant leave, after canonicalization and fuse_layernorm. The fusions run first, quantizer rules before
+the epilogue's (users first: the quantizer is visited before the activation it reads, so an activation that
+feeds a quantizer goes into the quantizer, not the GEMM); then what is left on its own becomes the fused family's
+row quantizer and epilogue GEMM (one kernel each on CUDA, where the unfused ops take several), so no per-token
+quantize_int8 or int8_linear remains.
 
 Requires: SHAPES.  Exactness: exact up to float rounding (ROUNDING): each fused op's reference is the
 composition it replaces (compiler/quant_fused.py), bitwise on the CPU; the CUDA kernels keep its roundings.
@@ -51,6 +55,10 @@ def _val(n):
     return n.meta.get("val") if isinstance(n, fx.Node) else None
 
 
+def _order(n: fx.Node) -> dict:
+    return {x: i for i, x in enumerate(n.graph.nodes)}
+
+
 def _activation(node: fx.Node) -> str:
     if node.target is aten.gelu.default:
         return "gelu_tanh" if node_args(node)[1] == "tanh" else "gelu"
@@ -73,19 +81,11 @@ QUANT = _quantize(Var("x"))
 
 # ---- checks -------------------------------------------------------------------------------------------------
 
-def _order(n: fx.Node) -> dict:
-    return {x: i for i, x in enumerate(n.graph.nodes)}
-
-
 def _insertion_point(m) -> fx.Node:
     """The fused norm goes where its last input is ready: after the norm, and after a pre-scale defined later."""
     order = _order(m.root)
     pre = m["pre"]
     return max([m["norm"]] + ([pre] if isinstance(pre, fx.Node) else []), key=order.__getitem__)
-
-
-def _sum_readers(norm: fx.Node) -> list[fx.Node]:
-    return [u for g in norm.users if g.target is operator.getitem and g.args[1] == 1 for u in g.users]
 
 
 def check_norm_quant(m) -> str | None:
@@ -97,7 +97,8 @@ def check_norm_quant(m) -> str | None:
     if "norm_out" in m and any(g.target is not operator.getitem or g.args[1] not in (0, 1) for g in m["norm"].users):
         return f"{m['norm'].name}'s outputs are read other than through its (norm, sum) items"
     at, order = _insertion_point(m), _order(m.root)
-    early = [u for u in _sum_readers(m["norm"]) if order[u] <= order[at]]
+    sum_readers = [u for g in m["norm"].users if g.target is operator.getitem and g.args[1] == 1 for u in g.users]
+    early = [u for u in sum_readers if order[u] <= order[at]]
     if early:
         return f"the residual sum is read by {early[0].name} before the quantizer's pre-scale exists"
     return None
@@ -114,9 +115,7 @@ def check_codes(m) -> str | None:
 
 
 def check_epilogue(m) -> str | None:
-    if "residual" in m and (why := check_same_shape("linear", "residual", "residual add")(m)):
-        return why
-    return check_codes(m)
+    return ("residual" in m and check_same_shape("linear", "residual", "residual add")(m)) or check_codes(m)
 
 
 def check_same_shape(a_key: str, b_key: str, what: str):
@@ -171,8 +170,6 @@ RULES = [
     Rule("act(int8_linear(q, s, W)) [+ r] => int8_linear_epilogue(q, s, W, act, r)", EPILOGUE, rewrite_epilogue,
          check_epilogue, anchor="linear", stat="int8_linear_epilogue"),
 ]
-# then what is left on its own: a quantizer with no producer to fuse into is the row kernel with no activation;
-# an int8_linear is the GEMM whose epilogue dequantizes
 PLAIN_RULES = [
     Rule("quantize(x) => activation_quantize_int8(x, 'none')", QUANT, rewrite_act_quant, stat="quantize"),
     Rule("int8_linear(q, s, W) => int8_linear_epilogue(q, s, W)", _LINEAR, rewrite_epilogue, check_codes,

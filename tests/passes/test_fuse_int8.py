@@ -13,7 +13,7 @@ from torch import nn
 
 import fxopt
 from fxopt import ops
-from fxopt.passes import FuseInt8, FuseLayerNorm, SmoothQuant
+from fxopt.passes import FuseInt8, FuseLayerNorm, SmoothQuant, ZeroQuant
 from tests.models import hf
 
 f = torch.ops.fxopt
@@ -150,13 +150,14 @@ def test_the_pass_is_idempotent_and_says_why_without_int8_ops():
     assert any("smoothquant or zeroquant" in r for r in plain.report["fuse_int8"].reasons)
 
 
-@pytest.fixture(scope="module", params=["llama", "bert"])
+@pytest.fixture(scope="module", params=[("llama", "smoothquant"), ("bert", "smoothquant"), ("llama", "zeroquant")])
 def hf_fused(request):
-    family = request.param
+    family, quantizer = request.param
     model, _ = hf.build(family, attn="sdpa", layers=2)
     args, kwargs = hf.inputs(family, 2, 8)
     calib = [hf.inputs(family, 2, 8, seed=s) for s in range(1, 3)]
-    passes = [FuseLayerNorm(), SmoothQuant(smooth=False, act="token")]
+    passes = [FuseLayerNorm(), SmoothQuant(smooth=False, act="token") if quantizer == "smoothquant" else
+              ZeroQuant(weight_bits=8, group_size=1, act="token")]
     before = fxopt.optimize(model, args, passes=passes, example_kwargs=kwargs, calibration=calib)
     after = fxopt.optimize(model, args, passes=[*passes, FuseInt8()], example_kwargs=kwargs, calibration=calib)
     return family, before, after, hf.inputs(family, 3, 9, seed=7)
