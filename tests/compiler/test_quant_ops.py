@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxopt import ops
-from fxopt.quant_ops import QMAX, quantize_weight_int8
+from fxopt.quant_ops import QMAX, pack_int4, qmax_of, quantize_weight_groups, quantize_weight_int8, unpack_int4
 
 shapes = st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(1, 33))
 
@@ -86,3 +86,86 @@ def test_weight_codes_have_one_scale_per_output_row():
     assert torch.equal(wq.abs().amax(1), torch.full((6,), QMAX, dtype=torch.int8))  # each row reaches ±127
     _, wt = quantize_weight_int8(w, "tensor")
     assert wt.dim() == 0 and float(wt) == pytest.approx(float(w.abs().max()) / QMAX)
+
+
+# --- ZeroQuant's row groups and int4 storage (quantize_weight_groups, pack_int4, fxopt.int4_linear) ---------------
+
+INT4_LINEAR = torch.ops.fxopt.int4_linear.default
+
+
+def _rows_and_group(draw_rows: int, draw_group: int) -> tuple[int, int]:
+    divisors = [g for g in range(1, draw_rows + 1) if draw_rows % g == 0]
+    return draw_rows, divisors[draw_group % len(divisors)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 24), pick=st.integers(0, 100), cols=st.integers(1, 33), seed=st.integers(0, 2**16),
+       bits=st.sampled_from([8, 4]))
+def test_group_codes_round_trip_within_half_a_step_and_every_group_reaches_qmax(rows, pick, cols, seed, bits):
+    rows, group = _rows_and_group(rows, pick)
+    w = tensor((rows, cols), seed, spread=2.0)
+    wq, ws = quantize_weight_groups(w, bits, group)
+    qmax = qmax_of(bits)
+    assert wq.dtype == torch.int8 and ws.shape == (rows,) and int(wq.abs().max()) <= qmax  # -2^(b-1) unused
+    assert ((wq.double() * ws.double()[:, None] - w.double()).abs() <= ws.double()[:, None] / 2 * (1 + 1e-6)).all()
+    per_group = ws.view(-1, group)
+    assert torch.equal(per_group, per_group[:, :1].expand_as(per_group))  # one scale per group of rows
+    assert torch.equal(wq.abs().view(-1, group * cols).amax(1), torch.full((rows // group,), qmax, dtype=torch.int8))
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 16), cols=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_one_row_per_group_is_per_channel_and_one_group_is_per_tensor_bitwise(rows, cols, seed):
+    w = tensor((rows, cols), seed, spread=2.0)
+    channel, tensor_ = quantize_weight_int8(w, "channel"), quantize_weight_int8(w, "tensor")
+    g1, gall = quantize_weight_groups(w, 8, 1), quantize_weight_groups(w, 8, rows)
+    assert torch.equal(g1[0], channel[0]) and torch.equal(g1[1], channel[1])
+    assert torch.equal(gall[0], tensor_[0]) and torch.equal(gall[1], tensor_[1].expand(rows))
+
+
+def test_a_group_size_that_does_not_divide_the_rows_is_refused():
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize_weight_groups(torch.randn(6, 4), 8, 4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 8), cols=st.integers(1, 21), seed=st.integers(0, 2**16))
+def test_int4_packing_round_trips_and_stores_two_codes_a_byte(rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    wq = torch.randint(-7, 8, (rows, cols), generator=g, dtype=torch.int8)
+    packed = pack_int4(wq)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, (cols + 1) // 2)
+    assert torch.equal(unpack_int4(packed, cols), wq)
+
+
+def test_the_int4_byte_layout_is_low_nibble_first_with_zero_point_8():
+    """MatMulNBits' layout (bits=4, default zero point 8): its lowering only reshapes these bytes."""
+    packed = pack_int4(torch.tensor([[-7, 7, 0]], dtype=torch.int8))
+    assert packed.tolist() == [[(7 + 8) << 4 | (-7 + 8), 0x88]]  # an odd column is padded with code 0 (nibble 8)
+
+
+def test_int4_linear_is_the_int8_linear_of_its_unpacked_codes():
+    x, w = tensor((2, 5, 19), 0), tensor((6, 19), 1)
+    q, s = ops.quantize_int8(x, None, None, "token")
+    wq, ws = quantize_weight_groups(w, 4, 2)
+    b = torch.randn(6)
+    assert torch.equal(INT4_LINEAR(q, s, pack_int4(wq), ws, b, torch.float32),
+                       ops.int8_linear(q, s, wq, ws, b, torch.float32))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_integer_accumulation_is_exact_where_a_float_sum_would_round(bits):
+    """Σ_k q·w over 32768 inputs of large same-sign codes: sums of 2.6e7 (int4) to 5e8 (int8), odd, beyond fp32's
+    exact integers (2^24) and within int32 (127·127·32768 < 2^31). With unit fp64 scales (the epilogue then runs in
+    fp64) the op returns the exact integer sum: its accumulation is exact, not a float sum."""
+    k, qmax = 32768, qmax_of(bits)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(100, 128, (3, k), generator=g).to(torch.int8)
+    wq = torch.randint(qmax - 2, qmax + 1, (2, k), generator=g).to(torch.int8)
+    wq[1] = -wq[1]
+    exact = q.long() @ wq.long().t()
+    assert int(exact.abs().max()) > 2**24 and int(exact.abs().max()) < 2**31
+    one, ws = torch.ones(3, 1, dtype=torch.float64), torch.ones(2)
+    y = INT4_LINEAR(q, one, pack_int4(wq), ws, None, torch.float64) if bits == 4 else \
+        ops.int8_linear(q, one, wq, ws, None, torch.float64)
+    assert torch.equal(y, exact.double())
