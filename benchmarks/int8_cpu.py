@@ -35,6 +35,7 @@ from fxopt.backends import onnxruntime as ort_backend
 from fxopt.passes import FuseLayerNorm, SmoothQuant
 
 BATCH, SEQ = 8, 128
+ACTS = {"token": "per-token", "tensor": "per-tensor", "tensor_asym": "per-tensor asymmetric"}
 
 
 def build(name: str) -> torch.nn.Module:
@@ -63,13 +64,14 @@ def bench(name: str, threads: int, runs: int, blocks: int, workdir: Path) -> tup
     files, notes = {}, []
     fp32 = fxopt.optimize(model, (), example_kwargs=example, passes=[FuseLayerNorm()], progress=False)
     files["FP32"] = ort_backend.export_file(fp32, workdir / f"{name}_fp32.onnx").path
-    for act in ("token", "tensor"):
+    for act in ("token", "tensor", "tensor_asym"):
         t = time.perf_counter()
         opt = fxopt.optimize(model, (), example_kwargs=example, calibration=calib, progress=False,
                              passes=[FuseLayerNorm(), SmoothQuant(act=act, min_cosine=0.0)])
-        notes.append(f"{name}: fxopt SmoothQuant per-{act}: {time.perf_counter() - t:.1f} s to calibrate and quantize")
+        label = f"fxopt W8A8 {ACTS[act]}"
+        notes.append(f"{name}: {label}: {time.perf_counter() - t:.1f} s to calibrate and quantize")
         result = ort_backend.export_file(opt, workdir / f"{name}_w8a8_{act}.onnx")
-        files[f"fxopt W8A8 per-{act}"] = result.path
+        files[label] = result.path
         if act == "token":
             notes += [f"{name}: {n}" for n in result.notes]
             files["fxopt W8A8 per-token, uint8·uint8"] = ort_backend.export_file(

@@ -39,7 +39,8 @@ def uint8_linear(node: Any, imp: Any) -> relax.Expr:
     q, s, z, wq, ws = (imp.env[a] for a in node.args[:5])
     bias = env_or_value(imp, arg(node, 5, "bias"))
     out_dtype = _DTYPES[arg(node, 6, "out_dtype")]
-    centered = emit(imp, relax.op.subtract(emit(imp, relax.op.astype(q, "int32")), emit(imp, relax.op.astype(z, "int32"))))
+    wide = [emit(imp, relax.op.astype(v, "int32")) for v in (q, z)]
+    centered = emit(imp, relax.op.subtract(*wide))
     weight = emit(imp, relax.op.astype(emit(imp, relax.op.permute_dims(wq, [1, 0])), "int32"))
     acc = emit(imp, relax.op.matmul(centered, weight, out_dtype="int32"))
     y = emit(imp, relax.op.multiply(emit(imp, relax.op.multiply(cast(imp, acc, _F32), s)), cast(imp, ws, _F32)))

@@ -7,18 +7,20 @@ s[j] = max(act_max[j]^α / w_max[j]^(1-α), 1e-5) per smoothing group (linears r
 q/k/v, gate/up), act_max the per-channel abs-max of X over the calibration data, w_max over the group's weights.
 diag(s)⁻¹ is folded into the norm producing X (γ/s, β/s) when every reader of the norm's output is one of the
 group's linears; otherwise (a post-LN model's norm output that is also the residual, o_proj, down_proj, fc2) it
-is the quantizer's per-channel pre-scale, free inside a fused quantize kernel. Only the transformer blocks'
-linears are quantized by default (layers="blocks"; an LM head, pooler or classifier stays float).
+is the quantizer's per-channel pre-scale, free inside a fused quantize kernel; an attention's o_proj gets it in v's
+output rows and bias instead (V→O, fold_vo=True: attention mixes tokens, not channels; plan.py). Only the
+transformer blocks' linears are quantized by default (layers="blocks"; an LM head, pooler or classifier stays float).
 
 Options: alpha (float in [0, 1] or "auto": per group, the α of a grid minimising the fake-quantized output error on
 the kept calibration tokens, or no smoothing where that error is smaller still), act ("token" dynamic per token,
-"tensor" dynamic per tensor, "tensor_asym" dynamic per tensor of the tensor less its midpoint c, with c·Σ_j Ŵ[:, j]
-added after the int8 linear (asymmetric per-tensor: all levels on [min, max]), "tensor_static" per tensor from
+"tensor" dynamic per tensor, "tensor_asym" dynamic per tensor, asymmetric: uint8 codes with a zero point over the
+tensor's own range, ONNX DynamicQuantizeLinear's numerics (compiler/quant_asym.py), "tensor_static" per tensor from
 calibration), weight ("channel" or "tensor"),
 smooth=False (W8A8 without smoothing, the baseline), embeddings (int8 embedding tables, one scale per row, where
 no float reader shares the table: embeddings.py), smooth_only=True (stop after the exact folds; groups whose
 scale would go into the quantizer get it as an explicit multiply x·(1/s) instead), layers ("blocks" or "all"),
-min_cosine (the contract below).
+fold_vo (o_proj's 1/s into v's rows where the structure proves it; else the quantizer), min_cosine (the contract
+below).
 
 Requires: SHAPES, CALIBRATION.  Exactness: smooth_only is exact up to float rounding (ROUNDING). W8A8 is
 approximate: every output's cosine similarity to the unquantized graph's is at least `min_cosine` on the
@@ -42,12 +44,13 @@ from fxopt.structure import analyze_graph, block_linears
 from .embeddings import plan_tables, quantize_table
 from .plan import Group, plan_groups
 from .rewrite import (
-    centered,
+    asym_quantizer,
     fold_into_norm,
     prescale_input,
     quantize_site,
     quantizer,
     smooth_weight,
+    smoothed_bias,
     smoothed_weight,
     static_scale,
 )
@@ -55,6 +58,17 @@ from .scales import best_alpha, out_in, smoothing_scale, tokens, weight_max
 
 _INF = float("inf")
 ACT = ("token", "tensor", "tensor_asym", "tensor_static")  # activation quantizers: per token or per tensor
+
+
+def v_rows(plans) -> dict:
+    """{v site: 1/s on its output rows (ones elsewhere)} of every V→O fold in `plans` ((group, act, s, α), ...)."""
+    out = {}
+    for g, _, s, alpha in plans:
+        if g.v_fold is not None and alpha is not None:
+            v = g.v_fold.v
+            r = out.setdefault(v, torch.ones(v.out_features, dtype=torch.float64))
+            r[g.v_fold.rows] = 1 / s
+    return out
 
 
 def _alpha_ok(v) -> bool:
@@ -74,6 +88,7 @@ class SmoothQuant(Pass):
     min_cosine: float = 0.95
     auto_batches: int = 8
     embeddings: bool = True
+    fold_vo: bool = True
 
     name: ClassVar[str] = "smoothquant"
     requires: ClassVar = frozenset({Requirement.SHAPES, Requirement.CALIBRATION})
@@ -83,6 +98,7 @@ class SmoothQuant(Pass):
         "act": (lambda v: v in ACT, f"one of {', '.join(map(repr, ACT))}"),
         "weight": (lambda v: v in ("channel", "tensor"), "'channel' or 'tensor'"),
         "smooth": (is_bool, "a bool"), "smooth_only": (is_bool, "a bool"), "embeddings": (is_bool, "a bool"),
+        "fold_vo": (is_bool, "a bool"),
         "layers": (lambda v: v in ("blocks", "all"), "'blocks' or 'all'"),
         "min_cosine": (lambda v: isinstance(v, (int, float)) and -1 <= v <= 1, "a number in [-1, 1]"),
         "auto_batches": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")}
@@ -96,7 +112,7 @@ class SmoothQuant(Pass):
     def _groups(self, gm: fx.GraphModule) -> list[Group]:
         structure = analyze_graph(gm)
         targets = block_linears(structure) if self.layers == "blocks" else list(structure.linears)
-        return plan_groups(structure, set(targets))
+        return plan_groups(structure, set(targets), self.fold_vo and self.smooth)
 
     def calibration_spec(self, gm: fx.GraphModule):
         inputs = [x.name for g in self._groups(gm) for x in g.inputs]
@@ -118,7 +134,11 @@ class SmoothQuant(Pass):
             alpha = best_alpha(tokens(kept), weights, act, self.act, self.weight == "channel")
             if alpha is None:  # smoothing this group only adds quantization error
                 return act, torch.ones_like(act), None
-        return act, smoothing_scale(act, weight_max(weights), float(alpha)), float(alpha)
+        s = smoothing_scale(act, weight_max(weights), float(alpha))
+        if group.v_fold is not None:  # one s per v row: the largest of the channels it feeds (GQA)
+            rows = group.v_fold.rows
+            s = s.new_zeros(int(rows.max()) + 1).scatter_reduce(0, rows, s, "amax")[rows]
+        return act, s, float(alpha)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         groups = self._groups(gm)
@@ -126,27 +146,34 @@ class SmoothQuant(Pass):
             return PassResult(gm, False, reasons=("no linear of a transformer block in the graph"
                                                   if self.layers == "blocks" else "no linear in the graph",))
         plans = [(g, *self._scale(gm, g, ctx)) for g in groups]  # everything computed before the first edit
+        rows = v_rows(plans)
         tables, notes = ([], []) if self.smooth_only or not self.embeddings else \
             plan_tables(gm, {t.node for g in groups for t in g.quantized})
         rw = Rewriter(gm, self.name)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for g, act, s, alpha in plans:
-            where = ("none (smooth=False)" if not self.smooth else
-                     "a multiply x·(1/s)" if self.smooth_only and g.norm is None else g.destination)
+            multiply = self.smooth_only and g.norm is None and g.v_fold is None
+            where = "none (smooth=False)" if not self.smooth else "a multiply x·(1/s)" if multiply else g.destination
             if self.smooth and g.norm is not None:
                 fold_into_norm(rw, g, s)
                 for site in (g.sites if self.smooth_only else [t for t in g.sites if t not in g.quantized]):
-                    smooth_weight(rw, site, s)
+                    smooth_weight(rw, site, s, rows.pop(site, None))
                     rw.counts["smoothed_into_norm"] += 1
-            if self.smooth_only and g.norm is None:
-                self._prescale(rw, g, s, order)
+            if self.smooth_only and g.norm is None and g.v_fold is not None:
+                smooth_weight(rw, g.sites[0], s, rows.pop(g.sites[0], None))
+                rw.counts["smoothed_into_v"] += 1
+            elif self.smooth_only and g.norm is None:
+                self._prescale(rw, g, s, order, rows)
             elif not self.smooth_only:
-                self._quantize(rw, g, act, s, order)
+                self._quantize(rw, g, act, s, order, rows)
             a = (f", α={alpha:g}" if alpha is not None else
                  ", α=auto chose no smoothing" if self.smooth and self.alpha == "auto" else "")
-            notes += [f"{t.weight_name}: scale in {where}{a}" + ("" if g.norm is not None or not self.smooth else
+            folded = g.norm is not None or g.v_fold is not None
+            notes += [f"{t.weight_name}: scale in {where}{a}" + ("" if folded or not self.smooth else
                       f" ({g.why_quantizer})") + (", int8" if t in g.quantized and not self.smooth_only else ", float")
                       for t in g.sites]
+        for site, r in rows.items():  # a v that no group rewrote (not quantized, no norm fold): its rows alone
+            smooth_weight(rw, site, torch.ones(site.in_features, dtype=torch.float64), r)
         smoothed = [(g.label, act, s) for g, act, s, alpha in plans if alpha is not None]
         measures = [Measure("activation abs-max at the group's input (largest channel)", "",
                             {k: float(a.max()) for k, a, _ in smoothed},
@@ -160,25 +187,26 @@ class SmoothQuant(Pass):
             rtol={dt: _INF for dt in ROUNDING.rtol}, atol=_INF, min_cosine=self.min_cosine)
         return PassResult(gm, bool(plans), dict(rw.counts), tolerance=tolerance, notes=notes, measures=measures)
 
-    def _prescale(self, rw: Rewriter, g: Group, s: torch.Tensor, order: dict) -> None:
+    def _prescale(self, rw: Rewriter, g: Group, s: torch.Tensor, order: dict, rows: dict) -> None:
         for x in dict.fromkeys(t.input for t in g.quantized):
             readers = [t for t in g.quantized if t.input is x]
             first = min((t.reshapes[0] if t.reshapes else t.node for t in readers), key=order.__getitem__)
             prescale_input(rw, x, readers, 1 / s, first)
             for t in readers:
-                smooth_weight(rw, t, s)
+                smooth_weight(rw, t, s, rows.pop(t, None))
                 rw.counts["smoothed_by_multiply"] += 1
 
-    def _quantize(self, rw: Rewriter, g: Group, act: torch.Tensor, s: torch.Tensor, order: dict) -> None:
+    def _quantize(self, rw: Rewriter, g: Group, act: torch.Tensor, s: torch.Tensor, order: dict, rows: dict) -> None:
         granularity = "token" if self.act == "token" else "tensor"
-        pre = 1 / s if self.smooth and g.norm is None else None
+        pre = 1 / s if self.smooth and g.norm is None and g.v_fold is None else None
         static = static_scale(act, s) if self.act == "tensor_static" else None
         for x in dict.fromkeys(t.input for t in g.quantized):
             readers = [t for t in g.quantized if t.input is x]
             first = min((t.node for t in readers), key=order.__getitem__)
-            quantized, center = centered(rw, x, first, pre) if self.act == "tensor_asym" else (x, None)
-            codes = quantizer(rw, quantized, first, pre if center is None else None, static, granularity)
+            codes = asym_quantizer(rw, x, first, pre) if self.act == "tensor_asym" else \
+                quantizer(rw, x, first, pre, static, granularity)
             for t in readers:
-                quantize_site(rw, t, codes, smoothed_weight(rw, t, s), self.weight, center)
-                rw.counts["smoothed_into_norm" if pre is None and self.smooth else
-                          "smoothed_in_quantizer" if self.smooth else "unsmoothed"] += 1
+                r = rows.pop(t, None)
+                quantize_site(rw, t, codes, smoothed_weight(rw, t, s, r), self.weight, smoothed_bias(rw, t, r))
+                rw.counts["unsmoothed" if not self.smooth else "smoothed_into_v" if g.v_fold is not None else
+                          "smoothed_into_norm" if pre is None else "smoothed_in_quantizer"] += 1

@@ -6,6 +6,10 @@ MLP) and therefore share s. Its 1/s goes
 
   - into a norm ("norm"): X is the output of a norm op whose every reader is one of the group's linears, through
     casts and views that keep the channel (last) dim, and whose γ/β are constants (or absent) of shape [C];
+  - into v's output rows ("V→O"): X is an attention's output read only by o_proj; attention mixes tokens, not
+    channels, so o's input channel c is v's output row rows[c] scaled (per head, through the reshapes): v's
+    rows and bias get 1/s (permute_nm's v/o proof decides legality; a row feeding several q heads (GQA) gets one
+    s, the largest of theirs);
   - otherwise into the activation quantizer ("quantizer"): x·(1/s) inside quantize_int8, free in a fused kernel.
     Only the quantized linears of such a group are smoothed (a float reader of X keeps its weight).
 """
@@ -20,11 +24,19 @@ from torch import fx
 
 from fxopt.pattern import CAST_TARGETS
 from fxopt.sites import LinearSite, NormGroup, is_call, val
-from fxopt.structure import Structure
+from fxopt.structure import Attention, Structure
 
 aten = torch.ops.aten
 _KEEPS_CHANNELS = (*CAST_TARGETS, aten.clone.default, aten.contiguous.default, aten.alias.default)
 _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+@dataclass(frozen=True, eq=False)
+class VFold:
+    """o's input channel c is v's output row `rows[c]` (a row may feed several channels: GQA)."""
+
+    v: LinearSite
+    rows: torch.Tensor  # [o.in_features] int64
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,10 +46,12 @@ class Group:
     inputs: tuple[fx.Node, ...]  # the distinct input nodes of `sites` (one X, maybe seen through views)
     norm: NormGroup | None  # where 1/s is folded, or None: into the quantizer
     why_quantizer: str | None = None  # why no norm absorbs 1/s
+    v_fold: VFold | None = None  # 1/s goes into v's rows (V→O) instead of the quantizer
 
     @property
     def destination(self) -> str:
-        return f"norm {self.norm.norm.name}" if self.norm is not None else "quantizer"
+        return (f"norm {self.norm.norm.name}" if self.norm is not None else
+                f"{self.v_fold.v.weight_name} rows (V→O)" if self.v_fold is not None else "quantizer")
 
     @property
     def label(self) -> str:
@@ -91,7 +105,20 @@ def why_not_foldable(group: NormGroup, sites: tuple[LinearSite, ...]) -> str | N
     return None
 
 
-def plan_groups(structure: Structure, quantize: set[LinearSite]) -> list[Group]:
+def v_fold(a: Attention) -> VFold | str:
+    """Where o's input channels come from in v's output rows, or why 1/s cannot go there."""
+    from fxopt.passes.permute_nm.plan import Refused, vo_group  # the v/o channel proof, shared
+
+    try:
+        vo_group(0, a)
+    except Refused as e:
+        return str(e)
+    rows = torch.full((a.o.in_features,), -1, dtype=torch.long)
+    rows[a.o_cols.flatten()] = a.v_rows[list(a.kv_head_of)].flatten()
+    return VFold(a.v, rows) if bool((rows >= 0).all()) else f"{a.o.weight_name} reads channels no v head writes"
+
+
+def plan_groups(structure: Structure, quantize: set[LinearSite], fold_vo: bool = True) -> list[Group]:
     """Smoothing groups covering every site in `quantize` (and the float linears that share a norm with them)."""
     groups, claimed = [], set()
     for ng in structure.norm_groups:
@@ -106,8 +133,12 @@ def plan_groups(structure: Structure, quantize: set[LinearSite]) -> list[Group]:
     for s in structure.linears:
         if s in quantize and s not in claimed:
             by_input.setdefault(s.input, []).append(s)
+    attention_of = {b.attention.o: b.attention for b in structure.blocks if b.attention is not None}
     for x, sites in by_input.items():
         ng = next((g for g in structure.norm_groups if any(t in g.linears for t in sites)), None)
         why = "no norm op produces its input" if ng is None else why_not_foldable(ng, tuple(ng.linears))
-        groups.append(Group(tuple(sites), tuple(sites), (x,), None, why or "its norm feeds other linears too"))
+        fold = v_fold(attention_of[sites[0]]) if fold_vo and len(sites) == 1 and sites[0] in attention_of else None
+        if isinstance(fold, str):
+            why, fold = f"{why}; not into v's rows: {fold}", None
+        groups.append(Group(tuple(sites), tuple(sites), (x,), None, why or "its norm feeds other linears too", fold))
     return groups

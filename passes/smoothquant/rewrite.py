@@ -2,8 +2,10 @@
 
     fold      γ' = γ / s, β' = β / s on the norm (a new constant; a γ-less norm gets γ' = 1 / s)
     smooth    W' = W · diag(s) on every linear of the group (input columns; rows of an (in, out) Conv1D weight)
+    V→O       W_v' = diag(1/s)·W_v, b_v' = b_v / s on v's output rows feeding o's input channels
     quantize  y = int8_linear(quantize_int8(x, pre, static, g), Wq, Ws, b): one quantizer per input node,
-              pre = 1/s when the scale goes into the quantizer, else None
+              pre = 1/s when the scale goes into the quantizer, else None; act="tensor_asym":
+              y = uint8_linear(quantize_uint8(x, pre), Wq, Ws, b)
 
 Weights are new constants, never edited in place, and a weight shared with another reader (a tied embedding)
 is replaced for this linear only.
@@ -21,6 +23,9 @@ from fxopt.sites import LinearSite, val
 
 from .plan import Group, _weight_arg
 from .scales import out_in
+
+QUANTIZE_UINT8 = torch.ops.fxopt.quantize_uint8.default  # compiler/quant_asym.py
+UINT8_LINEAR = torch.ops.fxopt.uint8_linear.default
 
 
 def _swap_weight(rw: Rewriter, site: LinearSite, tensor: torch.Tensor) -> None:
@@ -41,14 +46,26 @@ def fold_into_norm(rw: Rewriter, group: Group, s: torch.Tensor) -> None:
         rw.set_arg(norm, i, new)
 
 
-def smoothed_weight(rw: Rewriter, site: LinearSite, s: torch.Tensor) -> torch.Tensor:
-    """W·diag(s) as [out, in], float64."""
-    return out_in(get_attr(rw.gm, site.weight.target).detach().double(), site.layout) * s
+def smoothed_weight(rw: Rewriter, site: LinearSite, s: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """diag(rows)·W·diag(s) as [out, in], float64 (`rows`: a V→O fold's 1/s on v's output rows, or None)."""
+    w = out_in(get_attr(rw.gm, site.weight.target).detach().double(), site.layout) * s
+    return w if rows is None else w * rows[:, None]
 
 
-def smooth_weight(rw: Rewriter, site: LinearSite, s: torch.Tensor) -> None:
-    w = smoothed_weight(rw, site, s)
+def smoothed_bias(rw: Rewriter, site: LinearSite, rows: torch.Tensor | None) -> fx.Node | None:
+    """`site`'s bias, times `rows` as a new constant where a V→O fold scales its rows."""
+    if rows is None or site.bias is None:
+        return site.bias
+    b = get_attr(rw.gm, site.bias.target).detach()
+    return rw.constant(f"{site.weight_name}_bias_smoothed", (b.double() * rows).to(b.dtype), before=site.output)
+
+
+def smooth_weight(rw: Rewriter, site: LinearSite, s: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    w = smoothed_weight(rw, site, s, rows)
     _swap_weight(rw, site, w if site.layout == "out_in" else w.t())
+    if rows is not None and site.bias is not None:
+        b = get_attr(rw.gm, site.bias.target).detach()
+        rw.replace_constant_for(site.bias, site.node, (b.double() * rows).to(b.dtype))
 
 
 def prescale_input(rw: Rewriter, x: fx.Node, sites: list[LinearSite], inv_s: torch.Tensor, before: fx.Node) -> None:
@@ -69,20 +86,12 @@ def quantizer(rw: Rewriter, x: fx.Node, before: fx.Node, pre: torch.Tensor | Non
     return rw.getitem(q, 0, before=before), rw.getitem(q, 1, before=before)
 
 
-def centered(rw: Rewriter, x: fx.Node, before: fx.Node, pre: torch.Tensor | None) -> tuple[fx.Node, fx.Node]:
-    """(x·pre − c, c), c = (max + min)/2 of x·pre over the whole tensor: the symmetric per-tensor quantizer of the
-    centered tensor spends its levels on [min, max] only (asymmetric per-tensor quantization; a one-sided
-    activation such as a GELU output gets twice the resolution). `quantize_site` adds c·Σ_j Ŵ[:, j] back."""
-    aten = torch.ops.aten
-    if val(x).dtype != torch.float32:  # all of it in fp32, as the quantizer computes: 1/s of a dead channel is 1e5
-        x = rw.call(aten._to_copy.default, (x,), {"dtype": torch.float32}, before=before, like=x)
-    if pre is not None:
-        scale = rw.constant(f"{x.name}_smooth", pre.float(), before=before)
-        x = rw.call(aten.mul.Tensor, (x, scale), before=before, like=x)
-    hi = rw.call(aten.max.default, (x,), before=before)
-    lo = rw.call(aten.min.default, (x,), before=before)
-    center = rw.call(aten.mul.Tensor, (rw.call(aten.add.Tensor, (hi, lo), before=before), 0.5), before=before)
-    return rw.call(aten.sub.Tensor, (x, center), before=before, like=x), center
+def asym_quantizer(rw: Rewriter, x: fx.Node, before: fx.Node, pre: torch.Tensor | None) -> tuple[fx.Node, ...]:
+    """(codes, scale, zero point) nodes of `x`·pre, asymmetric per tensor (`quantize_uint8`: all 256 levels on
+    the tensor's own range; a one-sided activation such as a GELU output gets twice the resolution)."""
+    pre_node = None if pre is None else rw.constant(f"{x.name}_smooth", pre.float(), before=before)
+    q = rw.call(QUANTIZE_UINT8, (x, pre_node), before=before, like=before)
+    return tuple(rw.getitem(q, i, before=before) for i in range(3))
 
 
 def static_scale(act_max: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -90,23 +99,17 @@ def static_scale(act_max: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return scale_of((act_max.double() / s).amax())
 
 
-def quantize_site(rw: Rewriter, site: LinearSite, codes: tuple[fx.Node, fx.Node], w: torch.Tensor,
-                  weight_granularity: str, center: fx.Node | None = None) -> None:
-    """Replace `site`'s output by an int8 linear of the codes and `w` ([out, in], already smoothed); with the
-    `center` c the codes were taken after subtracting (`centered`), + c·Σ_j Ŵ[:, j] of the int8 weights Ŵ."""
+def quantize_site(rw: Rewriter, site: LinearSite, codes: tuple[fx.Node, ...], w: torch.Tensor,
+                  weight_granularity: str, bias: fx.Node | None) -> None:
+    """Replace `site`'s output by an int8 linear of the codes and `w` ([out, in], already smoothed) plus `bias`:
+    `int8_linear` of (codes, scale), `uint8_linear` of (codes, scale, zero point)."""
     wq, ws = quantize_weight_int8(w, weight_granularity)
     out = site.output
     wq_node = rw.constant(f"{site.weight_name}_int8", wq, before=out)
     ws_node = rw.constant(f"{site.weight_name}_scale", ws, before=out)
     dtype = val(out).dtype
-    y = rw.call(ops.int8_linear, (*codes, wq_node, ws_node, site.bias, dtype), before=out, like=site.node)
-    if center is not None:  # c (fp32) · Σ_j Ŵ[:, j] in fp32, added in the output's dtype
-        sums = rw.constant(f"{site.weight_name}_colsum", (wq.double() * ws.double().reshape(-1, 1)).sum(1).float(),
-                           before=out)
-        shift = rw.call(torch.ops.aten.mul.Tensor, (center, sums), before=out, like=sums)
-        if dtype != torch.float32:
-            shift = rw.call(torch.ops.aten._to_copy.default, (shift,), {"dtype": dtype}, before=out, like=shift)
-        y = rw.call(torch.ops.aten.add.Tensor, (y, shift), before=out, like=y)
+    linear = UINT8_LINEAR if len(codes) == 3 else ops.int8_linear
+    y = rw.call(linear, (*codes, wq_node, ws_node, bias, dtype), before=out, like=site.node)
     if tuple(val(y).shape) != tuple(val(out).shape):  # pragma: no cover - a site's output is x.shape[:-1] + (out,)
         raise AssertionError(f"{out.name}: int8 linear gives {tuple(val(y).shape)}, site gave {tuple(val(out).shape)}")
     rw.replace(out, y, "quantized_linear")

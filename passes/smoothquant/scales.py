@@ -41,8 +41,8 @@ def _round_trip(t: torch.Tensor, per_row: bool) -> torch.Tensor:
 def _fake(t: torch.Tensor, act: str) -> torch.Tensor:
     """The activation quantizer `act` (SmoothQuant's option) applied and undone."""
     if act == "tensor_asym":
-        center = (t.amax() + t.amin()) / 2
-        return _round_trip(t - center, False) + center
+        q, s, z = torch.ops.fxopt.quantize_uint8.default(t, None)
+        return (q.to(t.dtype) - z.to(t.dtype)) * s
     return _round_trip(t, act == "token")
 
 

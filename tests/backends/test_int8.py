@@ -24,12 +24,14 @@ def main(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
-@pytest.fixture(scope="module", params=["bert", "llama_gqa"])
+@pytest.fixture(scope="module", params=[("bert", "token"), ("llama_gqa", "token"), ("bert", "tensor_asym"),
+                                        ("llama_gqa", "tensor_asym")], ids="-".join)
 def quantized(request):
-    family = FAMILIES[request.param]
+    name, act = request.param
+    family = FAMILIES[name]
     model = family.build("sdpa")
     args, kwargs = family.inputs()
-    opt = fxopt.optimize(model, args, passes=[FuseLayerNorm(), SmoothQuant(act="token")], example_kwargs=kwargs,
+    opt = fxopt.optimize(model, args, passes=[FuseLayerNorm(), SmoothQuant(act=act)], example_kwargs=kwargs,
                          calibration=[family.inputs(seed=i) for i in range(1, 5)])
     fresh = family.inputs(seed=7, batch=3, seq=9)
     with torch.no_grad():
@@ -57,7 +59,9 @@ def test_the_onnx_file_stores_the_block_weights_as_int8(quantized, tmp_path):
             and len(i.dims) == 2]
     stats = opt.report["smoothquant"].stats
     assert len(int8) == stats["quantized_linear"] + stats.get("int8_embedding", 0)
-    assert {n.op_type for n in graph.node} >= {"QuantizeLinear", "MatMulIntegerToFloat"}
+    asym = any(n.target is torch.ops.fxopt.quantize_uint8.default for n in opt.graph_module.graph.nodes)
+    quantizer = "DynamicQuantizeLinear" if asym else "QuantizeLinear"
+    assert {n.op_type for n in graph.node} >= {quantizer, "MatMulIntegerToFloat"}
     float_2d = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2]
     assert not [n for n in float_2d if any(r in n for r in ("query", "key", "value", "proj", "dense"))
                 and "embed" not in n and "pooler" not in n], float_2d

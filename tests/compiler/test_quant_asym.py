@@ -131,7 +131,8 @@ def test_ort_runs_dynamic_quantize_linear_with_the_ops_codes_and_an_exact_produc
     opt = fxopt.optimize(module, (x,), progress=False)
     run = ort_backend.compile(opt, int8_gemm=gemm)
     assert torch.equal(run(x), opt(x))  # identity weights: the outputs are (q - z)·s·127, equal iff codes are
-    assert run.op_counts.get("DynamicQuantizeLinear") == 1 and run.op_counts.get("com.microsoft.MatMulIntegerToFloat") == 1
+    counts = run.op_counts
+    assert counts.get("DynamicQuantizeLinear") == 1 and counts.get("com.microsoft.MatMulIntegerToFloat") == 1
     y = with_ties(-40.0)  # a range holding 0 inside: a zero point strictly between 0 and 255
     w, b = tensor((5, 16), 8), torch.randn(5)
     dense = fxopt.optimize(AsymLinear(w, b), (y,), progress=False)

@@ -91,7 +91,7 @@ def _block_linears(family, model) -> int:
     return sum(len(family.roles(layer)) for layer in family.layers(model))
 
 
-SMOOTHED = ("smoothed_into_norm", "smoothed_by_multiply")
+SMOOTHED = ("smoothed_into_norm", "smoothed_by_multiply", "smoothed_into_v")
 
 
 FAST = ("opt", "llama_gqa", "gpt2", "bert")  # the rest run with -m slow
@@ -126,8 +126,8 @@ def test_q_k_and_v_share_one_scale_and_gate_and_up_another():
     family = FAMILIES["llama_gqa"]
     model = family.build("eager")
     args, kwargs = family.inputs()
-    opt = fxopt.optimize(model, args, passes=[FuseLayerNorm(), SmoothQuant(smooth_only=True)], example_kwargs=kwargs,
-                         calibration=[family.inputs(seed=i) for i in range(1, 4)])
+    opt = fxopt.optimize(model, args, passes=[FuseLayerNorm(), SmoothQuant(smooth_only=True, fold_vo=False)],
+                         example_kwargs=kwargs, calibration=[family.inputs(seed=i) for i in range(1, 4)])
     blocks = analyze_graph(opt.graph_module).blocks
     def scale(layer, role, site):
         return _column_scales(family.roles(layer)[role].weight, getattr(opt.graph_module, site.weight.target))
@@ -152,7 +152,8 @@ def test_w8a8_replaces_every_block_linear_by_an_int8_linear_and_keeps_its_contra
                          calibration=[family.inputs(seed=i) for i in range(1, 5)])
     report = opt.report["smoothquant"]
     n = _block_linears(family, model)
-    assert count_ops(opt.graph_module)["fxopt.int8_linear"] == n == report.stats["quantized_linear"]
+    linear = "fxopt.uint8_linear" if act == "tensor_asym" else "fxopt.int8_linear"
+    assert count_ops(opt.graph_module)[linear] == n == report.stats["quantized_linear"]
     assert report.numerics.cosine >= sq.min_cosine
     int8 = [t for t in opt.graph_module.state_dict().values() if t.dtype == torch.int8]
     assert len(int8) == n + report.stats.get("int8_embedding", 0)  # int8 codes stored, the float weights gone
@@ -161,6 +162,65 @@ def test_w8a8_replaces_every_block_linear_by_an_int8_linear_and_keeps_its_contra
         for module in family.roles(layer).values():
             name_of = next(k for k in names if model.get_parameter(k) is module.weight)
             assert not hasattr(opt.graph_module, name_of.replace(".", "_"))
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "opt"])
+def test_o_projs_scale_goes_into_v_rows_per_head_and_stays_exact(name):
+    family = FAMILIES[name]  # GQA: one v row feeds several q heads' o columns; OPT: v has a bias
+    model = family.build("eager")
+    with torch.no_grad():  # HF initializes biases to 0: give v's one values to scale
+        for layer in family.layers(model):
+            if family.roles(layer)["v"].bias is not None:
+                family.roles(layer)["v"].bias.normal_()
+    args, kwargs = family.inputs()
+    opt = fxopt.optimize(model, args, passes=[FuseLayerNorm(), SmoothQuant(smooth_only=True)], example_kwargs=kwargs,
+                         calibration=[family.inputs(seed=i) for i in range(1, 4)])
+    report = opt.report["smoothquant"]
+    layers = len(family.layers(model))  # per block: o_proj into v's rows; only the FFN's second linear multiplies
+    assert report.stats["smoothed_into_v"] == layers and report.stats["smoothed_by_multiply"] == layers
+    assert sum(n.endswith("rows (V→O), α=0.5, float") for n in report.notes) == layers
+    fresh_args, fresh_kwargs = family.inputs(seed=9, batch=3, seq=7)
+    with torch.no_grad():
+        assert_within(opt(*fresh_args, **fresh_kwargs)[0], model(*fresh_args, **fresh_kwargs)[0])
+    gm = opt.graph_module
+    for layer, block in zip(family.layers(model), analyze_graph(gm).blocks):
+        a, roles = block.attention, family.roles(layer)
+        ratio = {r: getattr(gm, site.weight.target).double() / roles[r].weight.double() for r, site in
+                 (("q", a.q), ("v", a.v), ("o", a.o))}
+        v_row = (ratio["v"] / ratio["q"][0]).mean(1)  # 1/s_o of each v row (q's row: the shared column scale)
+        assert torch.allclose(ratio["v"] / ratio["q"][0], v_row[:, None])
+        rows = a.v_rows[list(a.kv_head_of)].flatten()  # the v row behind each o input column
+        o_col = ratio["o"][0, a.o_cols.flatten()]  # s_o of each o column
+        torch.testing.assert_close(v_row[rows] * o_col, torch.ones_like(o_col))
+        assert not torch.allclose(o_col, torch.ones_like(o_col))  # a real scale, not the identity
+        if roles["v"].bias is not None:
+            torch.testing.assert_close(getattr(gm, a.v.bias.target).double(), roles["v"].bias.double() * v_row)
+
+
+class ContextReadTwice(nn.Module):
+    """Attention whose output is also returned: its channels are not only o_proj's input, so v's rows cannot
+    absorb o_proj's scale (the returned context would change)."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        ctx = nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        ctx = ctx.transpose(1, 2).reshape(b, t, d)
+        return self.o(ctx), ctx
+
+
+def test_o_projs_scale_stays_in_the_quantizer_where_the_attention_output_has_other_readers():
+    model, x = ContextReadTwice().eval(), torch.randn(2, 8, 32)
+    opt = smoothquant(model, x, calibration((2, 8, 32)), fuse=False, layers="all", min_cosine=0.0)
+    report = opt.report["smoothquant"]
+    assert "smoothed_into_v" not in report.stats and report.stats["smoothed_in_quantizer"] == 4
+    o_note = next(n for n in report.notes if n.startswith("o.weight"))
+    assert "quantizer" in o_note and "not into v's rows" in o_note and "also read by" in o_note
 
 
 OUTLIERS = [3, 17, 40]
@@ -211,22 +271,24 @@ class GeluFeedForward(nn.Module):
         return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
 
 
-def test_asymmetric_per_tensor_quantizes_the_tensor_less_its_midpoint_and_adds_it_back_exactly():
+def test_asymmetric_per_tensor_spends_every_level_on_the_activations_own_range():
     from fxopt.quant_ops import QMAX, quantize_weight_int8
 
     model, x = GeluFeedForward().eval(), torch.randn(4, 8, 32) * 3
     opt = smoothquant(model, x, calibration((4, 8, 32)), fuse=False, smooth=False, act="tensor_asym", layers="all")
     h = torch.nn.functional.gelu(model.fc1(x)).double()
-    # the reference, written out: codes of h − c on one symmetric scale, the int8 weights, c·Σ_j Ŵ[:, j] back
-    c = (h.amax() + h.amin()) / 2
-    step = (h - c).abs().amax() / QMAX
+    # the reference, written out: 255 steps over [min(h, 0), max(h, 0)], 0.0 on a level, the int8 weights
+    lo, hi = min(float(h.min()), 0.0), max(float(h.max()), 0.0)
+    step = (hi - lo) / 255
+    zero = round(-lo / step)
+    codes = ((h / step).round() + zero).clamp(0, 255)
     wq, ws = quantize_weight_int8(model.fc2.weight.detach(), "channel")
-    w = wq.double() * ws.double()[:, None]
-    want = ((h - c) / step).round() * step @ w.t() + c * w.sum(1) + model.fc2.bias.double()
+    want = (codes - zero) * step @ (wq.double() * ws.double()[:, None]).t() + model.fc2.bias.double()
     got = opt.graph_module(x)
     out_scale = want.abs().amax() / QMAX  # the op family's bound: within 2 output scales of the reference
     assert (got.double() - want).abs().max() <= 2 * out_scale
-    assert (h.amax() - h.amin()) / 2 < h.abs().amax() * 0.6  # one-sided: the centered range is about half
+    assert count_ops(opt.graph_module)["fxopt.quantize_uint8"] == 2  # fc1's input and fc2's
+    assert -lo < hi * 0.2  # one-sided: the symmetric quantizer would spend half its levels below min(h)
 
 
 def test_on_a_one_sided_activation_the_asymmetric_quantizer_loses_less_than_the_symmetric_one():
