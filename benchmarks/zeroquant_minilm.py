@@ -3,8 +3,9 @@ sentence embeddings, cosine to FP32 (the loader, sentences and scoring of benchm
 
   python benchmarks/zeroquant_minilm.py --out benchmarks/results
 
-Variants: W8A8 and W4A8 (int4 weights packed two per byte) with per-token int8 activations, groups of 1 row (per
-output channel) and of 64 / 128 output rows sharing one scale, W4A8 with and without LKD (layer-by-layer
+Variants: W8A8, W4A8 (int4 weights packed two per byte) and ZeroQuant's W4/8A8 (int4 MLP, int8 attention weights)
+with per-token int8 activations, groups of 1 row (per output channel) and of 64 / 128 output rows sharing one
+scale, W4 with and without LKD (layer-by-layer
 distillation on 64 calibration sentences disjoint from the 256 evaluated, in batches of 8). Every transformer-block
 linear is quantized (36 linears; embeddings, pooler stay float). Each variant runs in torch (the fxopt graph) and
 in ONNX Runtime's CPU provider (its export: MatMulInteger for W8A8, MatMulNBits for W4A8); weight bytes are those
@@ -26,14 +27,16 @@ import fxopt
 from fxopt.passes import FuseLayerNorm, ZeroQuant
 
 LKD_BATCH = 8  # sentences per calibration item: LKD's step is one item
-VARIANTS = (  # (weight bits, group size in rows, LKD steps per block)
-    (8, 1, 0), (8, 64, 0), (4, 1, 0), (4, 1, 100), (4, 64, 0), (4, 64, 100), (4, 128, 0), (4, 128, 100))
+VARIANTS = (  # (weight bits, attention's weight bits, group size in rows, LKD steps per block)
+    (8, 8, 1, 0), (8, 8, 64, 0), (4, 4, 1, 0), (4, 4, 1, 100), (4, 4, 64, 0), (4, 4, 64, 100), (4, 4, 128, 0),
+    (4, 4, 128, 100), (4, 8, 1, 0), (4, 8, 1, 100), (4, 8, 64, 0), (4, 8, 64, 100))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--lkd-steps", type=int, default=None, help="override the LKD steps per block of the variants")
+    p.add_argument("--variants", default=None, help="comma-separated indices into VARIANTS (default: all)")
     a = p.parse_args()
     torch.manual_seed(0)
     texts = sentences()
@@ -45,9 +48,11 @@ def main() -> None:
     calib = [b for i in range(0, len(calib_texts), LKD_BATCH) for b in batches(tok, calib_texts[i:i + LKD_BATCH])]
     ref = embed(model, data)
     rows = []
-    for bits, group, steps in VARIANTS:
+    chosen = VARIANTS if a.variants is None else [VARIANTS[int(i)] for i in a.variants.split(",")]
+    for bits, attention_bits, group, steps in chosen:
         steps = steps if a.lkd_steps is None or not steps else a.lkd_steps
-        zq = ZeroQuant(weight_bits=bits, group_size=group, lkd_steps=steps, lkd_batches=len(calib), min_cosine=0.0)
+        zq = ZeroQuant(weight_bits=bits, attention_bits=attention_bits, group_size=group, lkd_steps=steps,
+                       lkd_batches=len(calib), min_cosine=0.0)
         t0 = time.perf_counter()
         opt = fxopt.optimize(model, (), example_kwargs=calib[0], passes=[FuseLayerNorm(), zq], calibration=calib,
                              progress=False)
@@ -60,7 +65,8 @@ def main() -> None:
         on_ort = cosines(embed(fxopt.compile(opt, "onnxruntime"), data), ref)
         ort_seconds = time.perf_counter() - t1
         lkd = [n for n in report.notes if n.startswith("LKD")]
-        label = (f"W{bits}A8, {'per-channel (1 row)' if group == 1 else f'{group} rows'} per scale"
+        weights_label = f"W{bits}" if attention_bits == bits else f"W{bits}/{attention_bits} (attention int8)"
+        label = (f"{weights_label}A8, {'per-channel (1 row)' if group == 1 else f'{group} rows'} per scale"
                  + (f", LKD {steps} steps/block" if steps else ""))
         rows.append((label, *in_torch, *on_ort, before, after, seconds, ort_seconds, lkd))
         print(rows[-1][:-1], *lkd, sep="\n  ", flush=True)  # noqa: T201

@@ -12,7 +12,8 @@ Options: weight_bits (8 or 4: two codes per byte), group_size (rows per scale; d
 the finest grouping the epilogue allows and the most accurate, at 4 bytes a row, under 1 % of an int8 row and
 about 2 % of an int4 row of 384 inputs, so coarser groups save almost nothing on transformer shapes; ZeroQuant's
 BERT config of 48 groups is group_size = rows / 48; group_size = rows is per-tensor. A group size that does not
-divide some chosen linear's rows is refused with `PassOptionError`, nothing edited), act ("token": dynamic
+divide some chosen linear's rows is refused with `PassOptionError`, nothing edited), attention_bits (the
+q/k/v/o projections' bits when they differ: weight_bits=4, attention_bits=8 is ZeroQuant's W4/8), act ("token": dynamic
 per-token int8, the activation quantizer of ZeroQuant's kernels), layers ("blocks": the transformer blocks'
 linears, an LM head / pooler / classifier stays float; "all"), lkd_steps / lkd_lr / lkd_batches (layer-by-layer
 distillation, lkd.py: each block's latent float weights trained through a straight-through estimator to match
@@ -60,6 +61,7 @@ class ZeroQuant(Pass):
 
     weight_bits: int = 8
     group_size: int = 1
+    attention_bits: int | None = None
     act: str = "token"
     lkd_steps: int = 0
     lkd_lr: float = 3e-3
@@ -72,6 +74,7 @@ class ZeroQuant(Pass):
     option_checks: ClassVar = {
         "weight_bits": (lambda v: v in WEIGHT_BITS and not isinstance(v, bool), "8 or 4"),
         "group_size": (int_at_least(1), "an int >= 1 (output rows per scale)"),
+        "attention_bits": (lambda v: v is None or (v in WEIGHT_BITS and not isinstance(v, bool)), "None, 8 or 4"),
         "act": (lambda v: v == "token", "'token' (dynamic per-token int8)"),
         "lkd_steps": (int_at_least(0), "an int >= 0"),
         "lkd_lr": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
@@ -84,7 +87,8 @@ class ZeroQuant(Pass):
         return frozenset({Requirement.SHAPES} | ({Requirement.CALIBRATION} if self.lkd_steps else set()))
 
     def _plans(self, gm: fx.GraphModule) -> list[LinearPlan]:
-        return plan_linears(gm, analyze_graph(gm), self.layers, self.weight_bits, self.group_size, self.name)
+        return plan_linears(gm, analyze_graph(gm), self.layers, self.weight_bits, self.group_size, self.name,
+                            self.attention_bits)
 
     def calibration_spec(self, gm: fx.GraphModule):
         """LKD's teacher: each block's inputs and outputs in the graph before the pass (the original model)."""

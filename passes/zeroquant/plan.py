@@ -44,25 +44,31 @@ def out_in(weight: torch.Tensor, layout: str) -> torch.Tensor:
     return weight if layout == "out_in" else weight.t()
 
 
-def chosen_sites(structure: Structure, layers: str) -> list[tuple[LinearSite, int | None]]:
-    """(site, block index) of the linears to quantize: the blocks' (layers="blocks") or every linear ("all")."""
-    block_of: dict[LinearSite, int] = {}
+def chosen_sites(structure: Structure, layers: str) -> list[tuple[LinearSite, int | None, bool]]:
+    """(site, block index, is an attention projection) of the linears to quantize: the blocks' (layers="blocks")
+    or every linear ("all")."""
+    block_of: dict[LinearSite, tuple[int, bool]] = {}
     for b in structure.blocks:
         a, m = b.attention, b.mlp
-        for s in ((a.q, a.k, a.v, a.o) if a is not None else ()) + ((m.gate, m.up, m.down) if m is not None else ()):
+        for s in (a.q, a.k, a.v, a.o) if a is not None else ():
+            block_of.setdefault(s, (b.index, True))
+        for s in (m.gate, m.up, m.down) if m is not None else ():
             if s is not None:
-                block_of.setdefault(s, b.index)
+                block_of.setdefault(s, (b.index, False))
     sites = list(block_of) if layers == "blocks" else list(structure.linears)
-    return [(s, block_of.get(s)) for s in sites]
+    return [(s, *block_of.get(s, (None, False))) for s in sites]
 
 
 def plan_linears(gm: fx.GraphModule, structure: Structure, layers: str, bits: int, group_size: int,
-                 pass_name: str) -> list[LinearPlan]:
+                 pass_name: str, attention_bits: int | None = None) -> list[LinearPlan]:
+    """`attention_bits`: the q/k/v/o projections' bits where they differ from the rest (ZeroQuant's W4/8: int4
+    MLP weights, int8 attention weights)."""
     chosen = chosen_sites(structure, layers)
-    bad = [f"{s.weight_name} ({s.out_features} rows)" for s, _ in chosen if s.out_features % group_size]
+    bad = [f"{s.weight_name} ({s.out_features} rows)" for s, *_ in chosen if s.out_features % group_size]
     if bad:
         raise PassOptionError(pass_name, "group_size", f"= {group_size} does not divide the output rows of "
                               f"{', '.join(bad)}; choose a divisor of every quantized linear's rows "
                               f"(1 = per output channel)")
-    return [LinearPlan(s, block, out_in(get_attr(gm, s.weight.target).detach(), s.layout), bits, group_size)
-            for s, block in chosen]
+    return [LinearPlan(s, block, out_in(get_attr(gm, s.weight.target).detach(), s.layout),
+                       attention_bits if attention and attention_bits is not None else bits, group_size)
+            for s, block, attention in chosen]

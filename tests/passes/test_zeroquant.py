@@ -106,6 +106,15 @@ def test_every_block_linear_of_each_family_is_quantized_within_the_contract(name
         assert weights.after[site] < before / (3.5 if bits == 8 else 6)
 
 
+def test_w4_8_keeps_the_attention_projections_at_int8_and_the_mlp_at_int4():
+    """ZeroQuant's W4/8: int4 MLP weights, int8 attention weights."""
+    model, ids = HandWrittenLM().eval(), torch.randint(0, 50, (2, 9))
+    opt = fxopt.optimize(model, (ids,), passes=lm_passes(weight_bits=4, attention_bits=8))
+    assert opt.report["zeroquant"].stats == {"int8_linear": 2 * 2, "int4_linear": 2 * 2}
+    stored = {k: v.dtype for k, v in opt.graph_module.state_dict().items() if "int" in k and "scale" not in k}
+    assert len(stored) == 8 and all((dtype == torch.int8) == ("attn" in k) for k, dtype in stored.items()), stored
+
+
 def test_a_group_size_that_divides_no_linear_is_refused_naming_the_option_and_the_linears():
     model, ids = HandWrittenLM().eval(), torch.randint(0, 50, (2, 9))
     with pytest.raises(fxopt.PassError, match="group_size.*blocks.0.attn.out.weight \\(16 rows\\)"):
@@ -155,7 +164,7 @@ def test_lkd_lowers_each_blocks_loss_and_trains_only_that_blocks_weights():
     for region, spec in zip(regions, specs):
         before = dict(latents)
         student, order = _student(gm, region)
-        fit = distill_block(student, order, latents, stats.of(spec), 40, 3e-3, f"block {region.index}")
+        fit = distill_block(student, order, latents, stats.of(spec), 20, 3e-3, f"block {region.index}")
         assert fit.kept and fit.loss_after < fit.loss_before, fit
         changed = {p for p in plans if not torch.equal(latents[p], before[p])}
         assert changed == set(region.plans)  # block k's weights, and only those, at step k
