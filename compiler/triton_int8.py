@@ -130,6 +130,14 @@ if triton is not None:
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
             a_ptr += BK
             b_ptr += BK
+        _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, M, N, sa_stride, sb_stride, HAS_BIAS, ACT, HAS_RES)
+
+    @triton.jit
+    def _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, M, N, sa_stride, sb_stride, HAS_BIAS: tl.constexpr,
+                  ACT: tl.constexpr, HAS_RES: tl.constexpr):
+        """acc · s_tok · s_w (+ bias) rounded to C's dtype, then the activation, then + residual, stored."""
+        rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
+        rn_c = tl.where(rn < N, rn, 0).to(tl.int64)
         sa = tl.load(SA + rm_c * sa_stride)
         sb = tl.load(SB + rn_c * sb_stride)
         y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
@@ -144,6 +152,27 @@ if triton is not None:
         if HAS_RES:
             y = (y.to(tl.float32) + tl.load(RES + offs, mask=keep, other=0.0).to(tl.float32)).to(out_t)
         tl.store(C + offs, y, mask=keep)
+
+    @triton.jit
+    def _int8_gemm_tma_kernel(a_desc, b_desc, C, SA, SB, BIAS, RES, M, N, K, sa_stride, sb_stride,
+                              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        """The same GEMM with tiles brought in by the tensor memory accelerator (zero fill past the edges)."""
+        pid = tl.program_id(0)
+        grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        width = GROUP_M * grid_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        for k in range(0, tl.cdiv(K, BK)):
+            a = a_desc.load([pid_m * BM, k * BK])
+            b = b_desc.load([pid_n * BN, k * BK])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, M, N, sa_stride, sb_stride, HAS_BIAS, ACT, HAS_RES)
 
 
 # ---- launch configuration ------------------------------------------------------------------------------------
@@ -170,13 +199,19 @@ def launch_gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype, config=N
     m, k = q2.shape
     n = wq.shape[0]
     c = torch.empty((m, n), dtype=out_dtype, device=q2.device)
-    bm, bn, bk, group, warps, stages = config or gemm_config(m, n, k)
+    bm, bn, bk, group, warps, stages, *tma = config or gemm_config(m, n, k)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _int8_gemm_kernel[grid](
-        q2, wq, c, sa, ws, bias if bias is not None else ws, res2 if res2 is not None else c, m, n, k,
-        1 if sa.numel() > 1 else 0, 1 if ws.numel() > 1 else 0,
-        HAS_BIAS=bias is not None, ACT=_ACT[activation], HAS_RES=res2 is not None, EVEN_K=k % bk == 0,
-        BM=bm, BN=bn, BK=bk, GROUP_M=group, num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+    common = (c, sa, ws, bias if bias is not None else ws, res2 if res2 is not None else c, m, n, k,
+              1 if sa.numel() > 1 else 0, 1 if ws.numel() > 1 else 0)
+    flags = dict(HAS_BIAS=bias is not None, ACT=_ACT[activation], HAS_RES=res2 is not None, BM=bm, BN=bn, BK=bk,
+                 GROUP_M=group, num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+    if tma and tma[0] and k % 16 == 0:  # TMA: 16-byte aligned rows
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        _int8_gemm_tma_kernel[grid](TensorDescriptor.from_tensor(q2, [bm, bk]),
+                                    TensorDescriptor.from_tensor(wq, [bn, bk]), *common, **flags)
+    else:
+        _int8_gemm_kernel[grid](q2, wq, *common, EVEN_K=k % bk == 0, **flags)
     return c
 
 
