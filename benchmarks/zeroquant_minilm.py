@@ -65,8 +65,8 @@ def main() -> None:
         on_ort = cosines(embed(fxopt.compile(opt, "onnxruntime"), data), ref)
         ort_seconds = time.perf_counter() - t1
         lkd = [n for n in report.notes if n.startswith("LKD")]
-        weights_label = f"W{bits}" if attention_bits == bits else f"W{bits}/{attention_bits} (attention int8)"
-        label = (f"{weights_label}A8, {'per-channel (1 row)' if group == 1 else f'{group} rows'} per scale"
+        weights_label = f"W{bits}A8" if attention_bits == bits else f"W{bits}/{attention_bits}A8 (int8 attention)"
+        label = (f"{weights_label}, {'per-channel (1 row)' if group == 1 else f'{group} rows'} per scale"
                  + (f", LKD {steps} steps/block" if steps else ""))
         rows.append((label, *in_torch, *on_ort, before, after, seconds, ort_seconds, lkd))
         print(rows[-1][:-1], *lkd, sep="\n  ", flush=True)  # noqa: T201

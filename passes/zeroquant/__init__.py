@@ -48,8 +48,9 @@ from fxopt.quant_ops import WEIGHT_BITS
 from fxopt.rewrite import Rewriter
 from fxopt.structure import analyze_graph
 
-from .lkd import block_regions, distill_blocks
+from .lkd import distill_blocks
 from .plan import LinearPlan, plan_linears
+from .regions import block_regions
 from .rewrite import quantize_linear, quantizer
 
 _INF = float("inf")

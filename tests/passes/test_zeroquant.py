@@ -10,11 +10,12 @@ import fxopt
 from fxopt.calibration import BlockIO, calibrate
 from fxopt.pass_base import PassContext
 from fxopt.passes import FuseLayerNorm, StabilizeSoftmax, ZeroQuant
+from fxopt.passes.zeroquant.lkd import _student, distill_block
+from fxopt.passes.zeroquant.plan import plan_linears
+from fxopt.passes.zeroquant.regions import block_regions
 from fxopt.quant_ops import QMAX, quantize_weight_groups
 from fxopt.structure import analyze_graph
 from fxopt.testing import count_ops
-from passes.zeroquant.lkd import _student, block_regions, distill_block
-from passes.zeroquant.plan import plan_linears
 from tests.models.hf_families import FAMILIES
 from tests.models.toy import HandWrittenLM
 
