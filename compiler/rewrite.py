@@ -183,7 +183,8 @@ def propagate_meta(node: fx.Node, fake_mode) -> Any:
     def fake(a: Any) -> Any:
         return a.meta.get("val") if isinstance(a, fx.Node) else a
 
-    with fake_mode:
+    # no autograd: an in-place op on a buffer (a KV cache's index_copy_) would be refused on a leaf that needs grad
+    with fake_mode, torch.no_grad():
         return node.target(*tree_map(fake, node.args), **tree_map(fake, node.kwargs))
 
 

@@ -42,7 +42,7 @@ from fxopt.rewrite import Rewriter, get_attr
 from fxopt.structure import analyze_graph, block_linears
 
 from .embeddings import plan_tables, quantize_table
-from .plan import Group, plan_groups
+from .plan import Group, plan_groups, tie_rows, v_rows
 from .rewrite import (
     asym_quantizer,
     fold_into_norm,
@@ -58,17 +58,6 @@ from .scales import best_alpha, out_in, smoothing_scale, tokens, weight_max
 
 _INF = float("inf")
 ACT = ("token", "tensor", "tensor_asym", "tensor_static")  # activation quantizers: per token or per tensor
-
-
-def v_rows(plans) -> dict:
-    """{v site: 1/s on its output rows (ones elsewhere)} of every V→O fold in `plans` ((group, act, s, α), ...)."""
-    out = {}
-    for g, _, s, alpha in plans:
-        if g.v_fold is not None and alpha is not None:
-            v = g.v_fold.v
-            r = out.setdefault(v, torch.ones(v.out_features, dtype=torch.float64))
-            r[g.v_fold.rows] = 1 / s
-    return out
 
 
 def _alpha_ok(v) -> bool:
@@ -128,17 +117,13 @@ class SmoothQuant(Pass):
         weights = [out_in(get_attr(gm, s.weight.target).detach(), s.layout) for s in smoothed]
         if not self.smooth:
             return act, torch.ones_like(act), None
-        alpha = self.alpha
+        alpha, tie = self.alpha, tie_rows(group)
         if alpha == "auto":
             kept = [b[0] for x in group.inputs for b in ctx.stats.of(BlockIO((x.name,), (), self.auto_batches)).inputs]
-            alpha = best_alpha(tokens(kept), weights, act, self.act, self.weight == "channel")
+            alpha = best_alpha(tokens(kept), weights, act, self.act, self.weight == "channel", tie)
             if alpha is None:  # smoothing this group only adds quantization error
                 return act, torch.ones_like(act), None
-        s = smoothing_scale(act, weight_max(weights), float(alpha))
-        if group.v_fold is not None:  # one s per v row: the largest of the channels it feeds (GQA)
-            rows = group.v_fold.rows
-            s = s.new_zeros(int(rows.max()) + 1).scatter_reduce(0, rows, s, "amax")[rows]
-        return act, s, float(alpha)
+        return act, tie(smoothing_scale(act, weight_max(weights), float(alpha))), float(alpha)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         groups = self._groups(gm)

@@ -142,3 +142,22 @@ def plan_groups(structure: Structure, quantize: set[LinearSite], fold_vo: bool =
             why, fold = f"{why}; not into v's rows: {fold}", None
         groups.append(Group(tuple(sites), tuple(sites), (x,), None, why or "its norm feeds other linears too", fold))
     return groups
+
+
+def tie_rows(group: Group):
+    """s -> s with one value per v row (the largest of the channels the row feeds: GQA) for a V→O fold."""
+    if group.v_fold is None:
+        return lambda s: s
+    rows = group.v_fold.rows
+    return lambda s: s.new_zeros(int(rows.max()) + 1).scatter_reduce(0, rows, s, "amax")[rows]
+
+
+def v_rows(plans) -> dict:
+    """{v site: 1/s on its output rows (ones elsewhere)} of every V→O fold in `plans` ((group, act, s, α), ...)."""
+    out = {}
+    for g, _, s, alpha in plans:
+        if g.v_fold is not None and alpha is not None:
+            v = g.v_fold.v
+            r = out.setdefault(v, torch.ones(v.out_features, dtype=torch.float64))
+            r[g.v_fold.rows] = 1 / s
+    return out

@@ -60,12 +60,17 @@ def smoothed_bias(rw: Rewriter, site: LinearSite, rows: torch.Tensor | None) -> 
     return rw.constant(f"{site.weight_name}_bias_smoothed", (b.double() * rows).to(b.dtype), before=site.output)
 
 
+def _bias_reader(site: LinearSite) -> fx.Node:
+    """The node of `site` that adds its bias: the linear/addmm itself, or the add after a matmul (`x @ W.T + b`)."""
+    return next(n for n in (site.node, site.output) if any(u is n or u in n.args for u in site.bias.users))
+
+
 def smooth_weight(rw: Rewriter, site: LinearSite, s: torch.Tensor, rows: torch.Tensor | None = None) -> None:
     w = smoothed_weight(rw, site, s, rows)
     _swap_weight(rw, site, w if site.layout == "out_in" else w.t())
     if rows is not None and site.bias is not None:
         b = get_attr(rw.gm, site.bias.target).detach()
-        rw.replace_constant_for(site.bias, site.node, (b.double() * rows).to(b.dtype))
+        rw.replace_constant_for(site.bias, _bias_reader(site), (b.double() * rows).to(b.dtype))
 
 
 def prescale_input(rw: Rewriter, x: fx.Node, sites: list[LinearSite], inv_s: torch.Tensor, before: fx.Node) -> None:

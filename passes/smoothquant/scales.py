@@ -66,11 +66,13 @@ def tokens(samples: list[torch.Tensor]) -> torch.Tensor:
 
 
 def best_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_max: torch.Tensor, act: str,
-               per_channel: bool) -> float | None:
-    """The α of ALPHA_GRID with the smallest error, or None when not smoothing is better than every α."""
+               per_channel: bool, tie=None) -> float | None:
+    """The α of ALPHA_GRID with the smallest error, or None when not smoothing is better than every α; `tie`
+    (s -> s) is applied to each candidate's s as the pass will apply it (V→O under GQA: one s per v row)."""
     w_max = weight_max(weights)
+    tie = tie or (lambda s: s)
     reference = [x.float() @ w.float().t() for w in weights]  # the float products, once for every candidate
-    errors = {a: quantized_error(x, weights, smoothing_scale(act_max, w_max, a), act, per_channel, reference)
+    errors = {a: quantized_error(x, weights, tie(smoothing_scale(act_max, w_max, a)), act, per_channel, reference)
               for a in ALPHA_GRID}
     best = min(errors, key=lambda a: (errors[a], abs(a - 0.5)))
     unsmoothed = quantized_error(x, weights, torch.ones_like(act_max, dtype=torch.float64), act, per_channel,

@@ -223,6 +223,78 @@ def test_o_projs_scale_stays_in_the_quantizer_where_the_attention_output_has_oth
     assert "quantizer" in o_note and "not into v's rows" in o_note and "also read by" in o_note
 
 
+class SeparateBiasAttention(nn.Module):
+    """v written as `x @ W.T + b` (Falcon's FalconLinear): the bias is read by the add after the matmul."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.o = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.wv, self.bv = nn.Parameter(torch.randn(d, d) / d**0.5), nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        v = x @ self.wv.t() + self.bv
+        ctx = nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(v))
+        return self.o(ctx.transpose(1, 2).reshape(b, t, d))
+
+
+class StaticCacheAttention(nn.Module):
+    """k and v written into cache buffers in place (`index_copy_`), attention over the whole cache."""
+
+    def __init__(self, d=32, heads=4, length=16, batch=2):
+        super().__init__()
+        self.heads, self.hd = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.register_buffer("kc", torch.zeros(batch, heads, length, self.hd))
+        self.register_buffer("vc", torch.zeros(batch, heads, length, self.hd))
+
+    def forward(self, x, pos):
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.heads, self.hd).transpose(1, 2)  # noqa: E731
+        self.kc.index_copy_(2, pos, split(self.k(x)))
+        self.vc.index_copy_(2, pos, split(self.v(x)))
+        ctx = nn.functional.scaled_dot_product_attention(split(self.q(x)), self.kc, self.vc)
+        return x + self.o(ctx.transpose(1, 2).reshape(b, t, d))
+
+
+def test_v_rows_absorb_o_projs_scale_where_the_bias_is_added_after_a_matmul():
+    model, x = SeparateBiasAttention().eval(), torch.randn(2, 8, 32)
+    opt = smoothquant(model, x, calibration((2, 8, 32)), fuse=False, smooth_only=True, layers="all")
+    assert opt.report["smoothquant"].stats["smoothed_into_v"] == 1
+    fresh = torch.randn(3, 5, 32)
+    assert_within(opt(fresh), model(fresh))
+
+
+def test_a_v_written_into_a_static_cache_keeps_o_projs_scale_out_of_its_rows():
+    model, pos = StaticCacheAttention().eval(), torch.arange(8)
+    x = [torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    opt = fxopt.optimize(model, (x[0], pos), passes=[SmoothQuant(smooth_only=True, layers="all")],
+                         calibration=[((x[i], pos), {}) for i in (1, 2, 3)], progress=False)  # (autograd on)
+    report = opt.report["smoothquant"]
+    assert "smoothed_into_v" not in report.stats
+    assert any(n.startswith("o.weight") and "cache" in n for n in report.notes), report.notes
+
+
+def test_auto_scores_the_scale_the_fold_will_apply():
+    from fxopt.passes.smoothquant.scales import ALPHA_GRID, best_alpha, quantized_error, smoothing_scale, weight_max
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=g, dtype=torch.float64) * torch.linspace(0.1, 30, 16, dtype=torch.float64)
+    weights = [torch.randn(8, 16, generator=g, dtype=torch.float64)]
+    act_max = x.abs().amax(0)
+    tie = lambda s: s.max().expand_as(s)  # noqa: E731  (every channel one v row: the harshest tie)
+    chosen = best_alpha(x, weights, act_max, "tensor", True, tie)
+    error = {a: quantized_error(x, weights, tie(smoothing_scale(act_max, weight_max(weights), a)), "tensor", True)
+             for a in ALPHA_GRID}
+    unsmoothed = quantized_error(x, weights, torch.ones(16, dtype=torch.float64), "tensor", True)
+    if chosen is None:
+        assert unsmoothed <= min(error.values())
+    else:
+        assert error[chosen] == min(error.values()) and error[chosen] <= unsmoothed
+
+
 OUTLIERS = [3, 17, 40]
 
 
