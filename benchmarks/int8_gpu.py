@@ -303,9 +303,10 @@ def weight_bytes(module) -> dict:
 COMPILED = ("torch fp16", "fxopt fp16", "fxopt W8A8 fused")  # torch.compile cells (each compile takes a minute)
 
 
-def e2e(case: str, spec: tuple, modes, reps: int, with_profile: bool) -> tuple[list[dict], dict, dict]:
+def e2e(case: str, spec: tuple, modes, reps: int, with_profile: bool, variants=VARIANTS
+        ) -> tuple[list[dict], dict, dict]:
     kind, batch, seq = spec
-    modules, args, kwargs = build(kind, batch, seq, VARIANTS)
+    modules, args, kwargs = build(kind, batch, seq, variants)
     tables = profile(modules, args, kwargs) if with_profile else {}
     fns: dict[str, Callable] = {}
     for name, module in modules.items():
@@ -460,6 +461,7 @@ def main() -> None:
     p.add_argument("--cases", nargs="*", default=list(CASES))
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--modes", nargs="*", default=["eager", "graph", "reduce-overhead"])
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--reps", type=int, default=60)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     a = p.parse_args()
@@ -498,7 +500,7 @@ def main() -> None:
             tune(result["gemm"])
     for case in a.cases:
         if "e2e" in a.parts:
-            rows, sizes, tables = e2e(case, CASES[case], a.modes, a.reps, "profile" in a.parts)
+            rows, sizes, tables = e2e(case, CASES[case], a.modes, a.reps, "profile" in a.parts, a.variants)
             result.setdefault("e2e", []).extend(rows)
             result.setdefault("weight_bytes", {})[case] = sizes
             result.setdefault("profile", {})[case] = tables
