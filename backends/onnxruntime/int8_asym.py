@@ -30,15 +30,10 @@ def _quantize_uint8(x, pre_scale=None):
 
 
 def _make_uint8_linear(u8s8: bool) -> Callable:
-    from .translations import MatMulIntegerToFloat, _onnx_dtype, _shifted_u8, _u8_zero_point
+    from .translations import MatMulIntegerToFloat, _onnx_dtype, gemm_operands
 
     def fxopt_uint8_linear(q, scale, zero_point, wq, w_scale, bias=None, out_dtype: int = onnx.TensorProto.FLOAT):
-        if u8s8:
-            weight, weight_zero = op.Transpose(wq, perm=[1, 0]), None
-        else:
-            weight, weight_zero = op.Transpose(_shifted_u8(wq), perm=[1, 0]), _u8_zero_point()
-        ws = op.Cast(w_scale, to=onnx.TensorProto.FLOAT)
-        b = None if bias is None else op.Cast(bias, to=onnx.TensorProto.FLOAT)
+        weight, weight_zero, ws, b = gemm_operands(wq, w_scale, bias, u8s8)
         y = MatMulIntegerToFloat(q, weight, scale, ws, zero_point, weight_zero, b)
         to = _onnx_dtype(out_dtype) if isinstance(out_dtype, torch.dtype) else int(out_dtype)
         return y if to == onnx.TensorProto.FLOAT else op.Cast(y, to=to)

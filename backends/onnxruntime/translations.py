@@ -244,15 +244,21 @@ def fxopt_quantize_int8(x: TFloat, pre_scale: TFloat | None = None, scale: TFloa
     return _as_uint8(op.Reshape(codes, op.Shape(xw))), s
 
 
+def gemm_operands(wq, w_scale, bias, u8s8: bool) -> tuple:
+    """(Bᵀ, B's zero point, fp32 weight scales, fp32 bias) of an int8 weight for MatMulIntegerToFloat: int8 with
+    zero point 0 (uint8·int8) or uint8 wq + 128 with zero point 128 (uint8·uint8, exact on every CPU)."""
+    if u8s8:
+        weight, weight_zero = op.Transpose(wq, perm=[1, 0]), None
+    else:
+        weight, weight_zero = op.Transpose(_shifted_u8(wq), perm=[1, 0]), _u8_zero_point()
+    b = None if bias is None else op.Cast(bias, to=onnx.TensorProto.FLOAT)
+    return weight, weight_zero, op.Cast(w_scale, to=onnx.TensorProto.FLOAT), b
+
+
 def _make_int8_linear(u8s8: bool) -> Callable:
     def fxopt_int8_linear(q, scale, wq, w_scale, bias=None, out_dtype: int = onnx.TensorProto.FLOAT):
         codes = q if q.dtype == ir.DataType.UINT8 else _shifted_u8(q)  # int8 codes from elsewhere: shifted here
-        if u8s8:
-            weight, weight_zero = op.Transpose(wq, perm=[1, 0]), None
-        else:
-            weight, weight_zero = op.Transpose(_shifted_u8(wq), perm=[1, 0]), _u8_zero_point()
-        ws = op.Cast(w_scale, to=onnx.TensorProto.FLOAT)
-        b = None if bias is None else op.Cast(bias, to=onnx.TensorProto.FLOAT)
+        weight, weight_zero, ws, b = gemm_operands(wq, w_scale, bias, u8s8)
         if scale.shape is not None and scale.shape.rank() == 0:  # per tensor: scales and bias in the GEMM
             y = MatMulIntegerToFloat(codes, weight, scale, ws, _u8_zero_point(), weight_zero, b)
         else:
