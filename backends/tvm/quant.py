@@ -43,15 +43,19 @@ def quantize_int8(node: Any, imp: Any) -> relax.Expr:
     return emit(imp, relax.Tuple([q, s]))
 
 
-def int8_linear(node: Any, imp: Any) -> relax.Expr:
-    q, s, wq, ws = (imp.env[a] for a in node.args[:4])
+def _product(node: Any, imp: Any, q: relax.Expr, s: relax.Expr, wq: relax.Expr, ws: relax.Expr) -> relax.Expr:
+    """(q ·int32 wqᵀ) · s · ws (+ bias, args[4]) in fp32, cast to out_dtype (args[5]): the int8 linears' GEMM."""
     bias = env_or_value(imp, arg(node, 4, "bias"))
-    out_dtype = _DTYPES[arg(node, 5, "out_dtype")]
     acc = emit(imp, relax.op.matmul(q, emit(imp, relax.op.permute_dims(wq, [1, 0])), out_dtype="int32"))
     y = emit(imp, relax.op.multiply(emit(imp, relax.op.multiply(cast(imp, acc, _F32), s)), cast(imp, ws, _F32)))
     if bias is not None:
         y = emit(imp, relax.op.add(y, cast(imp, bias, _F32)))
-    return cast(imp, y, out_dtype)
+    return cast(imp, y, _DTYPES[arg(node, 5, "out_dtype")])
+
+
+def int8_linear(node: Any, imp: Any) -> relax.Expr:
+    q, s, wq, ws = (imp.env[a] for a in node.args[:4])
+    return _product(node, imp, q, s, wq, ws)
 
 
 def _unpack_int4(imp: Any, packed: relax.Expr, rows: int, cols: int, k: int) -> relax.Expr:
@@ -71,10 +75,4 @@ def int4_linear(node: Any, imp: Any) -> relax.Expr:
     q, s, wp, ws = (imp.env[a] for a in node.args[:4])
     rows, cols = (int(d) for d in node.args[2].meta["val"].shape)
     wq = _unpack_int4(imp, wp, rows, cols, int(node.args[0].meta["val"].shape[-1]))
-    bias = env_or_value(imp, arg(node, 4, "bias"))
-    out_dtype = _DTYPES[arg(node, 5, "out_dtype")]
-    acc = emit(imp, relax.op.matmul(q, emit(imp, relax.op.permute_dims(wq, [1, 0])), out_dtype="int32"))
-    y = emit(imp, relax.op.multiply(emit(imp, relax.op.multiply(cast(imp, acc, _F32), s)), cast(imp, ws, _F32)))
-    if bias is not None:
-        y = emit(imp, relax.op.add(y, cast(imp, bias, _F32)))
-    return cast(imp, y, out_dtype)
+    return _product(node, imp, q, s, wq, ws)
