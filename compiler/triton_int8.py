@@ -135,18 +135,21 @@ if triton is not None:
     @triton.jit
     def _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, M, N, sa_stride, sb_stride, HAS_BIAS: tl.constexpr,
                   ACT: tl.constexpr, HAS_RES: tl.constexpr):
-        """acc · s_tok · s_w (+ bias) rounded to C's dtype, then the activation, then + residual, stored."""
-        rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
-        rn_c = tl.where(rn < N, rn, 0).to(tl.int64)
-        sa = tl.load(SA + rm_c * sa_stride)
-        sb = tl.load(SB + rn_c * sb_stride)
+        """acc · s_tok · s_w (+ bias) rounded to C's dtype, then the activation, then + residual, stored.
+
+        Offsets come straight from the aranges (masked, never clamped), so Triton sees whole contiguous rows of
+        the tile and stores them 16 bytes at a time; clamped indices made every store a scalar 2-byte one.
+        """
+        in_m, in_n = rm < M, rn < N
+        sa = tl.load(SA + rm * sa_stride, mask=in_m, other=0.0)
+        sb = tl.load(SB + rn * sb_stride, mask=in_n, other=0.0)
         y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
         if HAS_BIAS:
-            y = y + tl.load(BIAS + rn_c).to(tl.float32)[None, :]
+            y = y + tl.load(BIAS + rn, mask=in_n, other=0.0).to(tl.float32)[None, :]
         out_t = C.dtype.element_ty
         y = y.to(out_t)
-        keep = (rm[:, None] < M) & (rn[None, :] < N)
-        offs = rm_c[:, None] * N + rn_c[None, :]
+        keep = in_m[:, None] & in_n[None, :]
+        offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
         if ACT != 0:
             y = _activate(y.to(tl.float32), ACT).to(out_t)
         if HAS_RES:
