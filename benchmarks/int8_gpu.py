@@ -119,6 +119,58 @@ def check(dtype=torch.float16) -> list[dict]:
     return rows
 
 
+def model_check(kind: str, batch: int, seq: int, device: str = "cuda") -> list[dict]:
+    """Every fused op of the W8A8 fused model against its reference on the activations the model itself feeds
+    it (one forward, each call's kernel and reference on the same inputs), the worst call per op; then the fused
+    model's output against the unfused W8A8 graph's (the fuse_int8 contract), and both against torch fp16."""
+    import fxopt
+    from fxopt import ops
+    from fxopt.capture import SIGNATURE
+    from fxopt.passes import FuseInt8, ZeroQuant
+    from fxopt.quant_fused import REFERENCES
+    from fxopt.torch_kernels import decomposed_graph
+
+    model = make_model(kind).to(device=device, dtype=torch.float16).eval()
+    args, kwargs = make_inputs(kind, batch, seq, model.config.vocab_size, device)
+    passes = [*FP16_PIPELINE, ZeroQuant(weight_bits=8, group_size=1, act="token")]
+    with torch.no_grad():
+        plain = fxopt.optimize(model, args, passes=passes, example_kwargs=kwargs)
+        fused = fxopt.optimize(model, args, passes=[*passes, FuseInt8()], example_kwargs=kwargs, check_numerics=False)
+    worst: dict[str, dict] = {}
+
+    def probe(name: str, kernel: Callable, reference: Callable) -> Callable:
+        def call(*a):
+            out = kernel(*a)
+            row = _compare(name, out, reference(*a))
+            key = max([row.get("codes_differ", 0.0), *[v for k, v in row.items() if k.endswith("_max_ulps")]])
+            old = worst.get(name, {"_key": -1.0, "calls": 0})
+            worst[name] = {**(row if key > old["_key"] else old), "_key": max(key, old["_key"]),
+                           "calls": old["calls"] + 1}
+            return out
+        return call
+
+    table = {op: (probe(op._opname, decl.cuda_kernel, REFERENCES[op._opname]) if op._opname in REFERENCES
+                  else decl.cuda_kernel or decl.reference) for op, decl in ops.REGISTRY.items()}
+    graph = decomposed_graph(fused.graph_module, table)
+    with torch.no_grad():
+        try:
+            graph(*args, **fused.graph_module.meta[SIGNATURE].as_captured(args, kwargs))
+        except Exception:  # noqa: BLE001 - the output comparison below still runs
+            log.exception("op probe failed")
+        ref = runner(model, "eager", args, kwargs)().float()
+        out_plain = runner(plain, "eager", args, kwargs)().float()
+        out_fused = runner(fused, "eager", args, kwargs)().float()
+    rows = [{k: v for k, v in r.items() if k != "_key"} for r in worst.values()]
+    err = float((out_fused - out_plain).abs().max())
+    rows.append({"op": "model output", "fused_vs_unfused_max_abs": err,
+                 "unfused_vs_fp16_max_abs": float((out_plain - ref).abs().max()), "max_abs_ref": float(ref.abs().max()),
+                 "cos_fused_vs_unfused": cosine(out_fused, out_plain), "cos_unfused_vs_fp16": cosine(out_plain, ref),
+                 "cos_fused_vs_fp16": cosine(out_fused, ref)})
+    for r in rows:
+        log.info("model check %s: %s", kind, r)
+    return rows
+
+
 # ---- gemm --------------------------------------------------------------------------------------------------
 
 def graph_time(fn: Callable[[int], object], copies: int, reps: int = 20) -> float:
@@ -491,6 +543,10 @@ def main() -> None:
             print(r)  # noqa: T201
         log.info("check in %.1f s", time.perf_counter() - t0)
         save()
+    if "modelcheck" in a.parts:
+        for case in a.cases:
+            result.setdefault("model_check", {})[case] = model_check(*CASES[case])
+            save()
     if "gemm" in a.parts:
         result["gemm"] = gemm(a.sweep)
         save()

@@ -180,17 +180,17 @@ if triton is not None:
 
 # ---- launch configuration ------------------------------------------------------------------------------------
 
-# (BM, BN, BK, GROUP_M, num_warps, num_stages) by M; tuned on an H100/H200 at Llama-1B's K, N in {2048, 5632}
-# (benchmarks/int8_gpu.py --sweep; benchmarks/results/int8_gpu.md)
-GEMM_CONFIGS: list[tuple[int, tuple[int, int, int, int, int, int]]] = [
-    (16, (16, 64, 256, 1, 4, 4)),
+# (BM, BN, BK, GROUP_M, num_warps, num_stages[, TMA]) by M: the fastest of benchmarks/int8_gpu.py --sweep summed
+# over Llama-1B's (K, N) in {2048, 5632} on an H100 (benchmarks/results/int8_gpu.md); M = 64 and 256 untuned.
+GEMM_CONFIGS: list[tuple[int, tuple]] = [
+    (16, (16, 32, 512, 1, 4, 3)),
     (64, (64, 64, 256, 1, 4, 4)),
     (256, (64, 128, 128, 8, 4, 4)),
-    (1 << 62, (128, 256, 128, 8, 8, 3)),
+    (1 << 62, (128, 256, 128, 8, 8, 3, True)),
 ]
 
 
-def gemm_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
+def gemm_config(m: int, n: int, k: int) -> tuple:
     for bound, cfg in GEMM_CONFIGS:
         if m <= bound:
             return cfg
@@ -208,7 +208,7 @@ def launch_gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype, config=N
               1 if sa.numel() > 1 else 0, 1 if ws.numel() > 1 else 0)
     flags = dict(HAS_BIAS=bias is not None, ACT=_ACT[activation], HAS_RES=res2 is not None, BM=bm, BN=bn, BK=bk,
                  GROUP_M=group, num_warps=warps, num_stages=stages, enable_fp_fusion=False)
-    if tma and tma[0] and k % 16 == 0:  # TMA: 16-byte aligned rows
+    if tma and tma[0] and k % 16 == 0 and q2.data_ptr() % 16 == 0 and wq.data_ptr() % 16 == 0:  # TMA: aligned rows
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         _int8_gemm_tma_kernel[grid](TensorDescriptor.from_tensor(q2, [bm, bk]),
