@@ -49,7 +49,15 @@ def qmax_of(bits: int) -> int:
 
 
 def scale_of(absmax: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
-    return absmax.clamp_min(SCALE_MIN) / qmax
+    """absmax / qmax, correctly rounded to absmax's dtype on every device.
+
+    ATen's CUDA kernel divides by a Python number as a multiply by its rounded reciprocal, one ulp off the
+    quotient now and then, and every code on a rounding boundary follows that ulp. The quotient taken in fp64 and
+    rounded once is the correctly rounded one (a 24-bit dividend over 127 never lies within 2^-50 of a midpoint),
+    which is what a kernel's IEEE division, ONNX `Div` and TVM compute.
+    """
+    a = absmax.clamp_min(SCALE_MIN)
+    return a / qmax if a.dtype == torch.float64 else (a.double() / qmax).to(a.dtype)
 
 
 def codes(x: torch.Tensor, scale: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
