@@ -30,6 +30,7 @@ from .errors import ExampleInputsError, NumericsError, PassError, RequirementErr
 from .numerics import Numerics, compare, overflowed, run_graph
 from .pass_base import Pass, PassContext, PassResult, Requirement
 from .report import PassReport, tensor_bytes
+from .torch_kernels import decomposed_graph, reference_table
 from .verify import output_signature, verify_graph
 
 log = logging.getLogger(__name__)
@@ -168,13 +169,23 @@ def _calibrated(state: _Run, p: Pass, gm: fx.GraphModule, ran_before: list[str])
 
 def _check_numerics(state: _Run, p: Pass, result: PassResult, ran_before: list[str]) -> Numerics:
     args, kwargs = state.ctx.example_args, dict(state.ctx.example_kwargs)
+    on_references = p.check_on_references and any(
+        isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in pytree.tree_leaves((args, kwargs)))
     try:
         after = run_graph(result.graph_module, args, kwargs)
         blown = overflowed(state.gm, args, kwargs, result.overflow_watch) if result.overflow_watch else []
+        if on_references:  # both graphs on the ops' references: the rewrite, not the kernels' rounding
+            before, checked = (run_graph(decomposed_graph(g, reference_table()), args, kwargs)
+                               for g in (state.gm, result.graph_module))
+        else:
+            before, checked = state.before, after
     except Exception as e:  # noqa: BLE001 - the rewritten graph does not run: the pass is at fault
         raise PassError(p.name, ran_before, e) from e
     tolerance = result.tolerance or p.tolerance
-    numerics = compare(state.before, after, tolerance)
+    numerics = compare(before, checked, tolerance)
+    if on_references:
+        numerics = dataclasses.replace(numerics, detail=f"{numerics.detail} (on the ops' reference "
+                                       "implementations; the device kernels may move a code by one)")
     if blown:
         numerics = dataclasses.replace(
             numerics, ok=True, detail=f"not compared: the graph before the pass overflowed or underflowed "
@@ -186,6 +197,7 @@ def _check_numerics(state: _Run, p: Pass, result: PassResult, ran_before: list[s
                                 f"or state the forward keeps outside its buffers), so pass {p.name!r} cannot be "
                                 f"checked: {again.detail}")
         own = " (the bound it stated for this run)" if result.tolerance is not None else ""
+        own += " (on the ops' reference implementations)" if on_references else ""
         raise NumericsError(f"pass {p.name!r} ({p.exactness.value}) broke its numerical contract{own} "
                             f"on the example inputs: {numerics.detail}")
     state.before = after

@@ -139,6 +139,13 @@ def decomposed_graph(gm: fx.GraphModule, table: Mapping | None = None) -> fx.Gra
     return _retarget(gm, graph, table)
 
 
+def reference_table() -> dict:
+    """{op overload: its reference implementation}, for every fxopt op."""
+    from . import ops
+
+    return {op: decl.reference for op, decl in ops.REGISTRY.items()}
+
+
 def eager_table() -> dict:
     """{op overload: the function eager runs for it}: the CUDA kernel where one is declared (it falls back to the
     reference off CUDA), else the reference. Calling it directly skips the dispatcher's Python-kernel hop
