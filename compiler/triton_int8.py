@@ -180,21 +180,36 @@ if triton is not None:
 
 # ---- launch configuration ------------------------------------------------------------------------------------
 
-# (BM, BN, BK, GROUP_M, num_warps, num_stages[, TMA]) by M: the fastest of benchmarks/int8_gpu.py --sweep summed
-# over Llama-1B's (K, N) in {2048, 5632} on an H100 (benchmarks/results/int8_gpu.md); M = 64 and 256 untuned.
-GEMM_CONFIGS: list[tuple[int, tuple]] = [
+# (BM, BN, BK, GROUP_M, num_warps, num_stages[, TMA]). Small M (decode, short batches): by M. Otherwise the
+# largest tile that still gives every SM work: a 128x256 tile is the fastest at Llama-1B's M = 2048 (K, N in
+# {2048, 5632}) on an H100, but BERT-base's M = 1024, N = 768 makes only 24 such tiles for 132 SMs.
+# Measured with benchmarks/int8_gpu.py --sweep (benchmarks/results/int8_gpu.md).
+SMALL_M_CONFIGS: list[tuple[int, tuple]] = [
     (16, (16, 32, 512, 1, 4, 3)),
     (64, (64, 64, 256, 1, 4, 4)),
-    (256, (64, 128, 128, 8, 4, 4)),
-    (1 << 62, (128, 256, 128, 8, 8, 3, True)),
 ]
+TILE_CONFIGS: list[tuple] = [  # largest first
+    (128, 256, 128, 8, 8, 3, True),
+    (128, 128, 128, 8, 8, 4, True),
+    (64, 128, 128, 8, 4, 4),
+    (64, 64, 256, 8, 4, 4),
+]
+MIN_TILES_PER_SM = 0.75
 
 
-def gemm_config(m: int, n: int, k: int) -> tuple:
-    for bound, cfg in GEMM_CONFIGS:
+@functools.cache
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gemm_config(m: int, n: int, k: int, sms: int = 132) -> tuple:
+    for bound, cfg in SMALL_M_CONFIGS:
         if m <= bound:
             return cfg
-    return GEMM_CONFIGS[-1][1]
+    for cfg in TILE_CONFIGS:
+        if -(-m // cfg[0]) * -(-n // cfg[1]) >= MIN_TILES_PER_SM * sms:
+            return cfg
+    return TILE_CONFIGS[-1]
 
 
 def launch_gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype, config=None) -> torch.Tensor:
@@ -202,7 +217,7 @@ def launch_gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype, config=N
     m, k = q2.shape
     n = wq.shape[0]
     c = torch.empty((m, n), dtype=out_dtype, device=q2.device)
-    bm, bn, bk, group, warps, stages, *tma = config or gemm_config(m, n, k)
+    bm, bn, bk, group, warps, stages, *tma = config or gemm_config(m, n, k, _sm_count(q2.device.index or 0))
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     common = (c, sa, ws, bias if bias is not None else ws, res2 if res2 is not None else c, m, n, k,
               1 if sa.numel() > 1 else 0, 1 if ws.numel() > 1 else 0)
