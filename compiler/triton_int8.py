@@ -192,9 +192,9 @@ TILE_CONFIGS: list[tuple] = [  # largest first
     (128, 256, 128, 8, 8, 3, True),
     (128, 128, 128, 8, 8, 4, True),
     (64, 128, 128, 8, 4, 4),
-    (64, 64, 256, 8, 4, 4),
+    (64, 64, 128, 8, 4, 4),
 ]
-MIN_TILES_PER_SM = 0.75
+MIN_TILES_PER_SM = 0.7
 
 
 @functools.cache
