@@ -230,6 +230,10 @@ def gemm_row(m: int, k: int, n: int, sweep: bool) -> dict:
                     log.warning("config %s: output differs from the default config's", cfg)
                     continue
                 ms = graph_time(lambda i, c=cfg: triton(i, c), copies, reps=10)
+                torch.cuda.synchronize()  # a fault surfaces here, under this config's name
+            except torch.AcceleratorError:
+                log.exception("config %s at %s faulted", cfg, (m, k, n))
+                raise
             except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
                 log.info("config %s: %s", cfg, str(e).splitlines()[0][:100])
                 continue
