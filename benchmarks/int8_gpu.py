@@ -7,9 +7,11 @@ Parts:
   check    every fused op's Triton kernel against its reference on the same CUDA inputs (Llama-1B rows):
            codes that differ and by how much, scales, outputs in units of the output's rounding; the int8 GEMM's
            int32 accumulation (fp32 output, unit scales) compared for equality with the exact fp64 product.
-  gemm     per-GEMM times at M = 16 and M = 2048, K, N in {2048, 5632}: fp16 F.linear (cuBLAS), int8_linear as
-           quant_ops runs it (torch._int_mm + a separate dequantize), the Triton epilogue GEMM; CUDA-graph replays
-           of calls cycling through weight copies that exceed L2, CUDA-event medians. --sweep times tile configs.
+  gemm     per-GEMM times at M = 16 and M = 2048, K, N in {2048, 5632}, and BERT-base's: fp16 F.linear (cuBLAS),
+           cuBLAS int8 (torch._int_mm + a separate dequantize; at M <= 16, which _int_mm refuses, the fp64
+           reference), the Triton epilogue GEMM (what int8_linear and int8_linear_epilogue run on CUDA);
+           CUDA-graph replays of calls cycling through weight copies that exceed L2, CUDA-event medians.
+           --sweep times tile configs and reports the best beside the library's own choice.
   e2e      Llama-1B-shaped (hidden 2048, 16 layers, 32 heads, FFN 5632, vocab 32000) b4 s512 and BERT-base
            b8 s128, HF models from configs with seed 0 (random weights), fp16, sdpa: torch eager and torch.compile,
            fxopt fp16 (["stabilize_softmax", "fuse_layernorm"], as benchmarks/torch_gpu.py runs it), fxopt W8A8
@@ -202,7 +204,7 @@ def graph_time(fn: Callable[[int], object], copies: int, reps: int = 20) -> floa
 
 def gemm_row(m: int, k: int, n: int, sweep: bool) -> dict:
     from fxopt import triton_int8
-    from fxopt.quant_ops import _int8_linear_cuda, quantize_weight_int8
+    from fxopt.quant_ops import _dequantize, quantize_weight_int8
 
     copies = max(4, int(200e6 // (n * k * 2)) + 1)  # fp16 weights beyond the 50 MB L2
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -214,8 +216,9 @@ def gemm_row(m: int, k: int, n: int, sweep: bool) -> dict:
         return triton_int8.launch_gemm(q, s, w8[i][0], w8[i][1], None, "none", None, torch.float16, cfg)
 
     t = {"fp16 F.linear": graph_time(lambda i: F.linear(x, w16[i]), copies),
-         "int8_linear (_int_mm + dequant)": graph_time(
-             lambda i: _int8_linear_cuda(q, s, w8[i][0], w8[i][1], None, torch.float16), copies),
+         "int8_linear (_int_mm + dequant)": graph_time(lambda i: _dequantize(
+             torch._int_mm(q, w8[i][0].t()) if m > 16 else q.double() @ w8[i][0].double().t(), s, w8[i][1], None,
+             torch.float16), copies),
          "triton epilogue": graph_time(triton, copies)}
     if m > 16:
         t["_int_mm alone"] = graph_time(lambda i: torch._int_mm(q, w8[i][0].t()), copies)

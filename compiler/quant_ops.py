@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from . import triton_int8
+
 QMAX = 127
 SCALE_MIN = 1e-8  # the smallest absmax a scale is taken from: 0 -> codes 0, no inf/NaN
 GRANULARITIES = ("token", "tensor")
@@ -92,8 +94,19 @@ def _dequantize(acc, s, ws, bias, out_dtype):
     return y.to(out_dtype)
 
 
+def _quantize_cuda(x, pre_scale, scale, granularity):
+    """Dynamic per-token: the Triton row kernel (one pass, the reference's codes); else the reference."""
+    if scale is None and granularity == "token":
+        return triton_int8.activation_quantize_cuda(x, "none", pre_scale)
+    return _quantize_ref(x, pre_scale, scale, granularity)
+
+
 def _int8_linear_cuda(q, s, wq, ws, bias, out_dtype):
-    """torch._int_mm (cuBLAS int8, int32 accumulation) where its shape rules allow, else the reference."""
+    """The Triton GEMM with the dequantize in its epilogue (compiler/triton_int8.py) where it covers the call;
+    else torch._int_mm (cuBLAS int8, int32 accumulation) where its shape rules allow; else the reference."""
+    out = triton_int8.int8_linear_cuda(q, s, wq, ws, bias, out_dtype)
+    if out is not None:
+        return out
     flat = q.reshape(-1, q.shape[-1])
     m, k, n = flat.shape[0], flat.shape[1], wq.shape[0]
     if m <= 16 or k % 8 or n % 8:
@@ -158,7 +171,7 @@ def declarations():
     return (
         OpDecl("quantize_int8", "(Tensor x, Tensor? pre_scale, Tensor? scale, str granularity) -> (Tensor, Tensor)",
                _quantize_ref, doc="symmetric int8 quantization, per token or per tensor, dynamic or static scale",
-               decomposition=_quantize_ref),
+               decomposition=_quantize_ref, cuda_kernel=_quantize_cuda),
         OpDecl("int8_linear", "(Tensor q, Tensor scale, Tensor wq, Tensor w_scale, Tensor? bias, "
                "ScalarType out_dtype) -> Tensor",
                _int8_linear_ref, doc="int8 x int8 -> int32 product with a dequantize (+ bias) epilogue",
