@@ -175,6 +175,40 @@ def model_check(kind: str, batch: int, seq: int, device: str = "cuda") -> list[d
     return rows
 
 
+def rows_part() -> list[dict]:
+    """Each row kernel at Llama-1B's widths, b4 s512, over warp counts: µs per call (inputs rotated beyond L2) and
+    the share of the card's copy bandwidth its bytes moved would take (bytes / 3.35 TB/s, the H100 SXM's HBM3)."""
+    from fxopt import triton_int8
+
+    f, rows, m = torch.ops.fxopt, [], 2048
+    saved = list(triton_int8.ROW_WARPS)
+    for name, n, nbytes in (("add_rms_norm_quantize_int8", 2048, 2048 * (2 + 2 + 2 + 1)),
+                            ("silu_mul_quantize_int8", 5632, 5632 * (2 + 2 + 1)),
+                            ("activation_quantize_int8", 2048, 2048 * 3), ("activation_quantize_int8", 5632, 5632 * 3)):
+        copies = 6
+        xs = [torch.randn(m, n, device="cuda", dtype=torch.float16) for _ in range(copies)]
+        rs = [torch.randn(m, n, device="cuda", dtype=torch.float16) for _ in range(copies)]
+        w = torch.rand(n, device="cuda", dtype=torch.float16) + 0.5
+
+        def call(i, name=name, xs=xs, rs=rs, w=w, n=n):
+            if name == "add_rms_norm_quantize_int8":
+                return f.add_rms_norm_quantize_int8(xs[i], rs[i], [n], w, 1e-6, None)
+            if name == "silu_mul_quantize_int8":
+                return f.silu_mul_quantize_int8(xs[i], rs[i], None)
+            return f.activation_quantize_int8(xs[i], "none", None)
+        for warps in (1, 2, 4, 8, 16):
+            triton_int8.ROW_WARPS[:] = [(1 << 62, warps)]
+            try:
+                us = graph_time(call, copies) * 1e3
+            except Exception as e:  # noqa: BLE001
+                log.info("%s n=%d warps=%d: %s", name, n, warps, str(e).splitlines()[0][:100])
+                continue
+            rows.append({"op": name, "n": n, "warps": warps, "us": us, "bound_us": m * nbytes / 3.35e6})
+            log.info("rows %s", rows[-1])
+        triton_int8.ROW_WARPS[:] = saved
+    return rows
+
+
 # ---- gemm --------------------------------------------------------------------------------------------------
 
 def graph_time(fn: Callable[[int], object], copies: int, reps: int = 20) -> float:
@@ -538,6 +572,9 @@ def main() -> None:
         for case in a.cases:
             result.setdefault("model_check", {})[case] = model_check(*CASES[case])
             save()
+    if "rows" in a.parts:
+        result["rows"] = rows_part()
+        save()
     if "gemm" in a.parts:
         result["gemm"] = gemm(a.sweep)
         save()

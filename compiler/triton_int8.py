@@ -233,13 +233,17 @@ def launch_gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype, config=N
     return c
 
 
+# warps of a row kernel by the row's padded width (benchmarks/int8_gpu.py --parts rows times the choices)
+ROW_WARPS: list[tuple[int, int]] = [(512, 1), (4096, 4), (8192, 8), (1 << 62, 16)]
+
+
 def _launch_rows(mode: int, x, other, weight, bias, pre, eps: float, act: str, with_sum: bool):
     n = x.shape[-1]
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
     total = torch.empty_like(x) if with_sum else None
     block = triton.next_power_of_2(n)
-    warps = 1 if block <= 512 else 4 if block <= 4096 else 8 if block <= 8192 else 16
+    warps = next(w for bound, w in ROW_WARPS if block <= bound)
     _row_quant_kernel[(x.numel() // n,)](
         x, other if other is not None else x, weight if weight is not None else x, bias if bias is not None else x,
         pre if pre is not None else x, q, s, total if total is not None else x, n, float(eps),
