@@ -234,7 +234,7 @@ def launch_gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype, config=N
 
 
 # warps of a row kernel by the row's padded width (benchmarks/int8_gpu.py --parts rows times the choices)
-ROW_WARPS: list[tuple[int, int]] = [(512, 1), (8192, 8), (1 << 62, 16)]
+ROW_WARPS: list[tuple[int, int]] = [(512, 1), (1024, 4), (8192, 8), (1 << 62, 16)]
 
 
 def _launch_rows(mode: int, x, other, weight, bias, pre, eps: float, act: str, with_sum: bool):
