@@ -116,6 +116,11 @@ def check(dtype=torch.float16) -> list[dict]:
             row = _compare("int8_linear_epilogue", f.int8_linear_epilogue(*args),
                            REFERENCES["int8_linear_epilogue"](*args))
             rows.append({**row, "shape": (m, k, n), "act": act, "bias": bias is not None, "res": residual is not None})
+        wu, wsu = (t.to(dev) for t in quantize_weight_int8(torch.randn(n, k, device=dev, generator=g)))
+        for bg in (None, b):
+            args = (q, s, wq, ws, bg, wu, wsu, None, dtype)
+            row = _compare("int8_linear_swiglu", f.int8_linear_swiglu(*args), REFERENCES["int8_linear_swiglu"](*args))
+            rows.append({**row, "shape": (m, k, n), "act": "swiglu", "bias": bg is not None})
         one = torch.ones((), device=dev)
         exact = torch.matmul(q.double(), wq.double().t()).float()
         got = f.int8_linear_epilogue(q, one, wq, one, None, "none", None, torch.float32)
@@ -281,6 +286,37 @@ def gemm_row(m: int, k: int, n: int, sweep: bool) -> dict:
     flops = 2 * m * k * n
     log.info("gemm %s: %s", (m, k, n), {a: (round(v, 4), round(flops / v / 1e9, 1)) for a, v in t.items()})
     return row
+
+
+def swiglu_row(m: int, k: int = 2048, n: int = 5632) -> dict:
+    """SwiGLU's gate and up at Llama-1B's shapes: one GEMM with silu·up in its epilogue, then the row quantizer, vs
+    two epilogue GEMMs and silu_mul_quantize (what fuse_int8 did before), vs fp16 (two F.linear, silu, mul)."""
+    from fxopt.quant_ops import quantize_weight_int8
+
+    f = torch.ops.fxopt
+    copies = max(4, int(200e6 // (n * k * 4)) + 1)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    w16 = [(torch.randn(n, k, device="cuda", dtype=torch.float16) / k ** 0.5,
+            torch.randn(n, k, device="cuda", dtype=torch.float16) / k ** 0.5) for _ in range(copies)]
+    w8 = [tuple(t.cuda() for w in two for t in quantize_weight_int8(w)) for two in w16]
+    q, s = f.quantize_int8(x, None, None, "token")
+
+    def fused(i):
+        wg, wsg, wu, wsu = w8[i]
+        return f.activation_quantize_int8(f.int8_linear_swiglu(q, s, wg, wsg, None, wu, wsu, None, x.dtype),
+                                          "none", None)
+
+    def pair(i):
+        wg, wsg, wu, wsu = w8[i]
+        gate = f.int8_linear_epilogue(q, s, wg, wsg, None, "none", None, x.dtype)
+        return f.silu_mul_quantize_int8(gate, f.int8_linear_epilogue(q, s, wu, wsu, None, "none", None, x.dtype),
+                                        None)
+
+    t = {"fp16": graph_time(lambda i: F.silu(F.linear(x, w16[i][0])) * F.linear(x, w16[i][1]), copies),
+         "two GEMMs + silu_mul_quantize": graph_time(pair, copies),
+         "swiglu GEMM + quantize": graph_time(fused, copies)}
+    log.info("swiglu %s: %s", (m, k, n), {a: round(v * 1e3, 1) for a, v in t.items()})
+    return {"m": m, "k": k, "n": n, **t}
 
 
 def gemm(sweep: bool) -> list[dict]:
@@ -574,6 +610,9 @@ def main() -> None:
             save()
     if "rows" in a.parts:
         result["rows"] = rows_part()
+        save()
+    if "swiglu" in a.parts:
+        result["swiglu"] = [swiglu_row(m) for m in (16, 2048)]
         save()
     if "gemm" in a.parts:
         result["gemm"] = gemm(a.sweep)

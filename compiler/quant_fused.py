@@ -12,6 +12,8 @@ token (`quantize_int8(·, pre_scale, None, "token")`: the quantizer that a one-r
     activation_quantize_int8(x, activation, pre)            = quantize(act(x), pre)
     int8_linear_epilogue(q, s, wq, ws, bias, activation, residual, out_dtype)
                                                       = act(int8_linear(q, s, wq, ws, bias, out_dtype)) [+ residual]
+    int8_linear_swiglu(q, s, wg, wsg, bg, wu, wsu, bu, out_dtype)
+                                                      = silu(int8_linear(q, s, wg, …)) · int8_linear(q, s, wu, …)
 
 quantize(·, pre) returns (codes int8, per-token scales fp32 of shape x.shape[:-1] + (1,)); the add+norm forms
 return the residual sum (x + r, in x's dtype) third, as add_rms_norm / add_layer_norm do. `activation` is one of
@@ -93,6 +95,11 @@ def _int8_linear_epilogue_ref(q, scale, wq, w_scale, bias, activation, residual,
     return y if residual is None else y + residual
 
 
+def _int8_linear_swiglu_ref(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, out_dtype):
+    gate = _int8_linear_ref(q, scale, wq_gate, ws_gate, bias_gate, out_dtype)
+    return F.silu(gate) * _int8_linear_ref(q, scale, wq_up, ws_up, bias_up, out_dtype)
+
+
 REFERENCES = {
     "rms_norm_quantize_int8": _rms_norm_quantize_ref,
     "layer_norm_quantize_int8": _layer_norm_quantize_ref,
@@ -101,6 +108,7 @@ REFERENCES = {
     "silu_mul_quantize_int8": _silu_mul_quantize_ref,
     "activation_quantize_int8": _activation_quantize_ref,
     "int8_linear_epilogue": _int8_linear_epilogue_ref,
+    "int8_linear_swiglu": _int8_linear_swiglu_ref,
 }
 
 _NORM = "SymInt[] normalized_shape, Tensor? weight"
@@ -121,6 +129,9 @@ _SCHEMAS = {
     "int8_linear_epilogue": ("(Tensor q, Tensor scale, Tensor wq, Tensor w_scale, Tensor? bias, str activation, "
                              "Tensor? residual, ScalarType out_dtype) -> Tensor",
                              "int8 GEMM with dequantize (+ bias, + activation, + residual) in its epilogue"),
+    "int8_linear_swiglu": ("(Tensor q, Tensor scale, Tensor wq_gate, Tensor ws_gate, Tensor? bias_gate, "
+                           "Tensor wq_up, Tensor ws_up, Tensor? bias_up, ScalarType out_dtype) -> Tensor",
+                           "SwiGLU's gate and up int8 GEMMs on the same codes, silu(gate) · up in the epilogue"),
 }
 
 

@@ -216,6 +216,87 @@ if triton is not None:
         _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, M, N, sa_stride, sb_stride, HAS_BIAS, ACT, HAS_RES)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _swiglu_epilogue(acc_g, acc_u, rm, rn, C, SA, SBG, SBU, BG, BU, M, N, sa_stride, sbg_stride, sbu_stride,
+                         HAS_BG: tl.constexpr, HAS_BU: tl.constexpr):
+        """gate and up dequantized (+ bias) and rounded to C's dtype each, silu(gate) rounded, times up, stored."""
+        in_m, in_n = rm < M, rn < N
+        sa = tl.load(SA + rm * sa_stride, mask=in_m, other=0.0)[:, None]
+        g = acc_g.to(tl.float32) * sa * tl.load(SBG + rn * sbg_stride, mask=in_n, other=0.0)[None, :]
+        u = acc_u.to(tl.float32) * sa * tl.load(SBU + rn * sbu_stride, mask=in_n, other=0.0)[None, :]
+        if HAS_BG:
+            g = g + tl.load(BG + rn, mask=in_n, other=0.0).to(tl.float32)[None, :]
+        if HAS_BU:
+            u = u + tl.load(BU + rn, mask=in_n, other=0.0).to(tl.float32)[None, :]
+        out_t = C.dtype.element_ty
+        g = g.to(out_t).to(tl.float32)
+        y = (g / (1.0 + tl.exp(-g))).to(out_t).to(tl.float32)
+        h = (y * u.to(out_t).to(tl.float32)).to(out_t)
+        tl.store(C + rm.to(tl.int64)[:, None] * N + rn[None, :], h, mask=in_m[:, None] & in_n[None, :])
+
+    @triton.jit
+    def _int8_swiglu_kernel(A, Bg, Bu, C, SA, SBG, SBU, BG, BU, M, N, K, sa_stride, sbg_stride, sbu_stride,
+                            HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
+                            BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        """Two int8 GEMMs on the same A tiles (gate and up weights), two int32 accumulators, one SwiGLU store."""
+        pid = tl.program_id(0)
+        grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        width = GROUP_M * grid_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
+        rn_c = tl.where(rn < N, rn, 0).to(tl.int64)
+        a_ptr = A + rm_c[:, None] * K + rk[None, :]
+        g_ptr = Bg + rn_c[:, None] * K + rk[None, :]
+        u_ptr = Bu + rn_c[:, None] * K + rk[None, :]
+        acc_g = tl.zeros((BM, BN), dtype=tl.int32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.int32)
+        for k in range(0, tl.cdiv(K, BK)):
+            if EVEN_K:
+                a, g, u = tl.load(a_ptr), tl.load(g_ptr), tl.load(u_ptr)
+            else:
+                left = rk[None, :] < K - k * BK
+                a = tl.load(a_ptr, mask=left, other=0)
+                g = tl.load(g_ptr, mask=left, other=0)
+                u = tl.load(u_ptr, mask=left, other=0)
+            acc_g = tl.dot(a, tl.trans(g), acc_g, out_dtype=tl.int32)
+            acc_u = tl.dot(a, tl.trans(u), acc_u, out_dtype=tl.int32)
+            a_ptr += BK
+            g_ptr += BK
+            u_ptr += BK
+        _swiglu_epilogue(acc_g, acc_u, rm, rn, C, SA, SBG, SBU, BG, BU, M, N, sa_stride, sbg_stride, sbu_stride,
+                         HAS_BG, HAS_BU)
+
+    @triton.jit
+    def _int8_swiglu_tma_kernel(a_desc, g_desc, u_desc, C, SA, SBG, SBU, BG, BU, M, N, K, sa_stride, sbg_stride,
+                                sbu_stride, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, BM: tl.constexpr,
+                                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        width = GROUP_M * grid_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        acc_g = tl.zeros((BM, BN), dtype=tl.int32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.int32)
+        for k in range(0, tl.cdiv(K, BK)):
+            a = a_desc.load([pid_m * BM, k * BK])
+            acc_g = tl.dot(a, g_desc.load([pid_n * BN, k * BK]).T, acc_g, out_dtype=tl.int32)
+            acc_u = tl.dot(a, u_desc.load([pid_n * BN, k * BK]).T, acc_u, out_dtype=tl.int32)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        _swiglu_epilogue(acc_g, acc_u, rm, rn, C, SA, SBG, SBU, BG, BU, M, N, sa_stride, sbg_stride, sbu_stride,
+                         HAS_BG, HAS_BU)
+
+
 # ---- launch configuration ------------------------------------------------------------------------------------
 
 # (BM, BN, BK, GROUP_M, num_warps, num_stages[, TMA]). Small M (decode, short batches): by M. Otherwise the
@@ -276,6 +357,33 @@ ROW_WARPS: list[tuple[int, int]] = [(512, 1), (1024, 4), (8192, 8), (1 << 62, 16
 # SwiGLU / activation rows wider than this (padded) go through the chunked two-pass kernel, ROW_CHUNK at a time:
 # one row in registers ran at 2.3-2.6x its memory bound at width 5632 on an H100
 CHUNKED_ABOVE, ROW_CHUNK = 4096, 1024
+
+
+def swiglu_config(m: int, n: int, k: int, sms: int = 132) -> tuple:
+    """Two accumulators per tile: the config of one GEMM as wide as gate and up together, at half its N tile."""
+    bm, bn, *rest = gemm_config(m, 2 * n, k, sms)
+    return (bm, bn // 2 if bn >= 256 else bn, *rest)
+
+
+def launch_swiglu(q2, sa, wg, wsg, bg, wu, wsu, bu, out_dtype, config=None) -> torch.Tensor:
+    m, k = q2.shape
+    n = wg.shape[0]
+    c = torch.empty((m, n), dtype=out_dtype, device=q2.device)
+    bm, bn, bk, group, warps, stages, *tma = config or swiglu_config(m, n, k, _sm_count(q2.device.index or 0))
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    common = (c, sa, wsg, wsu, bg if bg is not None else wsg, bu if bu is not None else wsu, m, n, k,
+              1 if sa.numel() > 1 else 0, 1 if wsg.numel() > 1 else 0, 1 if wsu.numel() > 1 else 0)
+    flags = dict(HAS_BG=bg is not None, HAS_BU=bu is not None, BM=bm, BN=bn, BK=bk, GROUP_M=group,
+                 num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+    if tma and tma[0] and k % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in (q2, wg, wu)):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        _int8_swiglu_tma_kernel[grid](TensorDescriptor.from_tensor(q2, [bm, bk]),
+                                      TensorDescriptor.from_tensor(wg, [bn, bk]),
+                                      TensorDescriptor.from_tensor(wu, [bn, bk]), *common, **flags)
+    else:
+        _int8_swiglu_kernel[grid](q2, wg, wu, *common, EVEN_K=k % bk == 0, **flags)
+    return c
 
 
 def _launch_rows(mode: int, x, other, weight, bias, pre, eps: float, act: str, with_sum: bool):
@@ -380,6 +488,17 @@ def int8_linear_cuda(q, scale, wq, w_scale, bias, out_dtype):
     return int8_linear_epilogue_cuda(q, scale, wq, w_scale, bias, "none", None, out_dtype)
 
 
+def int8_linear_swiglu_cuda(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, out_dtype):
+    if not (wq_gate.shape == wq_up.shape
+            and gemm_covers(q, scale, wq_gate, ws_gate, bias_gate, "none", None, out_dtype)
+            and gemm_covers(q, scale, wq_up, ws_up, bias_up, "none", None, out_dtype)):
+        return _reference("int8_linear_swiglu")(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up,
+                                                out_dtype)
+    k, n = q.shape[-1], wq_gate.shape[0]
+    out = launch_swiglu(q.reshape(-1, k), scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, out_dtype)
+    return out.view(*q.shape[:-1], n)
+
+
 @functools.cache
 def _kernels() -> dict[str, Callable]:
     return {
@@ -390,6 +509,7 @@ def _kernels() -> dict[str, Callable]:
         "silu_mul_quantize_int8": silu_mul_quantize_cuda,
         "activation_quantize_int8": activation_quantize_cuda,
         "int8_linear_epilogue": int8_linear_epilogue_cuda,
+        "int8_linear_swiglu": int8_linear_swiglu_cuda,
     }
 
 

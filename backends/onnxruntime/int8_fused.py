@@ -6,6 +6,7 @@ it stands for, from the existing translations (translations.py), so ORT runs the
     silu_mul_quantize_int8(g, u, pre)      -> quantize(Cast(g32 · Sigmoid(g32), dt) · u, pre)
     activation_quantize_int8(x, act, pre)  -> quantize(act(x), pre)
     int8_linear_epilogue(…, act, r, dt)    -> act(fxopt_int8_linear(…, dt)) [+ r]
+    int8_linear_swiglu(q, s, Wg…, Wu…, dt) -> Cast(g32 · Sigmoid(g32), dt) · u, g and u fxopt_int8_linear(…, dt)
 
 Activations are computed in fp32 and cast back to the tensor's dtype, as ATen's kernels round them:
 gelu = 0.5·x·(1 + Erf(x/√2)), gelu_tanh with Tanh, silu = x·Sigmoid(x), relu = Relu.
@@ -97,6 +98,11 @@ def translations(opset: int, int8_gemm: str) -> dict:
         y = _activate(linear(q, scale, wq, w_scale, bias, out_dtype), activation)
         return y if residual is None else op.Add(y, op.CastLike(residual, y))
 
+    def int8_linear_swiglu(q, scale, wq_gate, ws_gate, bias_gate=None, wq_up=None, ws_up=None, bias_up=None,
+                           out_dtype: int = onnx.TensorProto.FLOAT):
+        gate = linear(q, scale, wq_gate, ws_gate, bias_gate, out_dtype)
+        return op.Mul(_activate(gate, "silu"), linear(q, scale, wq_up, ws_up, bias_up, out_dtype))
+
     return {getattr(fused, f.__name__).default: f for f in (
         rms_norm_quantize_int8, layer_norm_quantize_int8, add_rms_norm_quantize_int8, add_layer_norm_quantize_int8,
-        silu_mul_quantize_int8, activation_quantize_int8, int8_linear_epilogue)}
+        silu_mul_quantize_int8, activation_quantize_int8, int8_linear_epilogue, int8_linear_swiglu)}

@@ -6,6 +6,7 @@ the same kernels it does for the unfused graph (and may fuse them itself).
     silu_mul_quantize_int8(g, u, pre)     -> quantize_int8(astype(silu(g32), dt) · u, pre)
     activation_quantize_int8(x, act, pre) -> quantize_int8(act(x), pre)
     int8_linear_epilogue(…, act, r, dt)   -> act(int8_linear(…, dt)) [+ r]
+    int8_linear_swiglu(q, s, Wg…, Wu…, dt) -> astype(silu(g32), dt) · u, g and u int8_linear(…, dt)
 
 Activations run in fp32 and are cast back to the tensor's dtype, as ATen rounds them.
 """
@@ -89,6 +90,14 @@ def int8_linear_epilogue(node: Any, imp: Any) -> relax.Expr:
     return y if residual is None else emit(imp, relax.op.add(y, imp.env[residual]))
 
 
+def int8_linear_swiglu(node: Any, imp: Any) -> relax.Expr:
+    q, s, wg, wsg = node.args[:4]
+    dtype = arg(node, 8, "out_dtype")
+    gate = quant.int8_linear(_Call(q, s, wg, wsg, arg(node, 4, "bias_gate"), dtype), imp)
+    up = quant.int8_linear(_Call(q, s, node.args[5], node.args[6], arg(node, 7, "bias_up"), dtype), imp)
+    return emit(imp, relax.op.multiply(_activate(imp, gate, "silu"), up))
+
+
 def converters() -> dict:
     import torch
 
@@ -101,4 +110,5 @@ def converters() -> dict:
         f.silu_mul_quantize_int8.default: silu_mul_quantize,
         f.activation_quantize_int8.default: activation_quantize,
         f.int8_linear_epilogue.default: int8_linear_epilogue,
+        f.int8_linear_swiglu.default: int8_linear_swiglu,
     }

@@ -9,7 +9,8 @@ from fxopt import ops
 from fxopt.quant_ops import quantize_weight_int8
 
 f = torch.ops.fxopt
-OPS = (f.silu_mul_quantize_int8.default, f.activation_quantize_int8.default, f.int8_linear_epilogue.default)
+OPS = (f.silu_mul_quantize_int8.default, f.activation_quantize_int8.default, f.int8_linear_epilogue.default,
+       f.int8_linear_swiglu.default)
 
 
 def args(op, x: torch.Tensor, other: torch.Tensor, with_weight: bool) -> list:
@@ -20,6 +21,9 @@ def args(op, x: torch.Tensor, other: torch.Tensor, with_weight: bool) -> list:
         return [x, "gelu" if with_weight else "none", pre]
     wq, ws = quantize_weight_int8(torch.randn(5, x.shape[-1]))
     bias = torch.randn(5) if with_weight else None
+    if op is f.int8_linear_swiglu.default:
+        wu, wsu = quantize_weight_int8(torch.randn(5, x.shape[-1]))
+        return [*ops.quantize_int8(x, pre, None, "token"), wq, ws, bias, wu, wsu, None, x.dtype]
     residual = torch.randn(*x.shape[:-1], 5).to(x.dtype) if with_weight else None
     return [*ops.quantize_int8(x, pre, None, "token"), wq, ws, bias, "silu" if with_weight else "none", residual,
             x.dtype]

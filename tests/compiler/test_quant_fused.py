@@ -74,6 +74,17 @@ def test_the_epilogue_equals_int8_linear_then_activation_then_residual(dtype, ac
     _equal(f.int8_linear_epilogue(q, s, wq, ws, bias, activation, res, dtype), activate(y, activation) + res)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_swiglu_gemm_equals_silu_of_the_gate_linear_times_the_up_linear(dtype):
+    x, _, _, _, _ = _inputs(dtype)
+    q, s = _quant(x, None)
+    (wg, wsg), (wu, wsu) = (quantize_weight_int8(torch.randn(7, x.shape[-1])) for _ in range(2))
+    bias = torch.randn(7).to(dtype)
+    for bg, bu in ((None, None), (bias, None), (None, bias)):
+        want = F.silu(ops.int8_linear(q, s, wg, wsg, bg, dtype)) * ops.int8_linear(q, s, wu, wsu, bu, dtype)
+        _equal(f.int8_linear_swiglu(q, s, wg, wsg, bg, wu, wsu, bu, dtype), want)
+
+
 def test_the_epilogue_sums_are_exact_at_the_codes_extremes():
     # 127 · 127 · k = 2 080 768 000 < 2^31 for k = 129 000: an fp32 sum would round (beyond 2^24)
     k = 129_000

@@ -104,13 +104,45 @@ def test_a_swiglu_block_fuses_norms_activation_and_residual_bitwise():
     opt = assert_same_function(SwiGLUBlock(), torch.randn(2, 6, 16))
     c = counts(opt)
     # norm1 -> rms_norm_quantize; the residual add before norm2 became add_rms_norm -> add_rms_norm_quantize;
-    # silu(gate)·up -> one quantizer; down + x -> the epilogue's residual; every int8_linear -> the epilogue op
-    assert c == Counter({"rms_norm_quantize_int8": 1, "add_rms_norm_quantize_int8": 1, "silu_mul_quantize_int8": 1,
-                         "int8_linear_epilogue": 4})
+    # silu(gate)·up -> one GEMM with the SwiGLU in its epilogue, then a row quantizer; down + x -> the epilogue's
+    # residual; the other int8_linears -> the epilogue op
+    assert c == Counter({"rms_norm_quantize_int8": 1, "add_rms_norm_quantize_int8": 1, "int8_linear_swiglu": 1,
+                         "activation_quantize_int8": 1, "int8_linear_epilogue": 2})
     residual = [n for n in opt.graph_module.graph.nodes if n.target is f.int8_linear_epilogue.default
                 and n.args[6] is not None]
     assert len(residual) == 1
-    assert opt.report["fuse_int8"].stats == {"norm_quantize": 2, "silu_mul_quantize": 1, "int8_linear_epilogue": 4}
+    assert opt.report["fuse_int8"].stats == {"norm_quantize": 2, "int8_linear_swiglu": 1, "int8_linear_epilogue": 2}
+
+
+class SwiGLUWithAProbe(SwiGLUBlock):
+    """The gate's pre-activation is also returned: the GEMMs cannot merge, SiLU·up still fuses into its quantizer."""
+
+    def forward(self, x):
+        h = self.norm2(x + self.mix(self.norm1(x)))
+        gate = self.gate(h)
+        return self.down(F.silu(gate) * self.up(h)), gate
+
+
+class SwiGLUOutput(SwiGLUBlock):
+    """The SwiGLU product is the output (nothing quantizes it): the GEMMs still merge."""
+
+    def forward(self, x):
+        h = self.norm2(x)
+        return F.silu(self.gate(h)) * self.up(h)
+
+
+def test_a_gate_read_elsewhere_keeps_two_gemms():
+    torch.manual_seed(0)
+    opt = assert_same_function(SwiGLUWithAProbe(), torch.randn(2, 6, 16))
+    c = counts(opt)
+    assert "int8_linear_swiglu" not in c and c["silu_mul_quantize_int8"] == 1 and c["int8_linear_epilogue"] == 4
+
+
+def test_an_unquantized_swiglu_product_still_merges_its_gemms():
+    torch.manual_seed(0)
+    opt = assert_same_function(SwiGLUOutput(), torch.randn(2, 6, 16))
+    c = counts(opt)
+    assert c["int8_linear_swiglu"] == 1 and "activation_quantize_int8" not in c
 
 
 def test_gelu_goes_into_its_quantizer_and_a_float_read_relu_into_the_epilogue():
@@ -166,10 +198,10 @@ def hf_fused(request):
 def test_hf_models_fuse_per_layer_and_compute_the_same_function(hf_fused):
     family, before, after, (args, kwargs) = hf_fused
     c, layers = counts(after), 2
-    if family == "llama":  # per layer: both norms, SwiGLU's product, 7 GEMMs; o_proj's input quantized alone
+    if family == "llama":  # per layer: both norms; gate and up one GEMM; o_proj's and down's inputs quantized alone
         assert c["rms_norm_quantize_int8"] + c["add_rms_norm_quantize_int8"] == 2 * layers
-        assert c["silu_mul_quantize_int8"] == layers and c["activation_quantize_int8"] == layers
-        assert c["int8_linear_epilogue"] == 7 * layers
+        assert c["int8_linear_swiglu"] == layers and c["activation_quantize_int8"] == 2 * layers
+        assert c["int8_linear_epilogue"] == 5 * layers and "silu_mul_quantize_int8" not in c
     else:  # BERT is post-LN: the norms stay (their output is the residual); GELU goes into fc2's quantizer
         assert not any("norm_quantize" in k for k in c)
         assert c["activation_quantize_int8"] == 4 * layers and c["int8_linear_epilogue"] == 6 * layers
@@ -193,4 +225,4 @@ def test_every_fused_op_is_in_the_registry():
     names = {d.name for d in ops.REGISTRY.values()}
     assert {"rms_norm_quantize_int8", "layer_norm_quantize_int8", "add_rms_norm_quantize_int8",
             "add_layer_norm_quantize_int8", "silu_mul_quantize_int8", "activation_quantize_int8",
-            "int8_linear_epilogue"} <= names
+            "int8_linear_epilogue", "int8_linear_swiglu"} <= names

@@ -1,5 +1,7 @@
 """Fuse the int8 family's quantizers into their producers and the dequantize into the GEMM epilogue.
 
+    quantize(silu(int8_linear(q, s, Wg)) · int8_linear(q, s, Wu), pre)
+                                                   =>  activation_quantize_int8(int8_linear_swiglu(q, s, Wg, Wu))
     quantize(norm(x, …), pre)                      =>  <norm>_quantize_int8(x, …, pre)        (rms_norm, layer_norm)
     quantize(add_norm(x, r, …)[0], pre)            =>  q, s, x + r = add_<norm>_quantize_int8(x, r, …, pre)
     quantize(silu(g) · u, pre)                     =>  silu_mul_quantize_int8(g, u, pre)
@@ -40,6 +42,9 @@ from fxopt.pattern import AnyOf, Op, Var, node_args
 from fxopt.rewrite import Rewriter
 from fxopt.rules import Rule, apply_rules
 
+from .patterns import check_codes, check_same_shape, quantize
+from .swiglu import SWIGLU_RULES
+
 aten, fused = torch.ops.aten, torch.ops.fxopt
 _NORMS = {ops.rms_norm: fused.rms_norm_quantize_int8.default,
           aten.layer_norm.default: fused.layer_norm_quantize_int8.default,
@@ -47,14 +52,6 @@ _NORMS = {ops.rms_norm: fused.rms_norm_quantize_int8.default,
           ops.add_layer_norm: fused.add_layer_norm_quantize_int8.default}
 _ARITY = {ops.rms_norm: 4, aten.layer_norm.default: 5, ops.add_rms_norm: 5, ops.add_layer_norm: 6}  # less cudnn
 _ACTS = (aten.gelu.default, aten.silu.default, aten.relu.default)
-
-
-def _quantize(producer) -> Op:
-    return Op(ops.quantize_int8, producer, Var("pre"), None, "token", label="per-token dynamic quantize_int8")
-
-
-def _val(n):
-    return n.meta.get("val") if isinstance(n, fx.Node) else None
 
 
 def _order(n: fx.Node) -> dict:
@@ -69,16 +66,16 @@ def _activation(node: fx.Node) -> str:
 
 # ---- patterns -----------------------------------------------------------------------------------------------
 
-NORM_QUANT = _quantize(AnyOf(Op((ops.rms_norm, aten.layer_norm.default), Var("x"), name="norm"),
+NORM_QUANT = quantize(AnyOf(Op((ops.rms_norm, aten.layer_norm.default), Var("x"), name="norm"),
                              Op(operator.getitem, Op((ops.add_rms_norm, ops.add_layer_norm), Var("x"), name="norm"),
                                 0, name="norm_out")))
-SILU_MUL_QUANT = _quantize(Op(aten.mul.Tensor, Op(aten.silu.default, Var("gate")), Var("up"), commutative=True,
+SILU_MUL_QUANT = quantize(Op(aten.mul.Tensor, Op(aten.silu.default, Var("gate")), Var("up"), commutative=True,
                               name="product"))
-ACT_QUANT = _quantize(Op(_ACTS, Var("x"), name="act"))
+ACT_QUANT = quantize(Op(_ACTS, Var("x"), name="act"))
 _LINEAR = Op(ops.int8_linear, Var("q"), Var("s"), Var("wq"), Var("ws"), Var("bias"), Var("dtype"), name="linear")
 _ACTED = Op(_ACTS, _LINEAR, name="act")
 EPILOGUE = AnyOf(Op(aten.add.Tensor, AnyOf(_ACTED, _LINEAR), Var("residual"), 1, commutative=True, name="add"), _ACTED)
-QUANT = _quantize(Var("x"))
+QUANT = quantize(Var("x"))
 
 
 # ---- checks -------------------------------------------------------------------------------------------------
@@ -106,27 +103,8 @@ def check_norm_quant(m) -> str | None:
     return None
 
 
-def check_codes(m) -> str | None:
-    """The epilogue op reads per-token codes (what the backends lower it for); a per-tensor or static
-    quantize_int8's codes stay with int8_linear."""
-    q = m["q"]
-    src = q.args[0] if q.op == "call_function" and q.target is operator.getitem else None
-    if src is not None and src.target is ops.quantize_int8 and node_args(src)[2:] != [None, "token"]:
-        return f"{m['linear'].name} reads per-tensor or static codes ({src.name}): it stays an int8_linear"
-    return None
-
-
 def check_epilogue(m) -> str | None:
     return ("residual" in m and check_same_shape("linear", "residual", "residual add")(m)) or check_codes(m)
-
-
-def check_same_shape(a_key: str, b_key: str, what: str):
-    def check(m) -> str | None:
-        a, b = _val(m[a_key]), _val(m[b_key])
-        if not isinstance(m[b_key], fx.Node) or a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:
-            return f"the {what} at {m.root.name} broadcasts, mixes dtypes or adds a constant"
-        return None
-    return check
 
 
 # ---- rewrites -----------------------------------------------------------------------------------------------
@@ -163,6 +141,7 @@ def rewrite_epilogue(rw: Rewriter, m) -> fx.Node:
 
 
 RULES = [
+    *SWIGLU_RULES,
     Rule("quantize(norm(x)) => norm_quantize_int8(x)", NORM_QUANT, rewrite_norm_quant, check_norm_quant,
          anchor="norm", exclusive=False, stat="norm_quantize"),
     Rule("quantize(silu(g)·u) => silu_mul_quantize_int8(g, u)", SILU_MUL_QUANT, rewrite_silu_mul,
