@@ -471,7 +471,7 @@ def e2e_table(rows: list[dict]) -> str:
 
 def category(kernel: str) -> str:
     k = kernel.lower()
-    if "int8_gemm" in k:
+    if "int8_gemm" in k or "int8_swiglu" in k:
         return "int8 GEMM (Triton, fused dequant)"
     if "row_quant" in k:
         return "norm/activation + quantize (Triton)"
