@@ -167,38 +167,60 @@ def _calibrated(state: _Run, p: Pass, gm: fx.GraphModule, ran_before: list[str])
     return dataclasses.replace(state.ctx, stats=stats)
 
 
+def _on_a_device(gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:
+    """Whether the graph runs anywhere but the CPU (its weights or its inputs), where op kernels replace the
+    references."""
+    leaves = [*gm.parameters(), *gm.buffers(), *pytree.tree_leaves((args, kwargs))]
+    return any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in leaves)
+
+
+def _on_references(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
+    return run_graph(decomposed_graph(gm, reference_table()), args, kwargs)
+
+
+def _new_nonfinite(reference: Any, kernels: Any) -> bool:
+    pairs = zip(pytree.tree_leaves(reference), pytree.tree_leaves(kernels), strict=False)
+    return any(isinstance(r, torch.Tensor) and isinstance(k, torch.Tensor) and r.is_floating_point()
+               and r.shape == k.shape and bool((torch.isfinite(r) & ~torch.isfinite(k)).any()) for r, k in pairs)
+
+
 def _check_numerics(state: _Run, p: Pass, result: PassResult, ran_before: list[str]) -> Numerics:
     args, kwargs = state.ctx.example_args, dict(state.ctx.example_kwargs)
-    on_references = p.check_on_references and any(
-        isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in pytree.tree_leaves((args, kwargs)))
+    # on a device, a pass whose ops' kernels may move a code by one is checked on the references (both graphs):
+    # the rewrite, not the kernels' rounding; the kernels' own difference is reported beside it
+    on_references = p.check_on_references and _on_a_device(state.gm, args, kwargs)
     try:
         after = run_graph(result.graph_module, args, kwargs)
         blown = overflowed(state.gm, args, kwargs, result.overflow_watch) if result.overflow_watch else []
-        if on_references:  # both graphs on the ops' references: the rewrite, not the kernels' rounding
-            before, checked = (run_graph(decomposed_graph(g, reference_table()), args, kwargs)
-                               for g in (state.gm, result.graph_module))
-        else:
-            before, checked = state.before, after
+        before, checked = ((_on_references(state.gm, args, kwargs), _on_references(result.graph_module, args, kwargs))
+                           if on_references else (state.before, after))
     except Exception as e:  # noqa: BLE001 - the rewritten graph does not run: the pass is at fault
         raise PassError(p.name, ran_before, e) from e
     tolerance = result.tolerance or p.tolerance
     numerics = compare(before, checked, tolerance)
+    where = ""
     if on_references:
-        numerics = dataclasses.replace(numerics, detail=f"{numerics.detail} (on the ops' reference "
-                                       "implementations; the device kernels may move a code by one)")
+        where = " on the ops' reference implementations"
+        kernels = compare(state.before, after, tolerance)
+        numerics = dataclasses.replace(numerics, detail="; ".join(filter(None, (
+            numerics.detail, f"checked{where}; the device kernels: max|err| {kernels.max_abs:.3g}, "
+            f"cosine {kernels.cosine:.6f} (a code moved by one where a value lies on a rounding boundary)"))))
+        if _new_nonfinite(checked, after):
+            raise NumericsError(f"pass {p.name!r}: its ops' device kernels give inf/NaN where their reference "
+                                f"implementations are finite, on the example inputs")
     if blown:
         numerics = dataclasses.replace(
             numerics, ok=True, detail=f"not compared: the graph before the pass overflowed or underflowed "
             f"at {', '.join(blown)} on the example inputs")
     if not numerics.ok:
-        again = compare(state.before, run_graph(state.gm, args, kwargs), tolerance)
+        again = (compare(before, _on_references(state.gm, args, kwargs), tolerance) if on_references else
+                 compare(state.before, run_graph(state.gm, args, kwargs), tolerance))
         if not again.ok:  # the graph before the pass does not reproduce its own outputs
             raise NumericsError(f"the model's outputs differ between two runs on the same inputs (randomness "
                                 f"or state the forward keeps outside its buffers), so pass {p.name!r} cannot be "
                                 f"checked: {again.detail}")
         own = " (the bound it stated for this run)" if result.tolerance is not None else ""
-        own += " (on the ops' reference implementations)" if on_references else ""
         raise NumericsError(f"pass {p.name!r} ({p.exactness.value}) broke its numerical contract{own} "
-                            f"on the example inputs: {numerics.detail}")
+                            f"on the example inputs{where}: {numerics.detail}")
     state.before = after
     return numerics

@@ -59,7 +59,9 @@ def scale_of(absmax: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
     which is what a kernel's IEEE division, ONNX `Div` and TVM compute.
     """
     a = absmax.clamp_min(SCALE_MIN)
-    return a / qmax if a.dtype == torch.float64 else (a.double() / qmax).to(a.dtype)
+    if a.dtype == torch.float64 or a.device.type == "mps":  # MPS has no fp64
+        return a / qmax
+    return (a.double() / qmax).to(a.dtype)
 
 
 def codes(x: torch.Tensor, scale: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:

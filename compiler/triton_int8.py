@@ -360,9 +360,17 @@ CHUNKED_ABOVE, ROW_CHUNK = 4096, 1024
 
 
 def swiglu_config(m: int, n: int, k: int, sms: int = 132) -> tuple:
-    """Two accumulators per tile: the config of one GEMM as wide as gate and up together, at half its N tile."""
-    bm, bn, *rest = gemm_config(m, 2 * n, k, sms)
-    return (bm, bn // 2 if bn >= 256 else bn, *rest)
+    """Two accumulators per tile, so a 256-wide tile becomes two of 128 (the registers of one): gemm_config's
+    choice over the tiles this kernel really launches."""
+    def halved(cfg: tuple) -> tuple:
+        return (cfg[0], cfg[1] // 2 if cfg[1] >= 256 else cfg[1], *cfg[2:])
+    for bound, cfg in SMALL_M_CONFIGS:
+        if m <= bound:
+            return cfg
+    for cfg in map(halved, TILE_CONFIGS):
+        if -(-m // cfg[0]) * -(-n // cfg[1]) >= MIN_TILES_PER_SM * sms:
+            return cfg
+    return halved(TILE_CONFIGS[-1])
 
 
 def launch_swiglu(q2, sa, wg, wsg, bg, wu, wsu, bu, out_dtype, config=None) -> torch.Tensor:
@@ -464,8 +472,8 @@ def gemm_covers(q, scale, wq, w_scale, bias, activation, residual, out_dtype) ->
     out_shape = (*q.shape[:-1], n)
     return (0 < k < MAX_K and m > 0 and activation in _ACT and out_dtype in _FLOATS
             and wq.dim() == 2 and wq.shape[1] == k and _dense(wq, q, dtype=torch.int8)
-            and _dense(scale, q, dtype=torch.float32) and scale.numel() in (1, m)
-            and (scale.numel() == 1 or tuple(scale.shape) == (*q.shape[:-1], 1))
+            and _dense(scale, q, dtype=torch.float32)
+            and (scale.dim() == 0 or tuple(scale.shape) == (*q.shape[:-1], 1))
             and _dense(w_scale, q, dtype=torch.float32) and w_scale.numel() in (1, n) and w_scale.dim() <= 1
             and (bias is None or (bias.is_contiguous() and bias.device == q.device and bias.dtype in _FLOATS
                                   and tuple(bias.shape) == (n,)))
@@ -485,7 +493,8 @@ def int8_linear_cuda(q, scale, wq, w_scale, bias, out_dtype):
     """For `int8_linear` (compiler/quant_ops.py): the epilogue GEMM where it covers the call, else None."""
     if not gemm_covers(q, scale, wq, w_scale, bias, "none", None, out_dtype):
         return None
-    return int8_linear_epilogue_cuda(q, scale, wq, w_scale, bias, "none", None, out_dtype)
+    k, n = q.shape[-1], wq.shape[0]
+    return launch_gemm(q.reshape(-1, k), scale, wq, w_scale, bias, "none", None, out_dtype).view(*q.shape[:-1], n)
 
 
 def int8_linear_swiglu_cuda(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, out_dtype):

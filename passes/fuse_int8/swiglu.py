@@ -34,6 +34,9 @@ SWIGLU_QUANT = quantize(SWIGLU)
 
 
 def check_swiglu(m) -> str | None:
+    shared = [n for n in (m["gate_linear"], m["silu"], m["up_linear"]) if len(n.users) > 1]
+    if shared:  # another product reads it too: merging would run the shared GEMM once per product
+        return f"{shared[0].name} at {m['product'].name} feeds more than one product"
     gate, up = val(m["wq_gate"]), val(m["wq_up"])
     if gate is None or up is None or gate.shape != up.shape:
         return f"the gate and up weights at {m['product'].name} differ in shape"

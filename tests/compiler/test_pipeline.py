@@ -215,3 +215,39 @@ def test_each_step_is_compared_with_the_graph_just_before_it():
     first, second = opt.report.passes[1:]
     assert first.numerics.ok and second.numerics.ok  # 2e-2 from the capture, 1e-2 from each step's input
     assert second.numerics.max_abs == pytest.approx(1e-2, rel=1e-3)
+
+
+@dataclass(frozen=True)
+class KernelsMoveACode(AddOffset):
+    """Its ops' device kernels differ from their references (the offset stands for a code moved by one); it
+    declares that, so on a device the pipeline checks it on the references."""
+
+    name: ClassVar[str] = "kernels_move_a_code"
+    exactness: ClassVar = Exactness.EXACT
+    check_on_references: ClassVar[bool] = True
+    claim: float | None = None
+
+
+def test_on_a_device_a_pass_declaring_kernel_rounding_is_checked_on_the_references(monkeypatch):
+    from fxopt import pipeline
+
+    with pytest.raises(fxopt.NumericsError, match="kernels_move_a_code"):  # on the CPU the kernels are checked
+        fxopt.optimize(ScaledProjection(), (X,), passes=[KernelsMoveACode()])
+    monkeypatch.setattr(pipeline, "_on_a_device", lambda gm, args, kwargs: True)
+    seen = []
+
+    def references(gm, args, kwargs):  # the reference implementations agree before and after the pass
+        seen.append(gm)
+        return torch.zeros(3)
+    monkeypatch.setattr(pipeline, "_on_references", references)
+    rep = fxopt.optimize(ScaledProjection(), (X,), passes=[KernelsMoveACode()]).report["kernels_move_a_code"]
+    assert len(seen) == 2 and seen[0] is not seen[1]  # the graph before the pass and the one after it
+    assert rep.numerics.ok and "the device kernels: max|err| 0.01" in rep.numerics.detail
+
+    def differing(gm, args, kwargs):
+        seen.append(gm)
+        return torch.zeros(3) if gm is seen[0] else torch.ones(3)
+    seen.clear()
+    monkeypatch.setattr(pipeline, "_on_references", differing)
+    with pytest.raises(fxopt.NumericsError, match="on the ops' reference implementations"):
+        fxopt.optimize(ScaledProjection(), (X,), passes=[KernelsMoveACode()])

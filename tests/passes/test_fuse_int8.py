@@ -138,6 +138,25 @@ def test_a_gate_read_elsewhere_keeps_two_gemms():
     assert "int8_linear_swiglu" not in c and c["silu_mul_quantize_int8"] == 1 and c["int8_linear_epilogue"] == 4
 
 
+class TwoProductsOfOneGate(SwiGLUBlock):
+    """One silu(gate) feeds two products: merging either would run the gate GEMM twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.up2 = nn.Linear(16, 32, bias=False)
+
+    def forward(self, x):
+        h = self.norm2(x)
+        a = F.silu(self.gate(h))
+        return self.down(a * self.up(h)) + self.down(a * self.up2(h))
+
+
+def test_a_gate_shared_by_two_products_is_not_merged_twice():
+    torch.manual_seed(0)
+    opt = assert_same_function(TwoProductsOfOneGate(), torch.randn(2, 6, 16))
+    assert "int8_linear_swiglu" not in counts(opt)
+
+
 def test_an_unquantized_swiglu_product_still_merges_its_gemms():
     torch.manual_seed(0)
     opt = assert_same_function(SwiGLUOutput(), torch.randn(2, 6, 16))
