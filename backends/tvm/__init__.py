@@ -59,13 +59,16 @@ def legalize(program: Any) -> list[str]:
     return missing
 
 
-def _import(opt: Any, extern: bool) -> Lowered:
+def _import(opt: Any, extern: bool, static: bool = False) -> Lowered:
     """The Relax module of ``opt``: with its dynamic dims, or, where TVM's importer fails on them and an import
-    with the example inputs' static shapes works, with those (said in ``Lowered.notes`` and the manifest)."""
+    with the example inputs' static shapes works, with those (said in ``Lowered.notes`` and the manifest);
+    ``static``: with those from the start."""
     if (wide := widened(opt) if isinstance(opt, OptimizedModule) else None) is not None:
-        lowered = _import(wide, extern)  # TVM's layer_norm takes float32 and float16 only
+        lowered = _import(wide, extern, static)  # TVM's layer_norm takes float32 and float16 only
         return dataclasses.replace(lowered, notes=(widen_note, *lowered.notes))
     module = getattr(opt, "graph_module", None)
+    if static:
+        return to_relax(opt.exported_program(dynamic=False), extern=extern, module=module)
     try:
         return to_relax(_exported_program(opt), extern=extern, module=module)
     except ImporterError as dynamic_error:
@@ -91,7 +94,22 @@ def _lower_and_build(opt: Any, target: str, extern: bool | None, **build_opts: A
     except TypeError:
         raise  # a build option that does not exist: the caller's
     except Exception as e:  # noqa: BLE001 - TVM's own (a legalization or codegen it lacks)
-        raise BackendError("tvm", f"building for {target}", e) from e
+        error = BackendError("tvm", f"building for {target}", e)
+        error.__cause__ = e
+    # TVM's schedules cannot build some kernels over dynamic dims (a shared-memory stage of a symbolic size):
+    # the example inputs' static shapes, said in the notes and the manifest, as for the importer's failures
+    if getattr(opt, "dynamic_shapes", None) is None or any(n.startswith("static shapes") for n in lowered.notes):
+        raise error
+    first = str(error.__cause__).strip().splitlines()[-1][:160] if str(error.__cause__).strip() else "?"
+    try:
+        static = _import(opt, extern, static=True)
+        built = build(static.mod, target, **build_opts)
+    except Exception:  # noqa: BLE001 - the static build fails too: the dynamic one's error is the one to see
+        raise error from error.__cause__
+    note = (f"static shapes (the example inputs'): TVM's {target} build failed with dynamic dims ({first}); "
+            f"calls at other shapes are refused")
+    log.warning("tvm: %s", note)
+    return dataclasses.replace(static, notes=(*static.notes, note)), built
 
 
 def _manifest(lowered: Lowered, target: str, extern: bool) -> dict[str, Any]:

@@ -69,3 +69,21 @@ def test_cuda_artifact_loads_with_the_runtime_only(cuda_artifact):
     res = subprocess.run([sys.executable, "-c", LOAD_RUNTIME_ONLY, str(cuda_artifact), stub],
                          env=env, capture_output=True, text=True, check=True)
     assert "cuda" in res.stdout.split(), res.stdout + res.stderr
+
+
+def test_a_w8a8_llama_builds_cuda_code_with_static_shapes_where_dynamic_dims_fail(tmp_path):
+    # TVM's schedule of the tiny Llama's RoPE table stages a symbolic-size buffer in shared memory, which its
+    # CUDA build refuses: the artifact is built at the example inputs' shapes instead, and says so
+    from fxopt.passes import FuseInt8, FuseLayerNorm, ZeroQuant
+    from tests.models import hf
+
+    model, _ = hf.build("llama", attn="sdpa", layers=1)
+    args, kwargs = hf.inputs("llama", 2, 8)
+    opt = fxopt.optimize(model, args, example_kwargs=kwargs,
+                         passes=[FuseLayerNorm(), ZeroQuant(weight_bits=8, group_size=1, act="token"), FuseInt8()])
+    path = fxtvm.export(opt, tmp_path / "w8a8", target="cuda")
+    assert build.has_device_code(path / "model.so")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert any("build failed with dynamic dims" in n for n in manifest["notes"])
+    shapes = [leaf["shape"] for a in manifest["signature"]["arguments"] for leaf in a["leaves"] if leaf["shape"]]
+    assert shapes == [[2, 8]]
