@@ -34,7 +34,7 @@ SWIGLU_QUANT = quantize(SWIGLU)
 
 
 def check_swiglu(m) -> str | None:
-    shared = [n for n in (m["gate_linear"], m["silu"], m["up_linear"]) if len(n.users) > 1]
+    shared = [n for n in (m["gate_linear"], m.get("silu"), m["up_linear"]) if n is not None and len(n.users) > 1]
     if shared:  # another product reads it too: merging would run the shared GEMM once per product
         return f"{shared[0].name} at {m['product'].name} feeds more than one product"
     gate, up = val(m["wq_gate"]), val(m["wq_up"])
@@ -55,10 +55,26 @@ def rewrite_swiglu_quant(rw: Rewriter, m):
     return rw.getitem(node, 0, before=m.root), rw.getitem(node, 1, before=m.root)
 
 
+# what the rules above leave when they do not apply (checked while the GEMMs are still int8_linear, before
+# fuse_int8's plain rules turn them into epilogue GEMMs): two GEMMs on the same codes feeding silu_mul_quantize
+TWO_GEMMS = Op(fused.silu_mul_quantize_int8.default, _linear("gate"), _linear("up"), Var("pre"), name="product")
+
+
+def why_two_gemms(m) -> str:
+    for role in ("gate", "up"):
+        node = m[f"{role}_linear"]
+        others = [u.name for u in node.users if u is not m.root]
+        if others:
+            return f"SwiGLU's {role} GEMM {node.name} is also read by {others[0]}: the two GEMMs stay apart"
+    return check_swiglu(m) or f"SwiGLU's GEMMs at {m.root.name} stay apart"
+
+
 SWIGLU_RULES = [
     Rule("quantize(silu(int8_linear(q, s, Wg)) · int8_linear(q, s, Wu)) => "
          "activation_quantize_int8(int8_linear_swiglu(q, s, Wg, Wu))", SWIGLU_QUANT, rewrite_swiglu_quant,
          check_swiglu, anchor="product", stat="int8_linear_swiglu"),
     Rule("silu(int8_linear(q, s, Wg)) · int8_linear(q, s, Wu) => int8_linear_swiglu(q, s, Wg, Wu)", SWIGLU, _swiglu,
          check_swiglu, anchor="product", stat="int8_linear_swiglu"),
+    Rule("silu_mul_quantize(int8_linear(q, s, Wg), int8_linear(q, s, Wu)): near-miss", TWO_GEMMS, None, why_two_gemms,
+         anchor="product", exclusive=False),
 ]

@@ -131,11 +131,12 @@ class SwiGLUOutput(SwiGLUBlock):
         return F.silu(self.gate(h)) * self.up(h)
 
 
-def test_a_gate_read_elsewhere_keeps_two_gemms():
+def test_a_gate_read_elsewhere_keeps_two_gemms_and_says_why():
     torch.manual_seed(0)
     opt = assert_same_function(SwiGLUWithAProbe(), torch.randn(2, 6, 16))
     c = counts(opt)
     assert "int8_linear_swiglu" not in c and c["silu_mul_quantize_int8"] == 1 and c["int8_linear_epilogue"] == 4
+    assert any("gate GEMM" in r and "also read by" in r for r in opt.report["fuse_int8"].reasons)
 
 
 class TwoProductsOfOneGate(SwiGLUBlock):
