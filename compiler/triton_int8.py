@@ -57,6 +57,32 @@ if triton is not None:
         return v
 
     @triton.jit
+    def _scale(absmax):
+        """The per-token scale: max(abs-max, 1e-8) / 127, correctly rounded (quant_ops.scale_of)."""
+        return tl.math.div_rn(tl.maximum(absmax, 1e-8), 127.0)
+
+    @triton.jit
+    def _codes(y, s):
+        """round-half-even(y / s) clamped to ±127, as int8 (quant_ops.codes)."""
+        return tl.minimum(tl.maximum(libdevice.rint(tl.math.div_rn(y, s)), -127.0), 127.0).to(tl.int8)
+
+    @triton.jit
+    def _elementwise_row(X, R, P, offs, cols, keep, MODE: tl.constexpr, ACT: tl.constexpr, HAS_P: tl.constexpr):
+        """The value a SwiGLU (MODE 2) or activation (MODE 3) row kernel quantizes, at `cols`, in fp32."""
+        x = tl.load(X + offs, mask=keep, other=0.0)
+        dt = x.dtype
+        xf = x.to(tl.float32)
+        if MODE == 2:  # silu(gate) rounded to the dtype, times up, rounded again
+            up = tl.load(R + offs, mask=keep, other=0.0).to(tl.float32)
+            y = (xf / (1.0 + tl.exp(-xf))).to(dt).to(tl.float32)
+            y = (y * up).to(dt).to(tl.float32)
+        else:
+            y = _activate(xf, ACT).to(dt).to(tl.float32)
+        if HAS_P:
+            y = y * tl.load(P + cols, mask=keep, other=0.0).to(tl.float32)
+        return tl.where(keep, y, 0.0)
+
+    @triton.jit
     def _row_quant_kernel(X, R, W, B, P, Q, S, SUM, N, eps, MODE: tl.constexpr, ACT: tl.constexpr,
                           HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_P: tl.constexpr,
                           BLOCK: tl.constexpr):
@@ -64,16 +90,11 @@ if triton is not None:
         cols = tl.arange(0, BLOCK)
         keep = cols < N
         offs = row * N + cols
-        x = tl.load(X + offs, mask=keep, other=0.0)
-        dt = x.dtype
-        if MODE == 2:  # silu(gate) rounded to the dtype, times up, rounded again
-            up = tl.load(R + offs, mask=keep, other=0.0).to(tl.float32)
-            xf = x.to(tl.float32)
-            y = (xf / (1.0 + tl.exp(-xf))).to(dt).to(tl.float32)
-            y = (y * up).to(dt).to(tl.float32)
-        elif MODE == 3:
-            y = _activate(x.to(tl.float32), ACT).to(dt).to(tl.float32)
+        if MODE >= 2:
+            y = _elementwise_row(X, R, P, offs, cols, keep, MODE, ACT, HAS_P)
         else:
+            x = tl.load(X + offs, mask=keep, other=0.0)
+            dt = x.dtype
             if HAS_R:
                 x = x + tl.load(R + offs, mask=keep, other=0.0)  # rounded to the dtype, as x + residual is
                 tl.store(SUM + offs, x, mask=keep)
@@ -92,29 +113,12 @@ if triton is not None:
                 if HAS_B:
                     y = y + tl.load(B + cols, mask=keep, other=0.0).to(tl.float32)
                 y = y.to(dt).to(tl.float32)
-        if HAS_P:
-            y = y * tl.load(P + cols, mask=keep, other=0.0).to(tl.float32)
-        y = tl.where(keep, y, 0.0)
-        s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=0), 1e-8), 127.0)
-        q = tl.minimum(tl.maximum(libdevice.rint(tl.math.div_rn(y, s)), -127.0), 127.0)
-        tl.store(Q + offs, q.to(tl.int8), mask=keep)
+            if HAS_P:
+                y = y * tl.load(P + cols, mask=keep, other=0.0).to(tl.float32)
+            y = tl.where(keep, y, 0.0)
+        s = _scale(tl.max(tl.abs(y), axis=0))
+        tl.store(Q + offs, _codes(y, s), mask=keep)
         tl.store(S + row, s)
-
-    @triton.jit
-    def _elementwise_row(X, R, P, offs, cols, keep, MODE: tl.constexpr, ACT: tl.constexpr, HAS_P: tl.constexpr):
-        """The value a SwiGLU (MODE 2) or activation (MODE 3) row kernel quantizes, at `cols`, in fp32."""
-        x = tl.load(X + offs, mask=keep, other=0.0)
-        dt = x.dtype
-        xf = x.to(tl.float32)
-        if MODE == 2:
-            up = tl.load(R + offs, mask=keep, other=0.0).to(tl.float32)
-            y = (xf / (1.0 + tl.exp(-xf))).to(dt).to(tl.float32)
-            y = (y * up).to(dt).to(tl.float32)
-        else:
-            y = _activate(xf, ACT).to(dt).to(tl.float32)
-        if HAS_P:
-            y = y * tl.load(P + cols, mask=keep, other=0.0).to(tl.float32)
-        return tl.where(keep, y, 0.0)
 
     @triton.jit
     def _row_quant_chunked_kernel(X, R, P, Q, S, N, MODE: tl.constexpr, ACT: tl.constexpr, HAS_P: tl.constexpr,
@@ -129,27 +133,29 @@ if triton is not None:
             cols = c0 + tl.arange(0, CHUNK)
             keep = cols < N
             peak = tl.maximum(peak, tl.abs(_elementwise_row(X, R, P, base + cols, cols, keep, MODE, ACT, HAS_P)))
-        s = tl.math.div_rn(tl.maximum(tl.max(peak, axis=0), 1e-8), 127.0)
+        s = _scale(tl.max(peak, axis=0))
         for c0 in range(0, N, CHUNK):
             cols = c0 + tl.arange(0, CHUNK)
             keep = cols < N
-            y = _elementwise_row(X, R, P, base + cols, cols, keep, MODE, ACT, HAS_P)
-            q = tl.minimum(tl.maximum(libdevice.rint(tl.math.div_rn(y, s)), -127.0), 127.0)
-            tl.store(Q + base + cols, q.to(tl.int8), mask=keep)
+            tl.store(Q + base + cols, _codes(_elementwise_row(X, R, P, base + cols, cols, keep, MODE, ACT, HAS_P), s),
+                     mask=keep)
         tl.store(S + row, s)
+
+    @triton.jit
+    def _tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        """This program's (row tile, column tile), in grouped order: GROUP_M row tiles share each weight tile
+        while it is in L2."""
+        pid = tl.program_id(0)
+        width = GROUP_M * tl.cdiv(N, BN)
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(tl.cdiv(M, BM) - first_m, GROUP_M)
+        return first_m + (pid % width) % size_m, (pid % width) // size_m
 
     @triton.jit
     def _int8_gemm_kernel(A, Bw, C, SA, SB, BIAS, RES, M, N, K, sa_stride, sb_stride,
                           HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, EVEN_K: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-        pid = tl.program_id(0)
-        grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-        width = GROUP_M * grid_n  # grouped order: GROUP_M row tiles share each weight tile while it is in L2
-        group = pid // width
-        first_m = group * GROUP_M
-        size_m = tl.minimum(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
+        pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
@@ -199,13 +205,7 @@ if triton is not None:
                               HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
         """The same GEMM with tiles brought in by the tensor memory accelerator (zero fill past the edges)."""
-        pid = tl.program_id(0)
-        grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-        width = GROUP_M * grid_n
-        first_m = (pid // width) * GROUP_M
-        size_m = tl.minimum(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
+        pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
         acc = tl.zeros((BM, BN), dtype=tl.int32)
         for k in range(0, tl.cdiv(K, BK)):
             a = a_desc.load([pid_m * BM, k * BK])
@@ -241,13 +241,7 @@ if triton is not None:
                             HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
                             BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
         """Two int8 GEMMs on the same A tiles (gate and up weights), two int32 accumulators, one SwiGLU store."""
-        pid = tl.program_id(0)
-        grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-        width = GROUP_M * grid_n
-        first_m = (pid // width) * GROUP_M
-        size_m = tl.minimum(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
+        pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
@@ -278,13 +272,7 @@ if triton is not None:
     def _int8_swiglu_tma_kernel(a_desc, g_desc, u_desc, C, SA, SBG, SBU, BG, BU, M, N, K, sa_stride, sbg_stride,
                                 sbu_stride, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, BM: tl.constexpr,
                                 BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-        pid = tl.program_id(0)
-        grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-        width = GROUP_M * grid_n
-        first_m = (pid // width) * GROUP_M
-        size_m = tl.minimum(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
+        pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
         acc_g = tl.zeros((BM, BN), dtype=tl.int32)
         acc_u = tl.zeros((BM, BN), dtype=tl.int32)
         for k in range(0, tl.cdiv(K, BK)):
@@ -331,6 +319,11 @@ def gemm_config(m: int, n: int, k: int, sms: int = 132) -> tuple:
     return TILE_CONFIGS[-1]
 
 
+def _tma_ok(tma: list, k: int, *operands: torch.Tensor) -> bool:
+    """A config asking for TMA, and operands it can read: 16-byte aligned bases and rows."""
+    return bool(tma and tma[0]) and k % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in operands)
+
+
 def launch_gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype, config=None) -> torch.Tensor:
     """The epilogue GEMM on 2-d operands: q2 [M, K] int8, sa M or 1 scales, wq [N, K] int8, ws N or 1 scales."""
     m, k = q2.shape
@@ -342,7 +335,7 @@ def launch_gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype, config=N
               1 if sa.numel() > 1 else 0, 1 if ws.numel() > 1 else 0)
     flags = dict(HAS_BIAS=bias is not None, ACT=_ACT[activation], HAS_RES=res2 is not None, BM=bm, BN=bn, BK=bk,
                  GROUP_M=group, num_warps=warps, num_stages=stages, enable_fp_fusion=False)
-    if tma and tma[0] and k % 16 == 0 and q2.data_ptr() % 16 == 0 and wq.data_ptr() % 16 == 0:  # TMA: aligned rows
+    if _tma_ok(tma, k, q2, wq):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         _int8_gemm_tma_kernel[grid](TensorDescriptor.from_tensor(q2, [bm, bk]),
@@ -383,7 +376,7 @@ def launch_swiglu(q2, sa, wg, wsg, bg, wu, wsu, bu, out_dtype, config=None) -> t
               1 if sa.numel() > 1 else 0, 1 if wsg.numel() > 1 else 0, 1 if wsu.numel() > 1 else 0)
     flags = dict(HAS_BG=bg is not None, HAS_BU=bu is not None, BM=bm, BN=bn, BK=bk, GROUP_M=group,
                  num_warps=warps, num_stages=stages, enable_fp_fusion=False)
-    if tma and tma[0] and k % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in (q2, wg, wu)):
+    if _tma_ok(tma, k, q2, wg, wu):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         _int8_swiglu_tma_kernel[grid](TensorDescriptor.from_tensor(q2, [bm, bk]),
