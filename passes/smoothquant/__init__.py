@@ -38,6 +38,7 @@ from torch import fx
 
 from fxopt.calibration import BlockIO, ChannelAbsMax
 from fxopt.pass_base import ROUNDING, Exactness, Measure, Pass, PassContext, PassResult, Requirement, Tolerance, is_bool
+from fxopt.quant_ops import quantize_weight_int8
 from fxopt.rewrite import Rewriter, get_attr
 from fxopt.structure import analyze_graph, block_linears
 
@@ -49,12 +50,12 @@ from .rewrite import (
     prescale_input,
     quantize_site,
     quantizer,
+    site_bias,
     smooth_weight,
-    smoothed_bias,
     smoothed_weight,
     static_scale,
 )
-from .scales import best_alpha, out_in, smoothing_scale, tokens, weight_max
+from .scales import CORRECTION_TOKENS, best_alpha, bias_correction, out_in, smoothing_scale, tokens, weight_max
 
 _INF = float("inf")
 ACT = ("token", "tensor", "tensor_asym", "tensor_static")  # activation quantizers: per token or per tensor
@@ -78,6 +79,7 @@ class SmoothQuant(Pass):
     auto_batches: int = 8
     embeddings: bool = True
     fold_vo: bool = True
+    bias_correction: bool = True
 
     name: ClassVar[str] = "smoothquant"
     requires: ClassVar = frozenset({Requirement.SHAPES, Requirement.CALIBRATION})
@@ -87,7 +89,7 @@ class SmoothQuant(Pass):
         "act": (lambda v: v in ACT, f"one of {', '.join(map(repr, ACT))}"),
         "weight": (lambda v: v in ("channel", "tensor"), "'channel' or 'tensor'"),
         "smooth": (is_bool, "a bool"), "smooth_only": (is_bool, "a bool"), "embeddings": (is_bool, "a bool"),
-        "fold_vo": (is_bool, "a bool"),
+        "fold_vo": (is_bool, "a bool"), "bias_correction": (is_bool, "a bool"),
         "layers": (lambda v: v in ("blocks", "all"), "'blocks' or 'all'"),
         "min_cosine": (lambda v: isinstance(v, (int, float)) and -1 <= v <= 1, "a number in [-1, 1]"),
         "auto_batches": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")}
@@ -106,9 +108,18 @@ class SmoothQuant(Pass):
     def calibration_spec(self, gm: fx.GraphModule):
         inputs = [x.name for g in self._groups(gm) for x in g.inputs]
         specs = [ChannelAbsMax(x) for x in inputs]
-        if self.alpha == "auto" and self.smooth:
+        if self._keeps_batches:
             specs += [BlockIO((x,), (), self.auto_batches) for x in inputs]
         return specs
+
+    @property
+    def _keeps_batches(self) -> bool:
+        """Calibration batches of every quantized input are kept (auto_batches of them) for α="auto"'s search and
+        for bias correction."""
+        return (self.alpha == "auto" and self.smooth) or (self.bias_correction and not self.smooth_only)
+
+    def _kept(self, ctx: PassContext, inputs) -> list[torch.Tensor]:
+        return [b[0] for x in inputs for b in ctx.stats.of(BlockIO((x.name,), (), self.auto_batches)).inputs]
 
     def _scale(self, gm, group: Group, ctx: PassContext) -> tuple[torch.Tensor, torch.Tensor, float | None]:
         """(act_max, s, α) of one group; s ≡ 1 without smoothing."""
@@ -119,8 +130,7 @@ class SmoothQuant(Pass):
             return act, torch.ones_like(act), None
         alpha, tie = self.alpha, tie_rows(group)
         if alpha == "auto":
-            kept = [b[0] for x in group.inputs for b in ctx.stats.of(BlockIO((x.name,), (), self.auto_batches)).inputs]
-            alpha = best_alpha(tokens(kept), weights, act, self.act, self.weight == "channel", tie)
+            alpha = best_alpha(self._kept(ctx, group.inputs), weights, act, self.act, self.weight == "channel", tie)
             if alpha is None:  # smoothing this group only adds quantization error
                 return act, torch.ones_like(act), None
         return act, tie(smoothing_scale(act, weight_max(weights), float(alpha))), float(alpha)
@@ -150,7 +160,7 @@ class SmoothQuant(Pass):
             elif self.smooth_only and g.norm is None:
                 self._prescale(rw, g, s, order, rows)
             elif not self.smooth_only:
-                self._quantize(rw, g, act, s, order, rows)
+                self._quantize(rw, g, act, s, order, rows, ctx)
             a = (f", α={alpha:g}" if alpha is not None else
                  ", α=auto chose no smoothing" if self.smooth and self.alpha == "auto" else "")
             folded = g.norm is not None or g.v_fold is not None
@@ -181,7 +191,8 @@ class SmoothQuant(Pass):
                 smooth_weight(rw, t, s, rows.pop(t, None))
                 rw.counts["smoothed_by_multiply"] += 1
 
-    def _quantize(self, rw: Rewriter, g: Group, act: torch.Tensor, s: torch.Tensor, order: dict, rows: dict) -> None:
+    def _quantize(self, rw: Rewriter, g: Group, act: torch.Tensor, s: torch.Tensor, order: dict, rows: dict,
+                  ctx: PassContext) -> None:
         granularity = "token" if self.act == "token" else "tensor"
         pre = 1 / s if self.smooth and g.norm is None and g.v_fold is None else None
         static = static_scale(act, s) if self.act == "tensor_static" else None
@@ -190,8 +201,13 @@ class SmoothQuant(Pass):
             first = min((t.node for t in readers), key=order.__getitem__)
             codes = asym_quantizer(rw, x, first, pre) if self.act == "tensor_asym" else \
                 quantizer(rw, x, first, pre, static, granularity)
+            sample = tokens(self._kept(ctx, [x]), CORRECTION_TOKENS) if self.bias_correction else None
             for t in readers:
                 r = rows.pop(t, None)
-                quantize_site(rw, t, codes, smoothed_weight(rw, t, s, r), self.weight, smoothed_bias(rw, t, r))
+                w = smoothed_weight(rw, t, s, r)
+                wq, ws = quantize_weight_int8(w, self.weight)
+                delta = None if sample is None else bias_correction(
+                    sample, s, w, wq.double() * ws.double().reshape(-1, 1), self.act, act)
+                quantize_site(rw, t, codes, (wq, ws), site_bias(rw, t, r, delta))
                 rw.counts["unsmoothed" if not self.smooth else "smoothed_into_v" if g.v_fold is not None else
                           "smoothed_into_norm" if pre is None else "smoothed_in_quantizer"] += 1

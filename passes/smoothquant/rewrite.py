@@ -3,9 +3,9 @@
     fold      γ' = γ / s, β' = β / s on the norm (a new constant; a γ-less norm gets γ' = 1 / s)
     smooth    W' = W · diag(s) on every linear of the group (input columns; rows of an (in, out) Conv1D weight)
     V→O       W_v' = diag(1/s)·W_v, b_v' = b_v / s on v's output rows feeding o's input channels
-    quantize  y = int8_linear(quantize_int8(x, pre, static, g), Wq, Ws, b): one quantizer per input node,
+    quantize  y = int8_linear(quantize_int8(x, pre, static, g), Wq, Ws, b + Δb): one quantizer per input node,
               pre = 1/s when the scale goes into the quantizer, else None; act="tensor_asym":
-              y = uint8_linear(quantize_uint8(x, pre), Wq, Ws, b)
+              y = uint8_linear(quantize_uint8(x, pre), Wq, Ws, b + Δb); Δb the bias correction (scales.py), or 0
 
 Weights are new constants, never edited in place, and a weight shared with another reader (a tied embedding)
 is replaced for this linear only.
@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from fxopt import ops
-from fxopt.quant_ops import quantize_weight_int8, scale_of
+from fxopt.quant_ops import scale_of
 from fxopt.rewrite import Rewriter, get_attr
 from fxopt.sites import LinearSite, val
 
@@ -52,12 +52,19 @@ def smoothed_weight(rw: Rewriter, site: LinearSite, s: torch.Tensor, rows: torch
     return w if rows is None else w * rows[:, None]
 
 
-def smoothed_bias(rw: Rewriter, site: LinearSite, rows: torch.Tensor | None) -> fx.Node | None:
-    """`site`'s bias, times `rows` as a new constant where a V→O fold scales its rows."""
-    if rows is None or site.bias is None:
+def site_bias(rw: Rewriter, site: LinearSite, rows: torch.Tensor | None,
+              correction: torch.Tensor | None = None) -> fx.Node | None:
+    """`site`'s bias, times `rows` where a V→O fold scales its rows, plus `correction` (bias correction: float64
+    [out]), as a new constant where either applies; a bias-less linear gets one when corrected."""
+    if (rows is None or site.bias is None) and correction is None:
         return site.bias
-    b = get_attr(rw.gm, site.bias.target).detach()
-    return rw.constant(f"{site.weight_name}_bias_smoothed", (b.double() * rows).to(b.dtype), before=site.output)
+    old = None if site.bias is None else get_attr(rw.gm, site.bias.target).detach()
+    b = torch.zeros_like(correction) if old is None else old.double()
+    b = b if rows is None else b * rows
+    b = b if correction is None else b + correction
+    dtype = val(site.output).dtype if old is None else old.dtype
+    return rw.constant(f"{site.weight_name}_bias_{'corrected' if correction is not None else 'smoothed'}",
+                       b.to(dtype), before=site.output)
 
 
 def _bias_reader(site: LinearSite) -> fx.Node:
@@ -104,11 +111,11 @@ def static_scale(act_max: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return scale_of((act_max.double() / s).amax())
 
 
-def quantize_site(rw: Rewriter, site: LinearSite, codes: tuple[fx.Node, ...], w: torch.Tensor,
-                  weight_granularity: str, bias: fx.Node | None) -> None:
-    """Replace `site`'s output by an int8 linear of the codes and `w` ([out, in], already smoothed) plus `bias`:
-    `int8_linear` of (codes, scale), `uint8_linear` of (codes, scale, zero point)."""
-    wq, ws = quantize_weight_int8(w, weight_granularity)
+def quantize_site(rw: Rewriter, site: LinearSite, codes: tuple[fx.Node, ...],
+                  weight: tuple[torch.Tensor, torch.Tensor], bias: fx.Node | None) -> None:
+    """Replace `site`'s output by an int8 linear of the codes and `weight` (int8 codes [out, in] and scales, of the
+    smoothed weight) plus `bias`: `int8_linear` of (codes, scale), `uint8_linear` of (codes, scale, zero point)."""
+    wq, ws = weight
     out = site.output
     wq_node = rw.constant(f"{site.weight_name}_int8", wq, before=out)
     ws_node = rw.constant(f"{site.weight_name}_scale", ws, before=out)

@@ -6,10 +6,21 @@
 so that X·Wᵀ = (X·diag(s)⁻¹)·(W·diag(s))ᵀ. At α = 0.5 with one consumer the smoothed maxima balance:
 max|X'_j| = max|W'_j| = sqrt(act_max[j]·w_max[j]). `alpha="auto"` picks, per group, the α of ALPHA_GRID whose
 fake-quantized outputs on the kept calibration tokens are closest (squared error) to the float ones, or no
-smoothing at all (s ≡ 1; α = 0 is not the identity) when that is closer still.
+smoothing at all (s ≡ 1; α = 0 is not the identity) when that is closer still. The error is cross-fitted: the
+kept batches are folds, and each fold is scored with the s computed from the other folds' act_max, so the search
+sees what deployment sees (tokens whose channels exceed the calibration maxima); scoring s on the very tokens it
+was computed from prefers α near 1, which fits those maxima exactly and generalises worst. A per-tensor quantizer
+takes its range from the whole batch, as it does at run time, not from the evaluated subset of tokens.
+
+Bias correction (Nagel et al. 2019, empirical form): the quantized linear's mean output error over the kept
+calibration tokens, E[x·Wᵀ − Q(x/s)·Q(W·s)ᵀ] per output channel, is added to its bias, so the int8 linear is
+unbiased on the calibration distribution (a channel whose value barely varies, a [CLS] token's massive
+activation, rounds the same way every time: a systematic error that bias correction removes).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +29,7 @@ from fxopt.quant_ops import codes, scale_of
 CLAMP = 1e-5  # the reference code's floor for w_max and s: a dead channel gives no inf/NaN
 ALPHA_GRID = tuple(i / 20 for i in range(21))
 MAX_TOKENS = 1024  # calibration tokens the α search evaluates per group
+CORRECTION_TOKENS = 16384  # calibration tokens bias correction averages over, per quantized input
 
 
 def out_in(weight: torch.Tensor, layout: str) -> torch.Tensor:
@@ -38,18 +50,37 @@ def _round_trip(t: torch.Tensor, per_row: bool) -> torch.Tensor:
     return codes(t, s).to(t.dtype) * s
 
 
-def _fake(t: torch.Tensor, act: str) -> torch.Tensor:
-    """The activation quantizer `act` (SmoothQuant's option) applied and undone."""
+def _fake(t: torch.Tensor, act: str, batch: torch.Tensor, static: torch.Tensor | None = None) -> torch.Tensor:
+    """The activation quantizer `act` (SmoothQuant's option) applied to the tokens `t` of `batch` and undone; a
+    per-tensor quantizer takes its range from the whole batch, as it does at run time ("tensor_static": the
+    calibrated scale `static`)."""
+    if act == "token":
+        return _round_trip(t, True)
+    if act == "tensor_static":
+        return codes(t, static.float()).to(t.dtype) * static.float()
     if act == "tensor_asym":
-        q, s, z = torch.ops.fxopt.quantize_uint8.default(t, None)
-        return (q.to(t.dtype) - z.to(t.dtype)) * s
-    return _round_trip(t, act == "token")
+        zero = batch.new_zeros(())
+        lo, hi = torch.minimum(batch.amin(), zero), torch.maximum(batch.amax(), zero)
+        s = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / 255)
+        z = torch.round(torch.clamp(-lo / s, 0, 255))
+        return (torch.clamp(torch.round(t / s) + z, 0, 255) - z) * s
+    s = scale_of(batch.abs().amax())
+    return codes(t, s).to(t.dtype) * s
 
 
-def quantized_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, act: str,
-                    per_channel: bool, reference: list[torch.Tensor] | None = None) -> float:
-    """Σ over the group's linears of ||Q(x/s)·Q(W·s)ᵀ - x·Wᵀ||², in float32 (`reference`: the x·Wᵀ, if known)."""
-    xs = _fake((x / s).float(), act)
+def fake_inputs(x: Tokens, s: torch.Tensor, act: str, act_max: torch.Tensor) -> torch.Tensor:
+    """Q(x/s) dequantized, float32, for the tokens of `x` (`act_max`: for "tensor_static"'s calibrated scale)."""
+    static = scale_of((act_max.double() / s).amax()) if act == "tensor_static" else None  # rewrite.static_scale
+    return torch.cat([_fake((b[rows] / s).float(), act, (b / s).float(), static) for b, rows in x.batches])
+
+
+def quantized_error(x, weights: list[torch.Tensor], s: torch.Tensor, act: str, per_channel: bool,
+                    reference: list[torch.Tensor] | None = None, act_max: torch.Tensor | None = None) -> float:
+    """Σ over the group's linears of ||Q(x/s)·Q(W·s)ᵀ - x·Wᵀ||², in float32 (`reference`: the x·Wᵀ, if known);
+    x: [tokens, channels], or a Tokens (the evaluated tokens and the batches they came from)."""
+    x = x if isinstance(x, Tokens) else Tokens(x, ((x, slice(None)),))
+    xs = fake_inputs(x, s, act, x.values.abs().amax(0) if act_max is None else act_max)
+    x = x.values
     reference = reference or [x.float() @ w.float().t() for w in weights]
     total = 0.0
     for w, ref in zip(weights, reference):
@@ -58,23 +89,55 @@ def quantized_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tenso
     return total
 
 
-def tokens(samples: list[torch.Tensor]) -> torch.Tensor:
-    """Up to MAX_TOKENS calibration tokens, evenly spaced, as [tokens, channels] float64."""
-    x = torch.cat([t.reshape(-1, t.shape[-1]).double() for t in samples])
-    step = max(1, x.shape[0] // MAX_TOKENS)
-    return x[::step][:MAX_TOKENS]
+@dataclass(frozen=True)
+class Tokens:
+    """The calibration tokens the α search evaluates ([tokens, channels] float64) and where they come from: per
+    kept batch, all its tokens and the rows of them evaluated (a per-tensor quantizer's range is the batch's)."""
+
+    values: torch.Tensor
+    batches: tuple[tuple[torch.Tensor, slice], ...]
 
 
-def best_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_max: torch.Tensor, act: str,
+def tokens(samples: list[torch.Tensor], limit: int = MAX_TOKENS) -> Tokens:
+    """About `limit` calibration tokens, evenly spaced over the batches `samples`."""
+    flat = [t.reshape(-1, t.shape[-1]).double() for t in samples]
+    step = max(1, -(-sum(len(b) for b in flat) // limit))
+    batches = tuple((b, slice(None, None, step)) for b in flat)
+    return Tokens(torch.cat([b[rows] for b, rows in batches]), batches)
+
+
+def folds(samples: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The kept calibration batches as folds for cross-fitting; one batch of several sequences splits in two."""
+    if len(samples) == 1 and samples[0].dim() > 2 and samples[0].shape[0] > 1:
+        half = samples[0].shape[0] // 2
+        return [samples[0][:half], samples[0][half:]]
+    return list(samples)
+
+
+def best_alpha(samples: list[torch.Tensor], weights: list[torch.Tensor], act_max: torch.Tensor, act: str,
                per_channel: bool, tie=None) -> float | None:
     """The α of ALPHA_GRID with the smallest error, or None when not smoothing is better than every α; `tie`
     (s -> s) is applied to each candidate's s as the pass will apply it (V→O under GQA: one s per v row)."""
     w_max = weight_max(weights)
     tie = tie or (lambda s: s)
-    reference = [x.float() @ w.float().t() for w in weights]  # the float products, once for every candidate
-    errors = {a: quantized_error(x, weights, tie(smoothing_scale(act_max, w_max, a)), act, per_channel, reference)
-              for a in ALPHA_GRID}
+    parts = folds(samples)
+    if len(parts) == 1:
+        plan = [(act_max, tokens(parts))]
+    else:
+        maxima = [p.reshape(-1, p.shape[-1]).double().abs().amax(0) for p in parts]
+        plan = [(torch.stack(maxima[:k] + maxima[k + 1:]).amax(0), tokens([p])) for k, p in enumerate(parts)]
+    refs = [[x.values.float() @ w.float().t() for w in weights] for _, x in plan]
+    errors = {a: sum(quantized_error(x, weights, tie(smoothing_scale(am, w_max, a)), act, per_channel, ref, am)
+                     for (am, x), ref in zip(plan, refs)) for a in ALPHA_GRID}
     best = min(errors, key=lambda a: (errors[a], abs(a - 0.5)))
-    unsmoothed = quantized_error(x, weights, torch.ones_like(act_max, dtype=torch.float64), act, per_channel,
-                                 reference)
+    one = torch.ones_like(act_max, dtype=torch.float64)
+    unsmoothed = sum(quantized_error(x, weights, one, act, per_channel, ref, am) for (am, x), ref in zip(plan, refs))
     return None if unsmoothed < errors[best] else best
+
+
+def bias_correction(x: Tokens, s: torch.Tensor, w: torch.Tensor, w_dequantized: torch.Tensor, act: str,
+                    act_max: torch.Tensor) -> torch.Tensor:
+    """E[(x/s)·Wᵀ − Q(x/s)·Ŵᵀ] over the tokens of `x`, float64 [out]: W the smoothed weight [out, in] (columns
+    times s), Ŵ its int8 codes times their scales; what the quantized linear's bias gains to be unbiased."""
+    xs = x.values / s
+    return (xs @ w.t() - fake_inputs(x, s, act, act_max).double() @ w_dequantized.t()).mean(0)

@@ -277,22 +277,64 @@ def test_a_v_written_into_a_static_cache_keeps_o_projs_scale_out_of_its_rows():
     assert any(n.startswith("o.weight") and "cache" in n for n in report.notes), report.notes
 
 
-def test_auto_scores_the_scale_the_fold_will_apply():
-    from fxopt.passes.smoothquant.scales import ALPHA_GRID, best_alpha, quantized_error, smoothing_scale, weight_max
+def test_auto_scores_each_batch_with_the_scale_the_other_batches_maxima_give():
+    from fxopt.passes.smoothquant.scales import (
+        ALPHA_GRID,
+        best_alpha,
+        quantized_error,
+        smoothing_scale,
+        tokens,
+        weight_max,
+    )
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 16, generator=g, dtype=torch.float64) * torch.linspace(0.1, 30, 16, dtype=torch.float64)
+    spread = torch.linspace(0.1, 30, 16, dtype=torch.float64)
+    batches = [torch.randn(4, 32, 16, generator=g, dtype=torch.float64) * spread for _ in range(3)]
+    for k, b in enumerate(batches):  # an outlier channel of its own in each batch: one the other batches never saw
+        b[..., k] *= 20
     weights = [torch.randn(8, 16, generator=g, dtype=torch.float64)]
-    act_max = x.abs().amax(0)
-    tie = lambda s: s.max().expand_as(s)  # noqa: E731  (every channel one v row: the harshest tie)
-    chosen = best_alpha(x, weights, act_max, "tensor", True, tie)
-    error = {a: quantized_error(x, weights, tie(smoothing_scale(act_max, weight_max(weights), a)), "tensor", True)
-             for a in ALPHA_GRID}
-    unsmoothed = quantized_error(x, weights, torch.ones(16, dtype=torch.float64), "tensor", True)
-    if chosen is None:
-        assert unsmoothed <= min(error.values())
-    else:
-        assert error[chosen] == min(error.values()) and error[chosen] <= unsmoothed
+    maxima = [b.reshape(-1, 16).abs().amax(0) for b in batches]
+    tie = lambda s: s.reshape(8, 2).amax(1).repeat_interleave(2)  # noqa: E731  (two channels a v row, as GQA ties)
+    chosen = best_alpha(batches, weights, torch.stack(maxima).amax(0), "tensor", True, tie)
+
+    def error(s_of):  # batch k scored with the scale of the other batches' maxima
+        return sum(quantized_error(tokens([b]), weights, s_of(torch.stack(maxima[:k] + maxima[k + 1:]).amax(0)),
+                                   "tensor", True) for k, b in enumerate(batches))
+    errors = {a: error(lambda m, a=a: tie(smoothing_scale(m, weight_max(weights), a))) for a in ALPHA_GRID}
+    unsmoothed = error(lambda m: torch.ones(16, dtype=torch.float64))
+    assert chosen is not None and errors[chosen] == min(errors.values()) and errors[chosen] <= unsmoothed
+
+
+def test_a_per_tensor_quantizer_is_scored_with_its_whole_batchs_range_not_the_evaluated_tokens():
+    from fxopt.passes.smoothquant.scales import Tokens, quantized_error
+
+    g = torch.Generator().manual_seed(1)
+    batch = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    batch[0, 3] = 50.0  # one token sets the range; the evaluated tokens do not include it
+    weights, one = [torch.randn(8, 16, generator=g, dtype=torch.float64)], torch.ones(16, dtype=torch.float64)
+    rows = slice(1, None, 2)
+    for act in ("tensor", "tensor_asym"):
+        scored = quantized_error(Tokens(batch[rows], ((batch, rows),)), weights, one, act, True)
+        alone = quantized_error(batch[rows], weights, one, act, True)
+        assert scored > 4 * alone  # a range 50 / max|rest| coarser costs its square in error
+
+
+def test_bias_correction_makes_the_quantized_linear_unbiased_on_the_calibration_tokens():
+    from fxopt.passes.smoothquant.scales import bias_correction, fake_inputs, tokens
+    from fxopt.quant_ops import quantize_weight_int8
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 32, 16, generator=g, dtype=torch.float64) + 3.0  # a mean far from 0: a biased error
+    w, s = torch.randn(8, 16, generator=g, dtype=torch.float64), torch.rand(16, generator=g, dtype=torch.float64) + 0.5
+    sample = tokens(list(x))
+    wq, ws = quantize_weight_int8(w, "channel")
+    w_hat = wq.double() * ws.double()[:, None]
+    for act in ("tensor", "tensor_asym", "token"):
+        q = fake_inputs(sample, s, act, sample.values.abs().amax(0)).double() @ w_hat.t()
+        exact = (sample.values / s) @ w.t()
+        delta = bias_correction(sample, s, w, w_hat, act, sample.values.abs().amax(0))
+        assert (exact - q).mean(0).abs().max() > 1e-3  # biased before
+        assert torch.allclose((exact - (q + delta)).mean(0), torch.zeros(8, dtype=torch.float64), atol=1e-12)
 
 
 OUTLIERS = [3, 17, 40]
@@ -335,9 +377,9 @@ def test_smoothing_recovers_most_of_what_naive_per_tensor_w8a8_loses_on_outlier_
 class GeluFeedForward(nn.Module):
     """fc2 reads a GELU output: one-sided, in [-0.17, max], as every transformer FFN's down projection does."""
 
-    def __init__(self, d: int = 32):
+    def __init__(self, d: int = 32, bias: bool = True):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d, bias=bias), nn.Linear(4 * d, d, bias=bias)
 
     def forward(self, x):
         return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
@@ -347,7 +389,8 @@ def test_asymmetric_per_tensor_spends_every_level_on_the_activations_own_range()
     from fxopt.quant_ops import QMAX, quantize_weight_int8
 
     model, x = GeluFeedForward().eval(), torch.randn(4, 8, 32) * 3
-    opt = smoothquant(model, x, calibration((4, 8, 32)), fuse=False, smooth=False, act="tensor_asym", layers="all")
+    opt = smoothquant(model, x, calibration((4, 8, 32)), fuse=False, smooth=False, act="tensor_asym", layers="all",
+                      bias_correction=False)
     h = torch.nn.functional.gelu(model.fc1(x)).double()
     # the reference, written out: 255 steps over [min(h, 0), max(h, 0)], 0.0 on a level, the int8 weights
     lo, hi = min(float(h.min()), 0.0), max(float(h.max()), 0.0)
@@ -374,6 +417,26 @@ def test_on_a_one_sided_activation_the_asymmetric_quantizer_loses_less_than_the_
 
     # half the step on [-0.17, max] quarters fc2's activation noise; fc1's input and the weights' share is unchanged
     assert error("tensor_asym") < error("tensor") * 2 / 3
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bias_correction_removes_most_of_the_systematic_error_on_fresh_inputs_of_the_calibration_distribution(bias):
+    def tokens(batch):  # a channel that barely varies (as a [CLS] token's massive activation): rounds alike each time
+        return batch.index_fill(-1, torch.tensor([0]), 0.0) + torch.nn.functional.one_hot(torch.tensor(0), 32) * 8
+
+    model, x = GeluFeedForward(bias=bias).eval(), tokens(torch.randn(8, 16, 32))
+    fresh = tokens(torch.randn(64, 16, 32, generator=torch.Generator().manual_seed(9)))
+    calib = [tokens(c) for c in calibration((8, 16, 32))]
+
+    def mean_error(correct):  # per output channel, the error's mean over every token: what a bias can remove
+        opt = fxopt.optimize(model, (x,), calibration=calib, passes=[SmoothQuant(
+            act="tensor_asym", smooth=False, layers="all", bias_correction=correct, min_cosine=0.0)])
+        if correct and not bias:
+            assert count_ops(opt.graph_module)["fxopt.uint8_linear"] == 2  # each linear got a bias to correct
+        with torch.no_grad():
+            return float((opt(fresh) - model(fresh)).reshape(-1, 32).mean(0).abs().mean())
+
+    assert mean_error(True) < mean_error(False) / 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
