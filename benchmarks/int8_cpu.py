@@ -8,8 +8,8 @@ the fxopt graph (FuseLayerNorm), the same after SmoothQuant W8A8 (per-token, per
 dynamic activations, the last also without smoothing; per-channel weights, every block linear; the integer GEMM
 as the export chooses it, uint8·int8 where this CPU's ORT kernel is exact, plus the per-token graph forced to
 uint8·uint8, the form exact on every CPU), and ORT's `quantize_dynamic` (QInt8 weights; what Optimum and Olive
-run) applied to that FP32 file. α is 0.5, except the asymmetric variant on MiniLM: ALPHA, the α chosen on
-held-out calibration sentences by int8_minilm.py. Timing: blocks of calls alternating between variants
+run) applied to that FP32 file. α is 0.5, except the smoothed asymmetric variant: α="auto".
+Timing: blocks of calls alternating between variants
 (ort_cpu.block_medians, --blocks of them); the table gives medians (and minima), the ratio of medians to FP32 and
 to `quantize_dynamic`, the output's cosine to FP32 on the timed batch and the file size.
 """
@@ -37,7 +37,6 @@ from fxopt.backends import onnxruntime as ort_backend
 from fxopt.passes import FuseLayerNorm, SmoothQuant
 
 BATCH, SEQ = 8, 128
-ALPHA = {"minilm": 0.8}  # int8_minilm.py's held-out choice for act="tensor_asym"
 VARIANTS = {"per-token": {"act": "token"}, "per-tensor": {"act": "tensor"},
             "per-tensor asymmetric": {"act": "tensor_asym"},
             "per-tensor asymmetric, no smoothing": {"act": "tensor_asym", "smooth": False}}
@@ -70,11 +69,11 @@ def bench(name: str, threads: int, runs: int, blocks: int, workdir: Path) -> tup
     fp32 = fxopt.optimize(model, (), example_kwargs=example, passes=[FuseLayerNorm()], progress=False)
     files["FP32"] = ort_backend.export_file(fp32, workdir / f"{name}_fp32.onnx").path
     for i, (variant, options) in enumerate(VARIANTS.items()):
-        alpha = ALPHA.get(name, 0.5) if variant == "per-tensor asymmetric" else 0.5
+        alpha = "auto" if variant == "per-tensor asymmetric" else 0.5
         t = time.perf_counter()
         opt = fxopt.optimize(model, (), example_kwargs=example, calibration=calib, progress=False,
                              passes=[FuseLayerNorm(), SmoothQuant(alpha=alpha, min_cosine=0.0, **options)])
-        label = f"fxopt W8A8 {variant}" + (f" (α={alpha:g})" if alpha != 0.5 else "")
+        label = f"fxopt W8A8 {variant}" + (f" (α={alpha})" if alpha != 0.5 else "")
         notes.append(f"{name}: {label}: {time.perf_counter() - t:.1f} s to calibrate and quantize")
         result = ort_backend.export_file(opt, workdir / f"{name}_w8a8_{i}.onnx")
         files[label] = result.path

@@ -1,7 +1,7 @@
 """SmoothQuant: migrate activation outliers into the weights, then W8A8 int8 (Xiao et al. 2023; algorithms.md §4).
 
     X·Wᵀ + b = (X·diag(s)⁻¹)·(W·diag(s))ᵀ + b                                  (smoothing: exact)
-             ≈ int8_linear(quantize_int8(X·diag(s)⁻¹), Q(W·diag(s)), b)         (W8A8: approximate)
+             ≈ int8_linear(quantize_int8(X·diag(s)⁻¹), Q(W·diag(s)), b + Δb)    (W8A8: approximate)
 
 s[j] = max(act_max[j]^α / w_max[j]^(1-α), 1e-5) per smoothing group (linears reading one activation share it:
 q/k/v, gate/up), act_max the per-channel abs-max of X over the calibration data, w_max over the group's weights.
@@ -11,16 +11,20 @@ is the quantizer's per-channel pre-scale, free inside a fused quantize kernel; a
 output rows and bias instead (V→O, fold_vo=True: attention mixes tokens, not channels; plan.py). Only the
 transformer blocks' linears are quantized by default (layers="blocks"; an LM head, pooler or classifier stays float).
 
+Δb = E[X·Wᵀ − Q(X·diag(s)⁻¹)·Q(W·diag(s))ᵀ] over the kept calibration tokens (bias correction, scales.py).
+
 Options: alpha (float in [0, 1] or "auto": per group, the α of a grid minimising the fake-quantized output error on
-the kept calibration tokens, or no smoothing where that error is smaller still), act ("token" dynamic per token,
+the kept calibration batches, each scored with the s the other batches' maxima give (cross-fitted, scales.py), or
+no smoothing where that error is smaller still), act ("token" dynamic per token,
 "tensor" dynamic per tensor, "tensor_asym" dynamic per tensor, asymmetric: uint8 codes with a zero point over the
 tensor's own range, ONNX DynamicQuantizeLinear's numerics (compiler/quant_asym.py), "tensor_static" per tensor from
 calibration), weight ("channel" or "tensor"),
 smooth=False (W8A8 without smoothing, the baseline), embeddings (int8 embedding tables, one scale per row, where
 no float reader shares the table: embeddings.py), smooth_only=True (stop after the exact folds; groups whose
 scale would go into the quantizer get it as an explicit multiply x·(1/s) instead), layers ("blocks" or "all"),
-fold_vo (o_proj's 1/s into v's rows where the structure proves it; else the quantizer), min_cosine (the contract
-below).
+fold_vo (o_proj's 1/s into v's rows where the structure proves it; else the quantizer), bias_correction (Δb
+above; False: Δb = 0), auto_batches (calibration batches kept per quantized input for "auto" and Δb),
+min_cosine (the contract below).
 
 Requires: SHAPES, CALIBRATION.  Exactness: smooth_only is exact up to float rounding (ROUNDING). W8A8 is
 approximate: every output's cosine similarity to the unquantized graph's is at least `min_cosine` on the
@@ -38,24 +42,13 @@ from torch import fx
 
 from fxopt.calibration import BlockIO, ChannelAbsMax
 from fxopt.pass_base import ROUNDING, Exactness, Measure, Pass, PassContext, PassResult, Requirement, Tolerance, is_bool
-from fxopt.quant_ops import quantize_weight_int8
 from fxopt.rewrite import Rewriter, get_attr
 from fxopt.structure import analyze_graph, block_linears
 
 from .embeddings import plan_tables, quantize_table
 from .plan import Group, plan_groups, tie_rows, v_rows
-from .rewrite import (
-    asym_quantizer,
-    fold_into_norm,
-    prescale_input,
-    quantize_site,
-    quantizer,
-    site_bias,
-    smooth_weight,
-    smoothed_weight,
-    static_scale,
-)
-from .scales import CORRECTION_TOKENS, best_alpha, bias_correction, out_in, smoothing_scale, tokens, weight_max
+from .rewrite import fold_into_norm, prescale_group, quantize_group, smooth_weight
+from .scales import CORRECTION_TOKENS, best_alpha, out_in, smoothing_scale, tokens, weight_max
 
 _INF = float("inf")
 ACT = ("token", "tensor", "tensor_asym", "tensor_static")  # activation quantizers: per token or per tensor
@@ -158,9 +151,10 @@ class SmoothQuant(Pass):
                 smooth_weight(rw, g.sites[0], s, rows.pop(g.sites[0], None))
                 rw.counts["smoothed_into_v"] += 1
             elif self.smooth_only and g.norm is None:
-                self._prescale(rw, g, s, order, rows)
+                prescale_group(rw, g, s, order, rows)
             elif not self.smooth_only:
-                self._quantize(rw, g, act, s, order, rows, ctx)
+                sample = (lambda x: tokens(self._kept(ctx, [x]), CORRECTION_TOKENS)) if self.bias_correction else None
+                quantize_group(rw, g, act, None if alpha is None else s, order, rows, self.act, self.weight, sample)
             a = (f", α={alpha:g}" if alpha is not None else
                  ", α=auto chose no smoothing" if self.smooth and self.alpha == "auto" else "")
             folded = g.norm is not None or g.v_fold is not None
@@ -181,33 +175,3 @@ class SmoothQuant(Pass):
         tolerance = ROUNDING if self.smooth_only else Tolerance(
             rtol={dt: _INF for dt in ROUNDING.rtol}, atol=_INF, min_cosine=self.min_cosine)
         return PassResult(gm, bool(plans), dict(rw.counts), tolerance=tolerance, notes=notes, measures=measures)
-
-    def _prescale(self, rw: Rewriter, g: Group, s: torch.Tensor, order: dict, rows: dict) -> None:
-        for x in dict.fromkeys(t.input for t in g.quantized):
-            readers = [t for t in g.quantized if t.input is x]
-            first = min((t.reshapes[0] if t.reshapes else t.node for t in readers), key=order.__getitem__)
-            prescale_input(rw, x, readers, 1 / s, first)
-            for t in readers:
-                smooth_weight(rw, t, s, rows.pop(t, None))
-                rw.counts["smoothed_by_multiply"] += 1
-
-    def _quantize(self, rw: Rewriter, g: Group, act: torch.Tensor, s: torch.Tensor, order: dict, rows: dict,
-                  ctx: PassContext) -> None:
-        granularity = "token" if self.act == "token" else "tensor"
-        pre = 1 / s if self.smooth and g.norm is None and g.v_fold is None else None
-        static = static_scale(act, s) if self.act == "tensor_static" else None
-        for x in dict.fromkeys(t.input for t in g.quantized):
-            readers = [t for t in g.quantized if t.input is x]
-            first = min((t.node for t in readers), key=order.__getitem__)
-            codes = asym_quantizer(rw, x, first, pre) if self.act == "tensor_asym" else \
-                quantizer(rw, x, first, pre, static, granularity)
-            sample = tokens(self._kept(ctx, [x]), CORRECTION_TOKENS) if self.bias_correction else None
-            for t in readers:
-                r = rows.pop(t, None)
-                w = smoothed_weight(rw, t, s, r)
-                wq, ws = quantize_weight_int8(w, self.weight)
-                delta = None if sample is None else bias_correction(
-                    sample, s, w, wq.double() * ws.double().reshape(-1, 1), self.act, act)
-                quantize_site(rw, t, codes, (wq, ws), site_bias(rw, t, r, delta))
-                rw.counts["unsmoothed" if not self.smooth else "smoothed_into_v" if g.v_fold is not None else
-                          "smoothed_into_norm" if pre is None else "smoothed_in_quantizer"] += 1

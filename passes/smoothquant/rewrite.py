@@ -17,12 +17,12 @@ import torch
 from torch import fx
 
 from fxopt import ops
-from fxopt.quant_ops import scale_of
+from fxopt.quant_ops import quantize_weight_int8, scale_of
 from fxopt.rewrite import Rewriter, get_attr
 from fxopt.sites import LinearSite, val
 
 from .plan import Group, _weight_arg
-from .scales import out_in
+from .scales import bias_correction, out_in
 
 QUANTIZE_UINT8 = torch.ops.fxopt.quantize_uint8.default  # compiler/quant_asym.py
 UINT8_LINEAR = torch.ops.fxopt.uint8_linear.default
@@ -125,3 +125,39 @@ def quantize_site(rw: Rewriter, site: LinearSite, codes: tuple[fx.Node, ...],
     if tuple(val(y).shape) != tuple(val(out).shape):  # pragma: no cover - a site's output is x.shape[:-1] + (out,)
         raise AssertionError(f"{out.name}: int8 linear gives {tuple(val(y).shape)}, site gave {tuple(val(out).shape)}")
     rw.replace(out, y, "quantized_linear")
+
+
+def prescale_group(rw: Rewriter, g: Group, s: torch.Tensor, order: dict, rows: dict) -> None:
+    """smooth_only's form of the quantizer's pre-scale: x·(1/s) once per input node, W·diag(s) on its readers."""
+    for x in dict.fromkeys(t.input for t in g.quantized):
+        readers = [t for t in g.quantized if t.input is x]
+        first = min((t.reshapes[0] if t.reshapes else t.node for t in readers), key=order.__getitem__)
+        prescale_input(rw, x, readers, 1 / s, first)
+        for t in readers:
+            smooth_weight(rw, t, s, rows.pop(t, None))
+            rw.counts["smoothed_by_multiply"] += 1
+
+
+def quantize_group(rw: Rewriter, g: Group, act_max: torch.Tensor, s: torch.Tensor | None, order: dict, rows: dict,
+                   act: str, weight: str, sample=None) -> None:
+    """One quantizer per input node of the group (pre-scale 1/s where no norm or v absorbed it; `s` None: not
+    smoothed), then each reader an int8 linear; `sample(x)`: the Tokens bias correction averages over, or None."""
+    smoothed = s is not None
+    s = torch.ones_like(act_max, dtype=torch.float64) if s is None else s
+    pre = 1 / s if smoothed and g.norm is None and g.v_fold is None else None
+    static = static_scale(act_max, s) if act == "tensor_static" else None
+    for x in dict.fromkeys(t.input for t in g.quantized):
+        readers = [t for t in g.quantized if t.input is x]
+        first = min((t.node for t in readers), key=order.__getitem__)
+        codes = asym_quantizer(rw, x, first, pre) if act == "tensor_asym" else \
+            quantizer(rw, x, first, pre, static, "token" if act == "token" else "tensor")
+        tokens = None if sample is None else sample(x)
+        for t in readers:
+            r = rows.pop(t, None)
+            w = smoothed_weight(rw, t, s, r)
+            wq, ws = quantize_weight_int8(w, weight)
+            delta = None if tokens is None else \
+                bias_correction(tokens, s, w, wq.double() * ws.double()[:, None], act, act_max)
+            quantize_site(rw, t, codes, (wq, ws), site_bias(rw, t, r, delta))
+            rw.counts["unsmoothed" if not smoothed else "smoothed_into_v" if g.v_fold is not None else
+                      "smoothed_into_norm" if pre is None else "smoothed_in_quantizer"] += 1

@@ -125,7 +125,8 @@ def best_alpha(samples: list[torch.Tensor], weights: list[torch.Tensor], act_max
         plan = [(act_max, tokens(parts))]
     else:
         maxima = [p.reshape(-1, p.shape[-1]).double().abs().amax(0) for p in parts]
-        plan = [(torch.stack(maxima[:k] + maxima[k + 1:]).amax(0), tokens([p])) for k, p in enumerate(parts)]
+        share = max(1, MAX_TOKENS // len(parts))  # MAX_TOKENS evaluated in all, whatever the number of folds
+        plan = [(torch.stack(maxima[:k] + maxima[k + 1:]).amax(0), tokens([p], share)) for k, p in enumerate(parts)]
     refs = [[x.values.float() @ w.float().t() for w in weights] for _, x in plan]
     errors = {a: sum(quantized_error(x, weights, tie(smoothing_scale(am, w_max, a)), act, per_channel, ref, am)
                      for (am, x), ref in zip(plan, refs)) for a in ALPHA_GRID}
