@@ -58,7 +58,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(torch.nn.functional.cosine_similarity(a64, b64, dim=-1).mean())
 
 
-def bench(name: str, threads: int, runs: int, blocks: int, workdir: Path) -> tuple[list[str], list[str]]:
+def bench(name: str, threads: int, runs: int, blocks: int, workdir: Path,
+          variants: list[str]) -> tuple[list[str], list[str]]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = build(name)
@@ -68,7 +69,7 @@ def bench(name: str, threads: int, runs: int, blocks: int, workdir: Path) -> tup
     files, notes = {}, []
     fp32 = fxopt.optimize(model, (), example_kwargs=example, passes=[FuseLayerNorm()], progress=False)
     files["FP32"] = ort_backend.export_file(fp32, workdir / f"{name}_fp32.onnx").path
-    for i, (variant, options) in enumerate(VARIANTS.items()):
+    for i, (variant, options) in enumerate((v, VARIANTS[v]) for v in variants):
         alpha = "auto" if variant == "per-tensor asymmetric" else 0.5
         t = time.perf_counter()
         opt = fxopt.optimize(model, (), example_kwargs=example, calibration=calib, progress=False,
@@ -113,6 +114,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--models", default="bert-base,minilm")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="fxopt variants to run (FP32 and quantize_dynamic always run)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int8_cpu.md")
     a = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -124,7 +127,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fxopt_int8_cpu_") as d:
         for name in a.models.split(","):
-            r, n = bench(name, a.threads, a.runs, a.blocks, Path(d))
+            r, n = bench(name, a.threads, a.runs, a.blocks, Path(d), a.variants)
             rows += r
             notes += n
             print("\n".join(r), flush=True)  # noqa: T201

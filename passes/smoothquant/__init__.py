@@ -23,7 +23,9 @@ smooth=False (W8A8 without smoothing, the baseline), embeddings (int8 embedding 
 no float reader shares the table: embeddings.py), smooth_only=True (stop after the exact folds; groups whose
 scale would go into the quantizer get it as an explicit multiply x·(1/s) instead), layers ("blocks" or "all"),
 fold_vo (o_proj's 1/s into v's rows where the structure proves it; else the quantizer), bias_correction (Δb
-above; False: Δb = 0), auto_batches (calibration batches kept per quantized input for "auto" and Δb),
+above; False: Δb = 0; "auto", the default: with per-tensor activations, where a batch-wide step leaves systematic
+error, not per token, where the estimate's noise from a small calibration set outweighs what it removes),
+auto_batches (calibration batches kept per quantized input for "auto" and Δb),
 min_cosine (the contract below).
 
 Requires: SHAPES, CALIBRATION.  Exactness: smooth_only is exact up to float rounding (ROUNDING). W8A8 is
@@ -72,7 +74,7 @@ class SmoothQuant(Pass):
     auto_batches: int = 8
     embeddings: bool = True
     fold_vo: bool = True
-    bias_correction: bool = True
+    bias_correction: bool | str = "auto"
 
     name: ClassVar[str] = "smoothquant"
     requires: ClassVar = frozenset({Requirement.SHAPES, Requirement.CALIBRATION})
@@ -82,7 +84,7 @@ class SmoothQuant(Pass):
         "act": (lambda v: v in ACT, f"one of {', '.join(map(repr, ACT))}"),
         "weight": (lambda v: v in ("channel", "tensor"), "'channel' or 'tensor'"),
         "smooth": (is_bool, "a bool"), "smooth_only": (is_bool, "a bool"), "embeddings": (is_bool, "a bool"),
-        "fold_vo": (is_bool, "a bool"), "bias_correction": (is_bool, "a bool"),
+        "fold_vo": (is_bool, "a bool"), "bias_correction": (lambda v: is_bool(v) or v == "auto", "a bool or 'auto'"),
         "layers": (lambda v: v in ("blocks", "all"), "'blocks' or 'all'"),
         "min_cosine": (lambda v: isinstance(v, (int, float)) and -1 <= v <= 1, "a number in [-1, 1]"),
         "auto_batches": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")}
@@ -109,7 +111,11 @@ class SmoothQuant(Pass):
     def _keeps_batches(self) -> bool:
         """Calibration batches of every quantized input are kept (auto_batches of them) for α="auto"'s search and
         for bias correction."""
-        return (self.alpha == "auto" and self.smooth) or (self.bias_correction and not self.smooth_only)
+        return (self.alpha == "auto" and self.smooth) or (self._corrects and not self.smooth_only)
+
+    @property
+    def _corrects(self) -> bool:
+        return self.act != "token" if self.bias_correction == "auto" else self.bias_correction
 
     def _kept(self, ctx: PassContext, inputs) -> list[torch.Tensor]:
         return [b[0] for x in inputs for b in ctx.stats.of(BlockIO((x.name,), (), self.auto_batches)).inputs]
@@ -153,7 +159,7 @@ class SmoothQuant(Pass):
             elif self.smooth_only and g.norm is None:
                 prescale_group(rw, g, s, order, rows)
             elif not self.smooth_only:
-                sample = (lambda x: tokens(self._kept(ctx, [x]), CORRECTION_TOKENS)) if self.bias_correction else None
+                sample = (lambda x: tokens(self._kept(ctx, [x]), CORRECTION_TOKENS)) if self._corrects else None
                 quantize_group(rw, g, act, None if alpha is None else s, order, rows, self.act, self.weight, sample)
             a = (f", α={alpha:g}" if alpha is not None else
                  ", α=auto chose no smoothing" if self.smooth and self.alpha == "auto" else "")

@@ -439,6 +439,19 @@ def test_bias_correction_removes_most_of_the_systematic_error_on_fresh_inputs_of
     assert mean_error(True) < mean_error(False) / 3
 
 
+@pytest.mark.parametrize("act, corrected", [("tensor", True), ("tensor_asym", True), ("token", False)])
+def test_bias_correction_is_on_by_default_for_per_tensor_activations_only(act, corrected):
+    model, x = GeluFeedForward().eval(), torch.randn(4, 8, 32) * 3
+    calib = calibration((4, 8, 32))
+
+    def out(**options):
+        opt = smoothquant(model, x, calib, fuse=False, act=act, layers="all", min_cosine=0.0, **options)
+        return opt.graph_module(x)
+
+    assert torch.equal(out(), out(bias_correction=corrected))
+    assert not torch.equal(out(), out(bias_correction=not corrected))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_asymmetric_quantizer_works_in_fp32_so_a_dead_channel_of_a_half_model_stays_finite(dtype):
     model = GeluFeedForward()
