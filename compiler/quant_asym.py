@@ -34,7 +34,7 @@ def _quantize_uint8_ref(x: torch.Tensor, pre_scale: torch.Tensor | None):
     if pre_scale is not None:
         xw = xw * pre_scale.to(xw.dtype)
     zero = xw.new_zeros(())
-    lo, hi = torch.minimum(xw.amin(), zero), torch.maximum(xw.amax(), zero)
+    lo, hi = (torch.minimum(xw.amin(), zero), torch.maximum(xw.amax(), zero)) if xw.numel() else (zero, zero)
     s = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / U8_MAX)
     z = torch.round(torch.clamp(-lo / s, 0, U8_MAX))
     q = torch.clamp(torch.round(xw / s) + z, 0, U8_MAX).to(torch.uint8)

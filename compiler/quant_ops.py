@@ -77,7 +77,7 @@ def _quantize_ref(x, pre_scale, scale, granularity: str):
     elif granularity == "token":
         s = scale_of(xw.abs().amax(-1, keepdim=True))
     elif granularity == "tensor":
-        s = scale_of(xw.abs().amax())
+        s = scale_of(xw.abs().amax() if xw.numel() else xw.new_zeros(()))  # an empty batch: the smallest scale
     else:
         raise ValueError(f"quantize_int8: granularity must be one of {GRANULARITIES}, got {granularity!r}")
     return codes(xw, s), s

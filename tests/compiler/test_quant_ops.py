@@ -62,6 +62,19 @@ def test_all_zero_rows_and_weights_quantize_to_zero_without_inf_or_nan():
     assert torch.isfinite(y).all() and int(y.abs().sum()) == 0
 
 
+@pytest.mark.parametrize("granularity", ["token", "tensor", "asym"])
+def test_an_empty_batch_quantizes_to_empty_codes_with_a_finite_scale_and_an_empty_product(granularity):
+    x = torch.zeros(0, 7, 8)  # no sequences: what a dynamic batch dimension allows
+    wq, ws = quantize_weight_int8(torch.randn(4, 8))
+    if granularity == "asym":
+        q, s, z = torch.ops.fxopt.quantize_uint8(x, None)
+        y = torch.ops.fxopt.uint8_linear(q, s, z, wq, ws, None, torch.float32)
+    else:
+        q, s = ops.quantize_int8(x, None, None, granularity)
+        y = ops.int8_linear(q, s, wq, ws, None, torch.float32)
+    assert q.shape == x.shape and torch.isfinite(s).all() and y.shape == (0, 7, 4)
+
+
 @settings(max_examples=30, deadline=None)
 @given(shape=shapes, out=st.integers(1, 24), seed=st.integers(0, 2**16),
        wgran=st.sampled_from(["channel", "tensor"]), agran=st.sampled_from(["token", "tensor"]),
