@@ -49,8 +49,8 @@ from fxopt.structure import analyze_graph, block_linears
 
 from .embeddings import plan_tables, quantize_table
 from .plan import Group, plan_groups, tie_rows, v_rows
-from .rewrite import fold_into_norm, prescale_group, quantize_group, smooth_weight
-from .scales import CORRECTION_TOKENS, best_alpha, out_in, smoothing_scale, tokens, weight_max
+from .rewrite import fold_into_norm, prescale_group, quantize_group, quantized_weights, smooth_weight
+from .scales import best_alpha, input_means, out_in, smoothing_scale, weight_max
 
 _INF = float("inf")
 ACT = ("token", "tensor", "tensor_asym", "tensor_static")  # activation quantizers: per token or per tensor
@@ -113,12 +113,21 @@ class SmoothQuant(Pass):
         for bias correction."""
         return (self.alpha == "auto" and self.smooth) or (self._corrects and not self.smooth_only)
 
+    def _means(self, ctx: PassContext, s: torch.Tensor, act_max: torch.Tensor):
+        """x -> (E[x/s], E[Q(x/s)]) over the kept batches of input x, for bias correction; None when off."""
+        return (lambda x: input_means(self._kept(ctx, [x]), s, self.act, act_max)) if self._corrects else None
+
     @property
     def _corrects(self) -> bool:
         return self.act != "token" if self.bias_correction == "auto" else self.bias_correction
 
     def _kept(self, ctx: PassContext, inputs) -> list[torch.Tensor]:
-        return [b[0] for x in inputs for b in ctx.stats.of(BlockIO((x.name,), (), self.auto_batches)).inputs]
+        """Per kept calibration batch, the group's input (several input nodes, views of one activation: their
+        tokens side by side, so a batch stays one fold)."""
+        per_node = [[b[0] for b in ctx.stats.of(BlockIO((x.name,), (), self.auto_batches)).inputs] for x in inputs]
+        if len(per_node) == 1:
+            return per_node[0]
+        return [torch.cat([t.reshape(-1, t.shape[-1]) for t in batch]) for batch in zip(*per_node, strict=True)]
 
     def _scale(self, gm, group: Group, ctx: PassContext) -> tuple[torch.Tensor, torch.Tensor, float | None]:
         """(act_max, s, α) of one group; s ≡ 1 without smoothing."""
@@ -141,30 +150,33 @@ class SmoothQuant(Pass):
                                                   if self.layers == "blocks" else "no linear in the graph",))
         plans = [(g, *self._scale(gm, g, ctx)) for g in groups]  # everything computed before the first edit
         rows = v_rows(plans)
+        weights = {} if self.smooth_only else {t: w for g, act, s, _ in plans for t, w in quantized_weights(
+            gm, g, s, rows, self.weight, self._means(ctx, s, act)).items()}
         tables, notes = ([], []) if self.smooth_only or not self.embeddings else \
             plan_tables(gm, {t.node for g in groups for t in g.quantized})
         rw = Rewriter(gm, self.name)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for g, act, s, alpha in plans:
+            smoothed = alpha is not None  # α="auto" may leave a group unsmoothed: nothing folded, no multiply
             multiply = self.smooth_only and g.norm is None and g.v_fold is None
-            where = "none (smooth=False)" if not self.smooth else "a multiply x·(1/s)" if multiply else g.destination
-            if self.smooth and g.norm is not None:
+            where = ("none (smooth=False)" if not self.smooth else "none" if not smoothed else
+                     "a multiply x·(1/s)" if multiply else g.destination)
+            if smoothed and g.norm is not None:
                 fold_into_norm(rw, g, s)
                 for site in (g.sites if self.smooth_only else [t for t in g.sites if t not in g.quantized]):
                     smooth_weight(rw, site, s, rows.pop(site, None))
                     rw.counts["smoothed_into_norm"] += 1
-            if self.smooth_only and g.norm is None and g.v_fold is not None:
+            if self.smooth_only and smoothed and g.norm is None and g.v_fold is not None:
                 smooth_weight(rw, g.sites[0], s, rows.pop(g.sites[0], None))
                 rw.counts["smoothed_into_v"] += 1
-            elif self.smooth_only and g.norm is None:
+            elif self.smooth_only and smoothed and g.norm is None:
                 prescale_group(rw, g, s, order, rows)
             elif not self.smooth_only:
-                sample = (lambda x: tokens(self._kept(ctx, [x]), CORRECTION_TOKENS)) if self._corrects else None
-                quantize_group(rw, g, act, None if alpha is None else s, order, rows, self.act, self.weight, sample)
-            a = (f", α={alpha:g}" if alpha is not None else
+                quantize_group(rw, g, act, s if smoothed else None, order, rows, self.act, weights)
+            a = (f", α={alpha:g}" if smoothed else
                  ", α=auto chose no smoothing" if self.smooth and self.alpha == "auto" else "")
             folded = g.norm is not None or g.v_fold is not None
-            notes += [f"{t.weight_name}: scale in {where}{a}" + ("" if folded or not self.smooth else
+            notes += [f"{t.weight_name}: scale in {where}{a}" + ("" if folded or not smoothed else
                       f" ({g.why_quantizer})") + (", int8" if t in g.quantized and not self.smooth_only else ", float")
                       for t in g.sites]
         for site, r in rows.items():  # a v that no group rewrote (not quantized, no norm fold): its rows alone

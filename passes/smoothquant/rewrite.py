@@ -46,9 +46,10 @@ def fold_into_norm(rw: Rewriter, group: Group, s: torch.Tensor) -> None:
         rw.set_arg(norm, i, new)
 
 
-def smoothed_weight(rw: Rewriter, site: LinearSite, s: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+def smoothed_weight(gm: fx.GraphModule, site: LinearSite, s: torch.Tensor,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
     """diag(rows)·W·diag(s) as [out, in], float64 (`rows`: a V→O fold's 1/s on v's output rows, or None)."""
-    w = out_in(get_attr(rw.gm, site.weight.target).detach().double(), site.layout) * s
+    w = out_in(get_attr(gm, site.weight.target).detach().double(), site.layout) * s
     return w if rows is None else w * rows[:, None]
 
 
@@ -63,6 +64,8 @@ def site_bias(rw: Rewriter, site: LinearSite, rows: torch.Tensor | None,
     b = b if rows is None else b * rows
     b = b if correction is None else b + correction
     dtype = val(site.output).dtype if old is None else old.dtype
+    if correction is not None:  # the epilogue adds the bias in fp32: a half bias would round Δb away
+        dtype = torch.promote_types(dtype, torch.float32)
     return rw.constant(f"{site.weight_name}_bias_{'corrected' if correction is not None else 'smoothed'}",
                        b.to(dtype), before=site.output)
 
@@ -73,7 +76,7 @@ def _bias_reader(site: LinearSite) -> fx.Node:
 
 
 def smooth_weight(rw: Rewriter, site: LinearSite, s: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-    w = smoothed_weight(rw, site, s, rows)
+    w = smoothed_weight(rw.gm, site, s, rows)
     _swap_weight(rw, site, w if site.layout == "out_in" else w.t())
     if rows is not None and site.bias is not None:
         b = get_attr(rw.gm, site.bias.target).detach()
@@ -138,10 +141,24 @@ def prescale_group(rw: Rewriter, g: Group, s: torch.Tensor, order: dict, rows: d
             rw.counts["smoothed_by_multiply"] += 1
 
 
+def quantized_weights(gm: fx.GraphModule, g: Group, s: torch.Tensor, rows: dict, weight: str,
+                      means=None) -> dict:
+    """Per quantized linear of the group: (int8 codes, scales, Δb or None) of its smoothed weight; `means(x)`: the
+    input means bias correction needs (scales.input_means), or None. Computed before any edit."""
+    out = {}
+    for t in g.quantized:
+        w = smoothed_weight(gm, t, s, rows.get(t))
+        wq, ws = quantize_weight_int8(w, weight)
+        m = None if means is None else means(t.input)
+        w_hat = wq.double() * (ws.double()[:, None] if ws.dim() else ws.double())
+        out[t] = (wq, ws, None if m is None else bias_correction(m, w, w_hat))
+    return out
+
+
 def quantize_group(rw: Rewriter, g: Group, act_max: torch.Tensor, s: torch.Tensor | None, order: dict, rows: dict,
-                   act: str, weight: str, sample=None) -> None:
+                   act: str, weights: dict) -> None:
     """One quantizer per input node of the group (pre-scale 1/s where no norm or v absorbed it; `s` None: not
-    smoothed), then each reader an int8 linear; `sample(x)`: the Tokens bias correction averages over, or None."""
+    smoothed), then each reader an int8 linear of its `weights` entry (quantized_weights)."""
     smoothed = s is not None
     s = torch.ones_like(act_max, dtype=torch.float64) if s is None else s
     pre = 1 / s if smoothed and g.norm is None and g.v_fold is None else None
@@ -151,13 +168,8 @@ def quantize_group(rw: Rewriter, g: Group, act_max: torch.Tensor, s: torch.Tenso
         first = min((t.node for t in readers), key=order.__getitem__)
         codes = asym_quantizer(rw, x, first, pre) if act == "tensor_asym" else \
             quantizer(rw, x, first, pre, static, "token" if act == "token" else "tensor")
-        tokens = None if sample is None else sample(x)
         for t in readers:
-            r = rows.pop(t, None)
-            w = smoothed_weight(rw, t, s, r)
-            wq, ws = quantize_weight_int8(w, weight)
-            delta = None if tokens is None else \
-                bias_correction(tokens, s, w, wq.double() * ws.double()[:, None], act, act_max)
-            quantize_site(rw, t, codes, (wq, ws), site_bias(rw, t, r, delta))
+            wq, ws, delta = weights[t]
+            quantize_site(rw, t, codes, (wq, ws), site_bias(rw, t, rows.pop(t, None), delta))
             rw.counts["unsmoothed" if not smoothed else "smoothed_into_v" if g.v_fold is not None else
                       "smoothed_into_norm" if pre is None else "smoothed_in_quantizer"] += 1

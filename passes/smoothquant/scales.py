@@ -29,7 +29,6 @@ from fxopt.quant_ops import codes, scale_of
 CLAMP = 1e-5  # the reference code's floor for w_max and s: a dead channel gives no inf/NaN
 ALPHA_GRID = tuple(i / 20 for i in range(21))
 MAX_TOKENS = 1024  # calibration tokens the α search evaluates per group
-CORRECTION_TOKENS = 16384  # calibration tokens bias correction averages over, per quantized input
 
 
 def out_in(weight: torch.Tensor, layout: str) -> torch.Tensor:
@@ -95,23 +94,29 @@ class Tokens:
     kept batch, all its tokens and the rows of them evaluated (a per-tensor quantizer's range is the batch's)."""
 
     values: torch.Tensor
-    batches: tuple[tuple[torch.Tensor, slice], ...]
+    batches: tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 def tokens(samples: list[torch.Tensor], limit: int = MAX_TOKENS) -> Tokens:
-    """About `limit` calibration tokens, evenly spaced over the batches `samples`."""
-    flat = [t.reshape(-1, t.shape[-1]).double() for t in samples]
+    """About `limit` calibration tokens spread over the batches `samples`: a fixed-seed random subset of each, so
+    no sequence position (a [CLS] or BOS token at position 0) is over- or under-sampled."""
+    flat = [t.reshape(-1, t.shape[-1]).double() for t in samples if t.numel()]
     step = max(1, -(-sum(len(b) for b in flat) // limit))
-    batches = tuple((b, slice(None, None, step)) for b in flat)
-    return Tokens(torch.cat([b[rows] for b, rows in batches]), batches)
+    g = torch.Generator().manual_seed(0)
+    batches = tuple((b, torch.randperm(len(b), generator=g)[:-(-len(b) // step)].sort().values) for b in flat)
+    values = torch.cat([b[rows] for b, rows in batches]) if batches else torch.zeros(0, 0, dtype=torch.float64)
+    return Tokens(values, batches)
 
 
 def folds(samples: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The kept calibration batches as folds for cross-fitting; one batch of several sequences splits in two."""
+    """The kept calibration batches as folds for cross-fitting; one batch of several sequences splits in two
+    (each half then takes its per-tensor range from itself); a lone batch of one sequence is one fold, scored
+    in-sample."""
+    samples = [t for t in samples if t.numel()]
     if len(samples) == 1 and samples[0].dim() > 2 and samples[0].shape[0] > 1:
         half = samples[0].shape[0] // 2
         return [samples[0][:half], samples[0][half:]]
-    return list(samples)
+    return samples
 
 
 def best_alpha(samples: list[torch.Tensor], weights: list[torch.Tensor], act_max: torch.Tensor, act: str,
@@ -121,6 +126,8 @@ def best_alpha(samples: list[torch.Tensor], weights: list[torch.Tensor], act_max
     w_max = weight_max(weights)
     tie = tie or (lambda s: s)
     parts = folds(samples)
+    if not parts:  # no calibration token reached this group
+        return None
     if len(parts) == 1:
         plan = [(act_max, tokens(parts))]
     else:
@@ -136,9 +143,19 @@ def best_alpha(samples: list[torch.Tensor], weights: list[torch.Tensor], act_max
     return None if unsmoothed < errors[best] else best
 
 
-def bias_correction(x: Tokens, s: torch.Tensor, w: torch.Tensor, w_dequantized: torch.Tensor, act: str,
-                    act_max: torch.Tensor) -> torch.Tensor:
-    """E[(x/s)·Wᵀ − Q(x/s)·Ŵᵀ] over the tokens of `x`, float64 [out]: W the smoothed weight [out, in] (columns
-    times s), Ŵ its int8 codes times their scales; what the quantized linear's bias gains to be unbiased."""
-    xs = x.values / s
-    return (xs @ w.t() - fake_inputs(x, s, act, act_max).double() @ w_dequantized.t()).mean(0)
+def input_means(samples: list[torch.Tensor], s: torch.Tensor, act: str,
+                act_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(E[x/s], E[Q(x/s)]) over every kept calibration token, float64 [in]; None without tokens."""
+    flat = [t.reshape(-1, t.shape[-1]).double() for t in samples if t.numel()]
+    if not flat:
+        return None
+    x = Tokens(torch.cat(flat), tuple((b, torch.arange(len(b))) for b in flat))
+    return x.values.div(s).mean(0), fake_inputs(x, s, act, act_max).double().mean(0)
+
+
+def bias_correction(means: tuple[torch.Tensor, torch.Tensor], w: torch.Tensor,
+                    w_dequantized: torch.Tensor) -> torch.Tensor:
+    """E[(x/s)·Wᵀ − Q(x/s)·Ŵᵀ] = E[x/s]·Wᵀ − E[Q(x/s)]·Ŵᵀ, float64 [out]: W the smoothed weight [out, in]
+    (columns times s), Ŵ its int8 codes times their scales; what the quantized linear's bias gains to be unbiased."""
+    mean_x, mean_q = means
+    return mean_x @ w.t() - mean_q @ w_dequantized.t()

@@ -320,21 +320,33 @@ def test_a_per_tensor_quantizer_is_scored_with_its_whole_batchs_range_not_the_ev
 
 
 def test_bias_correction_makes_the_quantized_linear_unbiased_on_the_calibration_tokens():
-    from fxopt.passes.smoothquant.scales import bias_correction, fake_inputs, tokens
+    from fxopt.passes.smoothquant.scales import Tokens, bias_correction, fake_inputs, input_means
     from fxopt.quant_ops import quantize_weight_int8
 
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 4, 32, 16, generator=g, dtype=torch.float64) + 3.0  # a mean far from 0: a biased error
+    batches = list(torch.randn(2, 4, 32, 16, generator=g, dtype=torch.float64) + 3.0)  # a mean far from 0
     w, s = torch.randn(8, 16, generator=g, dtype=torch.float64), torch.rand(16, generator=g, dtype=torch.float64) + 0.5
-    sample = tokens(list(x))
+    flat = [b.reshape(-1, 16) for b in batches]
+    every = Tokens(torch.cat(flat), tuple((b, torch.arange(len(b))) for b in flat))
     wq, ws = quantize_weight_int8(w, "channel")
     w_hat = wq.double() * ws.double()[:, None]
     for act in ("tensor", "tensor_asym", "token"):
-        q = fake_inputs(sample, s, act, sample.values.abs().amax(0)).double() @ w_hat.t()
-        exact = (sample.values / s) @ w.t()
-        delta = bias_correction(sample, s, w, w_hat, act, sample.values.abs().amax(0))
+        act_max = every.values.abs().amax(0)
+        q = fake_inputs(every, s, act, act_max).double() @ w_hat.t()
+        exact = (every.values / s) @ w.t()
+        delta = bias_correction(input_means(batches, s, act, act_max), w, w_hat)
         assert (exact - q).mean(0).abs().max() > 1e-3  # biased before
         assert torch.allclose((exact - (q + delta)).mean(0), torch.zeros(8, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("weight", ["channel", "tensor"])
+def test_a_calibration_set_with_an_empty_batch_and_either_weight_granularity_quantizes(weight):
+    model, x = GeluFeedForward().eval(), torch.randn(4, 8, 32)
+    calib = [torch.randn(4, 8, 32), torch.randn(0, 8, 32), torch.randn(3, 8, 32)]
+    for alpha in (0.5, "auto"):
+        opt = smoothquant(model, x, calib, fuse=False, act="tensor", weight=weight, alpha=alpha, layers="all",
+                          min_cosine=0.0)
+        assert count_ops(opt.graph_module)["fxopt.int8_linear"] == 2 and torch.isfinite(opt(x)).all()
 
 
 OUTLIERS = [3, 17, 40]
