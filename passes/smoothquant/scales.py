@@ -10,12 +10,15 @@ smoothing at all (s ≡ 1; α = 0 is not the identity) when that is closer still
 kept batches are folds, and each fold is scored with the s computed from the other folds' act_max, so the search
 sees what deployment sees (tokens whose channels exceed the calibration maxima); scoring s on the very tokens it
 was computed from prefers α near 1, which fits those maxima exactly and generalises worst. A per-tensor quantizer
-takes its range from the whole batch, as it does at run time, not from the evaluated subset of tokens.
+takes its range from the whole batch, as it does at run time, not from the evaluated subset of tokens (a fixed-seed
+random subset: a strided one lines up with sequence starts).
 
 Bias correction (Nagel et al. 2019, empirical form): the quantized linear's mean output error over the kept
 calibration tokens, E[x·Wᵀ − Q(x/s)·Q(W·s)ᵀ] per output channel, is added to its bias, so the int8 linear is
 unbiased on the calibration distribution (a channel whose value barely varies, a [CLS] token's massive
-activation, rounds the same way every time: a systematic error that bias correction removes).
+activation, rounds the same way every time: a systematic error that bias correction removes). It is linear in the
+tokens, E[x/s]·Wᵀ − E[Q(x/s)]·Ŵᵀ, so every kept token counts at the cost of two matrix-vector products; a
+corrected half-precision bias is kept in fp32, the precision the int8 ops' epilogue adds it in.
 """
 
 from __future__ import annotations
