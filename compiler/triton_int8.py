@@ -152,15 +152,21 @@ if triton is not None:
         return first_m + (pid % width) % size_m, (pid % width) // size_m
 
     @triton.jit
-    def _int8_gemm_kernel(A, Bw, C, SA, SB, BIAS, RES, M, N, K, sa_stride, sb_stride,
-                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, EVEN_K: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    def _tile_offsets(M, N, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        """A pointer kernel's tile: its rows rm and columns rn, the K offsets rk, and rm/rn clamped into the
+        operands (int64 row offsets) for the loads; the stores mask with rm < M, rn < N."""
         pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
         rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
         rn_c = tl.where(rn < N, rn, 0).to(tl.int64)
+        return rm, rn, tl.arange(0, BK), rm_c, rn_c
+
+    @triton.jit
+    def _int8_gemm_kernel(A, Bw, C, SA, SB, BIAS, RES, M, N, K, sa_stride, sb_stride,
+                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, EVEN_K: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        rm, rn, rk, rm_c, rn_c = _tile_offsets(M, N, BM, BN, BK, GROUP_M)
         a_ptr = A + rm_c[:, None] * K + rk[None, :]
         b_ptr = Bw + rn_c[:, None] * K + rk[None, :]  # W is [N, K], K contiguous: loaded [BN, BK], used transposed
         acc = tl.zeros((BM, BN), dtype=tl.int32)
@@ -241,12 +247,7 @@ if triton is not None:
                             HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
                             BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
         """Two int8 GEMMs on the same A tiles (gate and up weights), two int32 accumulators, one SwiGLU store."""
-        pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
-        rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
-        rn_c = tl.where(rn < N, rn, 0).to(tl.int64)
+        rm, rn, rk, rm_c, rn_c = _tile_offsets(M, N, BM, BN, BK, GROUP_M)
         a_ptr = A + rm_c[:, None] * K + rk[None, :]
         g_ptr = Bg + rn_c[:, None] * K + rk[None, :]
         u_ptr = Bu + rn_c[:, None] * K + rk[None, :]
