@@ -29,16 +29,25 @@ from .quant_ops import _dequantize, _wide
 U8_MAX = 255
 
 
+def uint8_grid(xw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, z) of the tensor `xw`'s own range, z still a float: the step and the code of 0.0."""
+    zero = xw.new_zeros(())
+    lo, hi = (torch.minimum(xw.amin(), zero), torch.maximum(xw.amax(), zero)) if xw.numel() else (zero, zero)
+    s = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / U8_MAX)
+    return s, torch.round(torch.clamp(-lo / s, 0, U8_MAX))
+
+
+def uint8_codes(xw: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The codes of `xw` on the grid (s, z), as floats in [0, 255]."""
+    return torch.clamp(torch.round(xw / s) + z, 0, U8_MAX)
+
+
 def _quantize_uint8_ref(x: torch.Tensor, pre_scale: torch.Tensor | None):
     xw = _wide(x)
     if pre_scale is not None:
         xw = xw * pre_scale.to(xw.dtype)
-    zero = xw.new_zeros(())
-    lo, hi = (torch.minimum(xw.amin(), zero), torch.maximum(xw.amax(), zero)) if xw.numel() else (zero, zero)
-    s = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / U8_MAX)
-    z = torch.round(torch.clamp(-lo / s, 0, U8_MAX))
-    q = torch.clamp(torch.round(xw / s) + z, 0, U8_MAX).to(torch.uint8)
-    return q, s, z.to(torch.uint8)
+    s, z = uint8_grid(xw)
+    return uint8_codes(xw, s, z).to(torch.uint8), s, z.to(torch.uint8)
 
 
 def _uint8_linear_ref(q, s, z, wq, ws, bias, out_dtype):

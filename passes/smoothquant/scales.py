@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fxopt.quant_asym import uint8_codes, uint8_grid
 from fxopt.quant_ops import codes, scale_of
 
 CLAMP = 1e-5  # the reference code's floor for w_max and s: a dead channel gives no inf/NaN
@@ -60,12 +61,9 @@ def _fake(t: torch.Tensor, act: str, batch: torch.Tensor, static: torch.Tensor |
         return _round_trip(t, True)
     if act == "tensor_static":
         return codes(t, static.float()).to(t.dtype) * static.float()
-    if act == "tensor_asym":
-        zero = batch.new_zeros(())
-        lo, hi = torch.minimum(batch.amin(), zero), torch.maximum(batch.amax(), zero)
-        s = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / 255)
-        z = torch.round(torch.clamp(-lo / s, 0, 255))
-        return (torch.clamp(torch.round(t / s) + z, 0, 255) - z) * s
+    if act == "tensor_asym":  # quantize_uint8's grid, from the batch
+        s, z = uint8_grid(batch)
+        return (uint8_codes(t, s, z) - z) * s
     s = scale_of(batch.abs().amax())
     return codes(t, s).to(t.dtype) * s
 
