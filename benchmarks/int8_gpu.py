@@ -50,7 +50,11 @@ SWEEP = [(16, 64, 256, 1, 4, 4), (16, 32, 256, 1, 4, 4), (16, 32, 512, 1, 4, 3),
          (128, 256, 128, 8, 8, 3, True), (128, 128, 128, 8, 8, 4, True),
          (128, 128, 256, 8, 8, 3, True), (128, 128, 128, 8, 4, 4), (128, 256, 128, 8, 8, 4),
          (64, 256, 128, 8, 4, 4), (64, 128, 128, 8, 4, 4), (64, 64, 256, 8, 4, 4), (64, 128, 128, 8, 4, 4, True),
-         (64, 64, 128, 8, 4, 4)]  # (BM, BN, BK, GROUP_M, warps, stages[, TMA])
+         (64, 64, 128, 8, 4, 4),
+         (128, 256, 128, 8, 8, 3, True, True), (128, 256, 128, 8, 8, 4, True, True),
+         (128, 256, 64, 8, 8, 5, True, True), (256, 128, 128, 8, 8, 3, True, True),
+         (128, 128, 128, 8, 8, 4, True, True), (128, 128, 128, 8, 4, 4, True, True),
+         (64, 128, 128, 8, 4, 4, True, True)]  # (BM, BN, BK, GROUP_M, warps, stages[, TMA[, persistent]])
 
 
 # ---- check -------------------------------------------------------------------------------------------------
@@ -261,6 +265,7 @@ def gemm_row(m: int, k: int, n: int, sweep: bool) -> dict:
          "triton epilogue": graph_time(triton, copies)}
     if m > 16:
         t["_int_mm alone"] = graph_time(lambda i: torch._int_mm(q, w8[i][0].t()), copies)
+    t.update(fp8_times(x, w16, copies))
     row = {"m": m, "k": k, "n": n, "config": triton_int8.gemm_config(m, n, k), **t}
     if sweep:
         best, want = None, triton(0)
@@ -286,6 +291,27 @@ def gemm_row(m: int, k: int, n: int, sweep: bool) -> dict:
     flops = 2 * m * k * n
     log.info("gemm %s: %s", (m, k, n), {a: (round(v, 4), round(flops / v / 1e9, 1)) for a, v in t.items()})
     return row
+
+
+def fp8_times(x: torch.Tensor, w16: list, copies: int) -> dict:
+    """Beside int8, the same GEMM in e4m3 (row scales of x, column scales of w): cuBLASLt through
+    `torch._scaled_mm` (bf16 out, fast accumulation) and our persistent Triton kernel (fp16 out)."""
+    from fxopt import triton_int8
+
+    out = {}
+    try:
+        x8 = x.to(torch.float8_e4m3fn)
+        w8 = [w.to(torch.float8_e4m3fn) for w in w16]
+        sa = torch.ones(x.shape[0], 1, device="cuda", dtype=torch.float32)
+        sb = torch.ones(1, w16[0].shape[0], device="cuda", dtype=torch.float32)
+        out["fp8 _scaled_mm row/col"] = graph_time(lambda i: torch._scaled_mm(
+            x8, w8[i].t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=True), copies)
+        cfg = (128, 256, 128, 8, 8, 3, True, True) if x.shape[0] > 1024 else (64, 128, 128, 8, 4, 4, True, True)
+        out["fp8 triton persistent"] = graph_time(lambda i: triton_int8.launch_gemm(
+            x8, sa, w8[i], sb.flatten(), None, "none", None, torch.float16, cfg), copies)
+    except Exception as e:  # noqa: BLE001 - an experiment beside the table, never its failure
+        log.info("fp8: %s", str(e).splitlines()[0][:160])
+    return out
 
 
 def swiglu_row(m: int, k: int = 2048, n: int = 5632) -> dict:

@@ -143,13 +143,17 @@ if triton is not None:
 
     @triton.jit
     def _tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-        """This program's (row tile, column tile), in grouped order: GROUP_M row tiles share each weight tile
-        while it is in L2."""
-        pid = tl.program_id(0)
+        """This program's (row tile, column tile)."""
+        return _tile_of(tl.program_id(0), M, N, BM, BN, GROUP_M)
+
+    @triton.jit
+    def _tile_of(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        """Tile number `tile` as (row tile, column tile), in grouped order: GROUP_M row tiles share each weight
+        tile while it is in L2."""
         width = GROUP_M * tl.cdiv(N, BN)
-        first_m = (pid // width) * GROUP_M
+        first_m = (tile // width) * GROUP_M
         size_m = tl.minimum(tl.cdiv(M, BM) - first_m, GROUP_M)
-        return first_m + (pid % width) % size_m, (pid % width) // size_m
+        return first_m + (tile % width) % size_m, (tile % width) // size_m
 
     @triton.jit
     def _tile_offsets(M, N, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
@@ -222,6 +226,29 @@ if triton is not None:
         _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, M, N, sa_stride, sb_stride, HAS_BIAS, ACT, HAS_RES)
 
 
+    @triton.jit
+    def _int8_gemm_persistent_kernel(a_desc, b_desc, C, SA, SB, BIAS, RES, M, N, K, sa_stride, sb_stride,
+                                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                                     PROGRAMS: tl.constexpr):
+        """The TMA GEMM as one program per SM that walks the tiles; the loop nest is flattened, so the next tile's
+        loads are issued while this tile's epilogue runs. fp8 operands accumulate in fp32, int8 in int32."""
+        int_acc: tl.constexpr = a_desc.dtype == tl.int8
+        tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+        for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
+            pid_m, pid_n = _tile_of(tile, M, N, BM, BN, GROUP_M)
+            if int_acc:
+                acc = tl.zeros((BM, BN), dtype=tl.int32)
+            else:
+                acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, tl.cdiv(K, BK)):
+                a = a_desc.load([pid_m * BM, k * BK])
+                b = b_desc.load([pid_n * BN, k * BK])
+                acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
+            rm = pid_m * BM + tl.arange(0, BM)
+            rn = pid_n * BN + tl.arange(0, BN)
+            _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, M, N, sa_stride, sb_stride, HAS_BIAS, ACT, HAS_RES)
+
 if triton is not None:
 
     @triton.jit
@@ -286,11 +313,32 @@ if triton is not None:
                          HAS_BG, HAS_BU)
 
 
+    @triton.jit
+    def _int8_swiglu_persistent_kernel(a_desc, g_desc, u_desc, C, SA, SBG, SBU, BG, BU, M, N, K, sa_stride,
+                                       sbg_stride, sbu_stride, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
+                                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                                       PROGRAMS: tl.constexpr):
+        """The TMA SwiGLU GEMM as one program per SM walking the tiles (see _int8_gemm_persistent_kernel)."""
+        tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+        for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
+            pid_m, pid_n = _tile_of(tile, M, N, BM, BN, GROUP_M)
+            acc_g = tl.zeros((BM, BN), dtype=tl.int32)
+            acc_u = tl.zeros((BM, BN), dtype=tl.int32)
+            for k in range(0, tl.cdiv(K, BK)):
+                a = a_desc.load([pid_m * BM, k * BK])
+                acc_g = tl.dot(a, g_desc.load([pid_n * BN, k * BK]).T, acc_g, out_dtype=tl.int32)
+                acc_u = tl.dot(a, u_desc.load([pid_n * BN, k * BK]).T, acc_u, out_dtype=tl.int32)
+            rm = pid_m * BM + tl.arange(0, BM)
+            rn = pid_n * BN + tl.arange(0, BN)
+            _swiglu_epilogue(acc_g, acc_u, rm, rn, C, SA, SBG, SBU, BG, BU, M, N, sa_stride, sbg_stride,
+                             sbu_stride, HAS_BG, HAS_BU)
+
+
 # ---- launch configuration ------------------------------------------------------------------------------------
 
-# (BM, BN, BK, GROUP_M, num_warps, num_stages[, TMA]). Small M (decode, short batches): by M. Otherwise the
-# largest tile that still gives every SM work: a 128x256 tile is the fastest at Llama-1B's M = 2048 (K, N in
-# {2048, 5632}) on an H100, but BERT-base's M = 1024, N = 768 makes only 24 such tiles for 132 SMs.
+# (BM, BN, BK, GROUP_M, num_warps, num_stages[, TMA[, persistent]]). Small M (decode, short batches): by M.
+# Otherwise the largest tile that still gives every SM work: a 128x256 tile is the fastest at Llama-1B's M = 2048
+# (K, N in {2048, 5632}) on an H100, but BERT-base's M = 1024, N = 768 makes only 24 such tiles for 132 SMs.
 # Measured with benchmarks/int8_gpu.py --sweep (benchmarks/results/int8_gpu.md).
 SMALL_M_CONFIGS: list[tuple[int, tuple]] = [
     (16, (16, 32, 512, 1, 4, 3)),
@@ -339,8 +387,12 @@ def launch_gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype, config=N
     if _tma_ok(tma, k, q2, wq):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        _int8_gemm_tma_kernel[grid](TensorDescriptor.from_tensor(q2, [bm, bk]),
-                                    TensorDescriptor.from_tensor(wq, [bn, bk]), *common, **flags)
+        descs = TensorDescriptor.from_tensor(q2, [bm, bk]), TensorDescriptor.from_tensor(wq, [bn, bk])
+        if len(tma) > 1 and tma[1]:  # persistent: one program per SM
+            programs = min(grid[0], _sm_count(q2.device.index or 0))
+            _int8_gemm_persistent_kernel[(programs,)](*descs, *common, PROGRAMS=programs, **flags)
+        else:
+            _int8_gemm_tma_kernel[grid](*descs, *common, **flags)
     else:
         _int8_gemm_kernel[grid](q2, wq, *common, EVEN_K=k % bk == 0, **flags)
     return c
@@ -380,9 +432,13 @@ def launch_swiglu(q2, sa, wg, wsg, bg, wu, wsu, bu, out_dtype, config=None) -> t
     if _tma_ok(tma, k, q2, wg, wu):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        _int8_swiglu_tma_kernel[grid](TensorDescriptor.from_tensor(q2, [bm, bk]),
-                                      TensorDescriptor.from_tensor(wg, [bn, bk]),
-                                      TensorDescriptor.from_tensor(wu, [bn, bk]), *common, **flags)
+        descs = (TensorDescriptor.from_tensor(q2, [bm, bk]), TensorDescriptor.from_tensor(wg, [bn, bk]),
+                 TensorDescriptor.from_tensor(wu, [bn, bk]))
+        if len(tma) > 1 and tma[1]:  # persistent: one program per SM
+            programs = min(grid[0], _sm_count(q2.device.index or 0))
+            _int8_swiglu_persistent_kernel[(programs,)](*descs, *common, PROGRAMS=programs, **flags)
+        else:
+            _int8_swiglu_tma_kernel[grid](*descs, *common, **flags)
     else:
         _int8_swiglu_kernel[grid](q2, wg, wu, *common, EVEN_K=k % bk == 0, **flags)
     return c
