@@ -125,6 +125,11 @@ def check(dtype=torch.float16) -> list[dict]:
             args = (q, s, wq, ws, bg, wu, wsu, None, dtype)
             row = _compare("int8_linear_swiglu", f.int8_linear_swiglu(*args), REFERENCES["int8_linear_swiglu"](*args))
             rows.append({**row, "shape": (m, k, n), "act": "swiglu", "bias": bg is not None})
+        pre = torch.rand(n, device=dev, generator=g) + 0.5
+        for name, args in (("int8_linear_quantize", (q, s, wq, ws, b, "gelu", None, dtype)),
+                           ("int8_linear_quantize", (q, s, wq, ws, None, "none", pre, dtype)),
+                           ("int8_linear_swiglu_quantize", (q, s, wq, ws, None, wu, wsu, None, pre, dtype))):
+            rows.append({**_compare(name, getattr(f, name)(*args), REFERENCES[name](*args)), "shape": (m, k, n)})
         one = torch.ones((), device=dev)
         exact = torch.matmul(q.double(), wq.double().t()).float()
         got = f.int8_linear_epilogue(q, one, wq, one, None, "none", None, torch.float32)
@@ -338,9 +343,14 @@ def swiglu_row(m: int, k: int = 2048, n: int = 5632) -> dict:
         return f.silu_mul_quantize_int8(gate, f.int8_linear_epilogue(q, s, wu, wsu, None, "none", None, x.dtype),
                                         None)
 
+    def requantized(i):
+        wg, wsg, wu, wsu = w8[i]
+        return f.int8_linear_swiglu_quantize(q, s, wg, wsg, None, wu, wsu, None, None, x.dtype)
+
     t = {"fp16": graph_time(lambda i: F.silu(F.linear(x, w16[i][0])) * F.linear(x, w16[i][1]), copies),
          "two GEMMs + silu_mul_quantize": graph_time(pair, copies),
-         "swiglu GEMM + quantize": graph_time(fused, copies)}
+         "swiglu GEMM + quantize": graph_time(fused, copies),
+         "swiglu GEMM requantizing (abs-max in the epilogue, one-pass codes)": graph_time(requantized, copies)}
     log.info("swiglu %s: %s", (m, k, n), {a: round(v * 1e3, 1) for a, v in t.items()})
     return {"m": m, "k": k, "n": n, **t}
 

@@ -14,6 +14,14 @@ token (`quantize_int8(·, pre_scale, None, "token")`: the quantizer that a one-r
                                                       = act(int8_linear(q, s, wq, ws, bias, out_dtype)) [+ residual]
     int8_linear_swiglu(q, s, wg, wsg, bg, wu, wsu, bu, out_dtype)
                                                       = silu(int8_linear(q, s, wg, …)) · int8_linear(q, s, wu, …)
+    int8_linear_quantize(q, s, wq, ws, bias, activation, pre, out_dtype)
+                                                      = quantize(act(int8_linear(q, s, wq, ws, bias, out_dtype)), pre)
+    int8_linear_swiglu_quantize(q, s, wg, wsg, bg, wu, wsu, bu, pre, out_dtype)
+                                                      = quantize(int8_linear_swiglu(q, s, wg, …, wu, …), pre)
+
+The last two requantize a GEMM's output for the next GEMM: on CUDA the GEMM's epilogue also takes each row's
+abs-max (an atomic max across the row's tiles, exact in any order), so the codes need one streaming pass over
+the output instead of a row kernel's two.
 
 quantize(·, pre) returns (codes int8, per-token scales fp32 of shape x.shape[:-1] + (1,)); the add+norm forms
 return the residual sum (x + r, in x's dtype) third, as add_rms_norm / add_layer_norm do. `activation` is one of
@@ -100,6 +108,16 @@ def _int8_linear_swiglu_ref(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up,
     return F.silu(gate) * _int8_linear_ref(q, scale, wq_up, ws_up, bias_up, out_dtype)
 
 
+def _int8_linear_quantize_ref(q, scale, wq, w_scale, bias, activation, pre_scale, out_dtype):
+    return _activation_quantize_ref(_int8_linear_ref(q, scale, wq, w_scale, bias, out_dtype), activation, pre_scale)
+
+
+def _int8_linear_swiglu_quantize_ref(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, pre_scale,
+                                     out_dtype):
+    return _token(_int8_linear_swiglu_ref(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, out_dtype),
+                  pre_scale)
+
+
 REFERENCES = {
     "rms_norm_quantize_int8": _rms_norm_quantize_ref,
     "layer_norm_quantize_int8": _layer_norm_quantize_ref,
@@ -109,6 +127,8 @@ REFERENCES = {
     "activation_quantize_int8": _activation_quantize_ref,
     "int8_linear_epilogue": _int8_linear_epilogue_ref,
     "int8_linear_swiglu": _int8_linear_swiglu_ref,
+    "int8_linear_quantize": _int8_linear_quantize_ref,
+    "int8_linear_swiglu_quantize": _int8_linear_swiglu_quantize_ref,
 }
 
 _NORM = "SymInt[] normalized_shape, Tensor? weight"
@@ -132,6 +152,13 @@ _SCHEMAS = {
     "int8_linear_swiglu": ("(Tensor q, Tensor scale, Tensor wq_gate, Tensor ws_gate, Tensor? bias_gate, "
                            "Tensor wq_up, Tensor ws_up, Tensor? bias_up, ScalarType out_dtype) -> Tensor",
                            "SwiGLU's gate and up int8 GEMMs on the same codes, silu(gate) · up in the epilogue"),
+    "int8_linear_quantize": ("(Tensor q, Tensor scale, Tensor wq, Tensor w_scale, Tensor? bias, str activation, "
+                             "Tensor? pre_scale, ScalarType out_dtype) -> (Tensor, Tensor)",
+                             "int8 GEMM whose output (+ bias, activation) is requantized per token for the next GEMM"),
+    "int8_linear_swiglu_quantize": ("(Tensor q, Tensor scale, Tensor wq_gate, Tensor ws_gate, Tensor? bias_gate, "
+                                    "Tensor wq_up, Tensor ws_up, Tensor? bias_up, Tensor? pre_scale, "
+                                    "ScalarType out_dtype) -> (Tensor, Tensor)",
+                                    "the SwiGLU GEMM, its output requantized per token for the down GEMM"),
 }
 
 

@@ -121,19 +121,24 @@ if triton is not None:
         tl.store(S + row, s)
 
     @triton.jit
-    def _row_quant_chunked_kernel(X, R, P, Q, S, N, MODE: tl.constexpr, ACT: tl.constexpr, HAS_P: tl.constexpr,
-                                  CHUNK: tl.constexpr):
+    def _row_quant_chunked_kernel(X, R, P, PEAK, Q, S, N, MODE: tl.constexpr, ACT: tl.constexpr,
+                                  HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr, CHUNK: tl.constexpr):
         """Wide SwiGLU / activation rows in chunks: the row's abs-max first, then the codes from the same values
         computed again (the second read comes from L2). Few registers per lane, so many rows are in flight; the
-        values and codes are the one-pass kernel's (an abs-max does not depend on the order it is taken in)."""
+        values and codes are the one-pass kernel's (an abs-max does not depend on the order it is taken in).
+        With HAS_PEAK the abs-max is given (a requantizing GEMM's epilogue took it) and one pass is left."""
         row = tl.program_id(0).to(tl.int64)
         base = row * N
-        peak = tl.zeros((CHUNK,), dtype=tl.float32)
-        for c0 in range(0, N, CHUNK):
-            cols = c0 + tl.arange(0, CHUNK)
-            keep = cols < N
-            peak = tl.maximum(peak, tl.abs(_elementwise_row(X, R, P, base + cols, cols, keep, MODE, ACT, HAS_P)))
-        s = _scale(tl.max(peak, axis=0))
+        if HAS_PEAK:
+            s = _scale(tl.load(PEAK + row))
+        else:
+            peak = tl.zeros((CHUNK,), dtype=tl.float32)
+            for c0 in range(0, N, CHUNK):
+                cols = c0 + tl.arange(0, CHUNK)
+                keep = cols < N
+                peak = tl.maximum(peak, tl.abs(_elementwise_row(X, R, P, base + cols, cols, keep, MODE, ACT,
+                                                                 HAS_P)))
+            s = _scale(tl.max(peak, axis=0))
         for c0 in range(0, N, CHUNK):
             cols = c0 + tl.arange(0, CHUNK)
             keep = cols < N
@@ -167,9 +172,10 @@ if triton is not None:
         return rm, rn, tl.arange(0, BK), rm_c, rn_c
 
     @triton.jit
-    def _int8_gemm_kernel(A, Bw, C, SA, SB, BIAS, RES, M, N, K, sa_stride, sb_stride,
-                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, EVEN_K: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    def _int8_gemm_kernel(A, Bw, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
+                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_P: tl.constexpr,
+                          HAS_PEAK: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          BK: tl.constexpr, GROUP_M: tl.constexpr):
         rm, rn, rk, rm_c, rn_c = _tile_offsets(M, N, BM, BN, BK, GROUP_M)
         a_ptr = A + rm_c[:, None] * K + rk[None, :]
         b_ptr = Bw + rn_c[:, None] * K + rk[None, :]  # W is [N, K], K contiguous: loaded [BN, BK], used transposed
@@ -184,12 +190,14 @@ if triton is not None:
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
             a_ptr += BK
             b_ptr += BK
-        _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, M, N, sa_stride, sb_stride, HAS_BIAS, ACT, HAS_RES)
+        _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, P, PEAK, M, N, sa_stride, sb_stride, HAS_BIAS, ACT, HAS_RES,
+                  HAS_P, HAS_PEAK)
 
     @triton.jit
-    def _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, M, N, sa_stride, sb_stride, HAS_BIAS: tl.constexpr,
-                  ACT: tl.constexpr, HAS_RES: tl.constexpr):
-        """acc · s_tok · s_w (+ bias) rounded to C's dtype, then the activation, then + residual, stored.
+    def _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, P, PEAK, M, N, sa_stride, sb_stride, HAS_BIAS: tl.constexpr,
+                  ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr):
+        """acc · s_tok · s_w (+ bias) rounded to C's dtype, then the activation, then + residual, stored; with
+        HAS_PEAK, each row's abs-max for the requantizer too (_row_peaks).
 
         Offsets come straight from the aranges (masked, never clamped), so Triton sees whole contiguous rows of
         the tile and stores them 16 bytes at a time; clamped indices made every store a scalar 2-byte one.
@@ -209,11 +217,24 @@ if triton is not None:
         if HAS_RES:
             y = (y.to(tl.float32) + tl.load(RES + offs, mask=keep, other=0.0).to(tl.float32)).to(out_t)
         tl.store(C + offs, y, mask=keep)
+        if HAS_PEAK:
+            _row_peaks(y, rm, rn, in_m, in_n, P, PEAK, HAS_P)
 
     @triton.jit
-    def _int8_gemm_tma_kernel(a_desc, b_desc, C, SA, SB, BIAS, RES, M, N, K, sa_stride, sb_stride,
-                              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    def _row_peaks(y, rm, rn, in_m, in_n, P, PEAK, HAS_P: tl.constexpr):
+        """max |y · pre| over this tile's columns, per row, atomically maxed into PEAK (zeros before the GEMM):
+        after the last tile, the row's abs-max as the per-token quantizer takes it, exact in any order."""
+        v = y.to(tl.float32)
+        if HAS_P:
+            v = v * tl.load(P + rn, mask=in_n, other=0.0).to(tl.float32)[None, :]
+        v = tl.where(in_m[:, None] & in_n[None, :], tl.abs(v), 0.0)
+        tl.atomic_max(PEAK + rm, tl.max(v, axis=1), mask=in_m)
+
+    @triton.jit
+    def _int8_gemm_tma_kernel(a_desc, b_desc, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
+                              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_P: tl.constexpr,
+                              HAS_PEAK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                              GROUP_M: tl.constexpr):
         """The same GEMM with tiles brought in by the tensor memory accelerator (zero fill past the edges)."""
         pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
         acc = tl.zeros((BM, BN), dtype=tl.int32)
@@ -223,13 +244,14 @@ if triton is not None:
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
-        _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, M, N, sa_stride, sb_stride, HAS_BIAS, ACT, HAS_RES)
-
+        _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, P, PEAK, M, N, sa_stride, sb_stride, HAS_BIAS, ACT, HAS_RES,
+                  HAS_P, HAS_PEAK)
 
     @triton.jit
-    def _int8_gemm_persistent_kernel(a_desc, b_desc, C, SA, SB, BIAS, RES, M, N, K, sa_stride, sb_stride,
+    def _int8_gemm_persistent_kernel(a_desc, b_desc, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
                                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                                     HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr, BM: tl.constexpr,
+                                     BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                                      PROGRAMS: tl.constexpr):
         """The TMA GEMM as one program per SM that walks the tiles; the loop nest is flattened, so the next tile's
         loads are issued while this tile's epilogue runs. fp8 operands accumulate in fp32, int8 in int32."""
@@ -247,14 +269,18 @@ if triton is not None:
                 acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
             rm = pid_m * BM + tl.arange(0, BM)
             rn = pid_n * BN + tl.arange(0, BN)
-            _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, M, N, sa_stride, sb_stride, HAS_BIAS, ACT, HAS_RES)
+            _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, P, PEAK, M, N, sa_stride, sb_stride, HAS_BIAS, ACT,
+                      HAS_RES, HAS_P, HAS_PEAK)
+
 
 if triton is not None:
 
     @triton.jit
-    def _swiglu_epilogue(acc_g, acc_u, rm, rn, C, SA, SBG, SBU, BG, BU, M, N, sa_stride, sbg_stride, sbu_stride,
-                         HAS_BG: tl.constexpr, HAS_BU: tl.constexpr):
-        """gate and up dequantized (+ bias) and rounded to C's dtype each, silu(gate) rounded, times up, stored."""
+    def _swiglu_epilogue(acc_g, acc_u, rm, rn, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, sa_stride, sbg_stride,
+                         sbu_stride, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_P: tl.constexpr,
+                         HAS_PEAK: tl.constexpr):
+        """gate and up dequantized (+ bias) and rounded to C's dtype each, silu(gate) rounded, times up, stored;
+        with HAS_PEAK, each row's abs-max for the requantizer too."""
         in_m, in_n = rm < M, rn < N
         sa = tl.load(SA + rm * sa_stride, mask=in_m, other=0.0)[:, None]
         g = acc_g.to(tl.float32) * sa * tl.load(SBG + rn * sbg_stride, mask=in_n, other=0.0)[None, :]
@@ -268,11 +294,14 @@ if triton is not None:
         y = (g / (1.0 + tl.exp(-g))).to(out_t).to(tl.float32)
         h = (y * u.to(out_t).to(tl.float32)).to(out_t)
         tl.store(C + rm.to(tl.int64)[:, None] * N + rn[None, :], h, mask=in_m[:, None] & in_n[None, :])
+        if HAS_PEAK:
+            _row_peaks(h, rm, rn, in_m, in_n, P, PEAK, HAS_P)
 
     @triton.jit
-    def _int8_swiglu_kernel(A, Bg, Bu, C, SA, SBG, SBU, BG, BU, M, N, K, sa_stride, sbg_stride, sbu_stride,
-                            HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
-                            BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    def _int8_swiglu_kernel(A, Bg, Bu, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, K, sa_stride, sbg_stride, sbu_stride,
+                            HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr,
+                            EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                            GROUP_M: tl.constexpr):
         """Two int8 GEMMs on the same A tiles (gate and up weights), two int32 accumulators, one SwiGLU store."""
         rm, rn, rk, rm_c, rn_c = _tile_offsets(M, N, BM, BN, BK, GROUP_M)
         a_ptr = A + rm_c[:, None] * K + rk[None, :]
@@ -293,13 +322,14 @@ if triton is not None:
             a_ptr += BK
             g_ptr += BK
             u_ptr += BK
-        _swiglu_epilogue(acc_g, acc_u, rm, rn, C, SA, SBG, SBU, BG, BU, M, N, sa_stride, sbg_stride, sbu_stride,
-                         HAS_BG, HAS_BU)
+        _swiglu_epilogue(acc_g, acc_u, rm, rn, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, sa_stride, sbg_stride,
+                         sbu_stride, HAS_BG, HAS_BU, HAS_P, HAS_PEAK)
 
     @triton.jit
-    def _int8_swiglu_tma_kernel(a_desc, g_desc, u_desc, C, SA, SBG, SBU, BG, BU, M, N, K, sa_stride, sbg_stride,
-                                sbu_stride, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, BM: tl.constexpr,
-                                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    def _int8_swiglu_tma_kernel(a_desc, g_desc, u_desc, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, K, sa_stride,
+                                sbg_stride, sbu_stride, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
+                                HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                BK: tl.constexpr, GROUP_M: tl.constexpr):
         pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
         acc_g = tl.zeros((BM, BN), dtype=tl.int32)
         acc_u = tl.zeros((BM, BN), dtype=tl.int32)
@@ -309,14 +339,14 @@ if triton is not None:
             acc_u = tl.dot(a, u_desc.load([pid_n * BN, k * BK]).T, acc_u, out_dtype=tl.int32)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
-        _swiglu_epilogue(acc_g, acc_u, rm, rn, C, SA, SBG, SBU, BG, BU, M, N, sa_stride, sbg_stride, sbu_stride,
-                         HAS_BG, HAS_BU)
-
+        _swiglu_epilogue(acc_g, acc_u, rm, rn, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, sa_stride, sbg_stride,
+                         sbu_stride, HAS_BG, HAS_BU, HAS_P, HAS_PEAK)
 
     @triton.jit
-    def _int8_swiglu_persistent_kernel(a_desc, g_desc, u_desc, C, SA, SBG, SBU, BG, BU, M, N, K, sa_stride,
+    def _int8_swiglu_persistent_kernel(a_desc, g_desc, u_desc, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, K, sa_stride,
                                        sbg_stride, sbu_stride, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
-                                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                                       HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr, BM: tl.constexpr,
+                                       BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                                        PROGRAMS: tl.constexpr):
         """The TMA SwiGLU GEMM as one program per SM walking the tiles (see _int8_gemm_persistent_kernel)."""
         tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
@@ -330,8 +360,8 @@ if triton is not None:
                 acc_u = tl.dot(a, u_desc.load([pid_n * BN, k * BK]).T, acc_u, out_dtype=tl.int32)
             rm = pid_m * BM + tl.arange(0, BM)
             rn = pid_n * BN + tl.arange(0, BN)
-            _swiglu_epilogue(acc_g, acc_u, rm, rn, C, SA, SBG, SBU, BG, BU, M, N, sa_stride, sbg_stride,
-                             sbu_stride, HAS_BG, HAS_BU)
+            _swiglu_epilogue(acc_g, acc_u, rm, rn, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, sa_stride, sbg_stride,
+                             sbu_stride, HAS_BG, HAS_BU, HAS_P, HAS_PEAK)
 
 
 # ---- launch configuration ------------------------------------------------------------------------------------
@@ -373,17 +403,21 @@ def _tma_ok(tma: list, k: int, *operands: torch.Tensor) -> bool:
     return bool(tma and tma[0]) and k % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in operands)
 
 
-def launch_gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype, config=None) -> torch.Tensor:
-    """The epilogue GEMM on 2-d operands: q2 [M, K] int8, sa M or 1 scales, wq [N, K] int8, ws N or 1 scales."""
+def launch_gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype, config=None, pre=None,
+                peak=None) -> torch.Tensor:
+    """The epilogue GEMM on 2-d operands: q2 [M, K] int8, sa M or 1 scales, wq [N, K] int8, ws N or 1 scales;
+    `peak` (M fp32 zeros) receives each output row's abs-max after the pre-scale `pre` (N), for a requantizer."""
     m, k = q2.shape
     n = wq.shape[0]
     c = torch.empty((m, n), dtype=out_dtype, device=q2.device)
     bm, bn, bk, group, warps, stages, *tma = config or gemm_config(m, n, k, _sm_count(q2.device.index or 0))
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    common = (c, sa, ws, bias if bias is not None else ws, res2 if res2 is not None else c, m, n, k,
+    common = (c, sa, ws, bias if bias is not None else ws, res2 if res2 is not None else c,
+              pre if pre is not None else ws, peak if peak is not None else sa, m, n, k,
               1 if sa.numel() > 1 else 0, 1 if ws.numel() > 1 else 0)
-    flags = dict(HAS_BIAS=bias is not None, ACT=_ACT[activation], HAS_RES=res2 is not None, BM=bm, BN=bn, BK=bk,
-                 GROUP_M=group, num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+    flags = dict(HAS_BIAS=bias is not None, ACT=_ACT[activation], HAS_RES=res2 is not None, HAS_P=pre is not None,
+                 HAS_PEAK=peak is not None, BM=bm, BN=bn, BK=bk, GROUP_M=group, num_warps=warps,
+                 num_stages=stages, enable_fp_fusion=False)
     if _tma_ok(tma, k, q2, wq):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -419,16 +453,17 @@ def swiglu_config(m: int, n: int, k: int, sms: int = 132) -> tuple:
     return halved(TILE_CONFIGS[-1])
 
 
-def launch_swiglu(q2, sa, wg, wsg, bg, wu, wsu, bu, out_dtype, config=None) -> torch.Tensor:
+def launch_swiglu(q2, sa, wg, wsg, bg, wu, wsu, bu, out_dtype, config=None, pre=None, peak=None) -> torch.Tensor:
     m, k = q2.shape
     n = wg.shape[0]
     c = torch.empty((m, n), dtype=out_dtype, device=q2.device)
     bm, bn, bk, group, warps, stages, *tma = config or swiglu_config(m, n, k, _sm_count(q2.device.index or 0))
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    common = (c, sa, wsg, wsu, bg if bg is not None else wsg, bu if bu is not None else wsu, m, n, k,
+    common = (c, sa, wsg, wsu, bg if bg is not None else wsg, bu if bu is not None else wsu,
+              pre if pre is not None else wsg, peak if peak is not None else sa, m, n, k,
               1 if sa.numel() > 1 else 0, 1 if wsg.numel() > 1 else 0, 1 if wsu.numel() > 1 else 0)
-    flags = dict(HAS_BG=bg is not None, HAS_BU=bu is not None, BM=bm, BN=bn, BK=bk, GROUP_M=group,
-                 num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+    flags = dict(HAS_BG=bg is not None, HAS_BU=bu is not None, HAS_P=pre is not None, HAS_PEAK=peak is not None,
+                 BM=bm, BN=bn, BK=bk, GROUP_M=group, num_warps=warps, num_stages=stages, enable_fp_fusion=False)
     if _tma_ok(tma, k, q2, wg, wu):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -452,8 +487,9 @@ def _launch_rows(mode: int, x, other, weight, bias, pre, eps: float, act: str, w
     block = triton.next_power_of_2(n)
     if mode in (_SILU_MUL, _ACT_ONLY) and block > CHUNKED_ABOVE:
         _row_quant_chunked_kernel[(x.numel() // n,)](
-            x, other if other is not None else x, pre if pre is not None else x, q, s, n, MODE=mode, ACT=_ACT[act],
-            HAS_P=pre is not None, CHUNK=ROW_CHUNK, num_warps=4, enable_fp_fusion=False)
+            x, other if other is not None else x, pre if pre is not None else x, s, q, s, n, MODE=mode,
+            ACT=_ACT[act], HAS_P=pre is not None, HAS_PEAK=False, CHUNK=ROW_CHUNK, num_warps=4,
+            enable_fp_fusion=False)
         return q, s
     warps = next(w for bound, w in ROW_WARPS if block <= bound)
     _row_quant_kernel[(x.numel() // n,)](
@@ -462,6 +498,19 @@ def _launch_rows(mode: int, x, other, weight, bias, pre, eps: float, act: str, w
         MODE=mode, ACT=_ACT[act], HAS_R=with_sum or mode == _SILU_MUL, HAS_W=weight is not None,
         HAS_B=bias is not None, HAS_P=pre is not None, BLOCK=block, num_warps=warps, enable_fp_fusion=False)
     return (q, s, total) if with_sum else (q, s)
+
+
+def _requantize(y: torch.Tensor, peak: torch.Tensor, pre) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token codes of a GEMM output y [M, N] whose rows' abs-maxima (after `pre`) the epilogue took: one
+    streaming pass, the row quantizer's codes and scales."""
+    m, n = y.shape
+    q = torch.empty((m, n), dtype=torch.int8, device=y.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=y.device)
+    _row_quant_chunked_kernel[(m,)](y, y, pre if pre is not None else y, peak, q, s, n, MODE=_ACT_ONLY, ACT=0,
+                                    HAS_P=pre is not None, HAS_PEAK=True,
+                                    CHUNK=min(ROW_CHUNK, triton.next_power_of_2(n)), num_warps=4,
+                                    enable_fp_fusion=False)
+    return q, s
 
 
 # ---- coverage and the CUDA-key kernels -------------------------------------------------------------------------
@@ -478,9 +527,9 @@ def _rows_cover(x: torch.Tensor, *others) -> bool:
             and x.dim() >= 1 and x.shape[-1] <= MAX_ROW and all(_dense(t, x, shape) for t, shape in others))
 
 
-def _pre_ok(pre: torch.Tensor | None, x: torch.Tensor) -> bool:
+def _pre_ok(pre: torch.Tensor | None, x: torch.Tensor, width: int | None = None) -> bool:
     return pre is None or (pre.is_contiguous() and pre.device == x.device and pre.dtype in _FLOATS
-                           and tuple(pre.shape) == (x.shape[-1],))
+                           and tuple(pre.shape) == (x.shape[-1] if width is None else width,))
 
 
 def _reference(name: str) -> Callable:
@@ -558,6 +607,34 @@ def int8_linear_swiglu_cuda(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up,
     return out.view(*q.shape[:-1], n)
 
 
+def int8_linear_quantize_cuda(q, scale, wq, w_scale, bias, activation, pre_scale, out_dtype):
+    if not (gemm_covers(q, scale, wq, w_scale, bias, activation, None, out_dtype)
+            and _pre_ok(pre_scale, q, wq.shape[0])):
+        return _reference("int8_linear_quantize")(q, scale, wq, w_scale, bias, activation, pre_scale, out_dtype)
+    k, n = q.shape[-1], wq.shape[0]
+    q2 = q.reshape(-1, k)
+    peak = torch.zeros(q2.shape[0], dtype=torch.float32, device=q.device)
+    y = launch_gemm(q2, scale, wq, w_scale, bias, activation, None, out_dtype, pre=pre_scale, peak=peak)
+    codes, s = _requantize(y, peak, pre_scale)
+    return codes.view(*q.shape[:-1], n), s.view(*q.shape[:-1], 1)
+
+
+def int8_linear_swiglu_quantize_cuda(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, pre_scale,
+                                     out_dtype):
+    if not (wq_gate.shape == wq_up.shape and _pre_ok(pre_scale, q, wq_gate.shape[0])
+            and gemm_covers(q, scale, wq_gate, ws_gate, bias_gate, "none", None, out_dtype)
+            and gemm_covers(q, scale, wq_up, ws_up, bias_up, "none", None, out_dtype)):
+        return _reference("int8_linear_swiglu_quantize")(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up,
+                                                         bias_up, pre_scale, out_dtype)
+    k, n = q.shape[-1], wq_gate.shape[0]
+    q2 = q.reshape(-1, k)
+    peak = torch.zeros(q2.shape[0], dtype=torch.float32, device=q.device)
+    y = launch_swiglu(q2, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, out_dtype, pre=pre_scale,
+                      peak=peak)
+    codes, s = _requantize(y, peak, pre_scale)
+    return codes.view(*q.shape[:-1], n), s.view(*q.shape[:-1], 1)
+
+
 @functools.cache
 def _kernels() -> dict[str, Callable]:
     return {
@@ -569,6 +646,8 @@ def _kernels() -> dict[str, Callable]:
         "activation_quantize_int8": activation_quantize_cuda,
         "int8_linear_epilogue": int8_linear_epilogue_cuda,
         "int8_linear_swiglu": int8_linear_swiglu_cuda,
+        "int8_linear_quantize": int8_linear_quantize_cuda,
+        "int8_linear_swiglu_quantize": int8_linear_swiglu_quantize_cuda,
     }
 
 

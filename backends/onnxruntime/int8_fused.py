@@ -7,6 +7,8 @@ it stands for, from the existing translations (translations.py), so ORT runs the
     activation_quantize_int8(x, act, pre)  -> quantize(act(x), pre)
     int8_linear_epilogue(…, act, r, dt)    -> act(fxopt_int8_linear(…, dt)) [+ r]
     int8_linear_swiglu(q, s, Wg…, Wu…, dt) -> Cast(g32 · Sigmoid(g32), dt) · u, g and u fxopt_int8_linear(…, dt)
+    int8_linear_quantize(…, act, pre, dt)      -> quantize(act(fxopt_int8_linear(…, dt)), pre)
+    int8_linear_swiglu_quantize(…, pre, dt)    -> quantize(int8_linear_swiglu(…, dt), pre)
 
 Activations are computed in fp32 and cast back to the tensor's dtype, as ATen's kernels round them:
 gelu = 0.5·x·(1 + Erf(x/√2)), gelu_tanh with Tanh, silu = x·Sigmoid(x), relu = Relu.
@@ -103,6 +105,17 @@ def translations(opset: int, int8_gemm: str) -> dict:
         gate = linear(q, scale, wq_gate, ws_gate, bias_gate, out_dtype)
         return op.Mul(_activate(gate, "silu"), linear(q, scale, wq_up, ws_up, bias_up, out_dtype))
 
+    def int8_linear_quantize(q, scale, wq, w_scale, bias=None, activation: str = "none", pre_scale=None,
+                             out_dtype: int = onnx.TensorProto.FLOAT):
+        y = _activate(linear(q, scale, wq, w_scale, bias, out_dtype), activation)
+        return quantize(y, pre_scale, None, "token")
+
+    def int8_linear_swiglu_quantize(q, scale, wq_gate, ws_gate, bias_gate=None, wq_up=None, ws_up=None,
+                                    bias_up=None, pre_scale=None, out_dtype: int = onnx.TensorProto.FLOAT):
+        y = int8_linear_swiglu(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, out_dtype)
+        return quantize(y, pre_scale, None, "token")
+
     return {getattr(fused, f.__name__).default: f for f in (
         rms_norm_quantize_int8, layer_norm_quantize_int8, add_rms_norm_quantize_int8, add_layer_norm_quantize_int8,
-        silu_mul_quantize_int8, activation_quantize_int8, int8_linear_epilogue, int8_linear_swiglu)}
+        silu_mul_quantize_int8, activation_quantize_int8, int8_linear_epilogue, int8_linear_swiglu,
+        int8_linear_quantize, int8_linear_swiglu_quantize)}

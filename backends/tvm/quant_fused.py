@@ -7,6 +7,8 @@ the same kernels it does for the unfused graph (and may fuse them itself).
     activation_quantize_int8(x, act, pre) -> quantize_int8(act(x), pre)
     int8_linear_epilogue(…, act, r, dt)   -> act(int8_linear(…, dt)) [+ r]
     int8_linear_swiglu(q, s, Wg…, Wu…, dt) -> astype(silu(g32), dt) · u, g and u int8_linear(…, dt)
+    int8_linear_quantize(…, act, pre, dt)  -> quantize_int8(act(int8_linear(…, dt)), pre)
+    int8_linear_swiglu_quantize(…, pre, dt) -> quantize_int8(int8_linear_swiglu(…, dt), pre)
 
 Activations run in fp32 and are cast back to the tensor's dtype, as ATen rounds them.
 """
@@ -98,6 +100,21 @@ def int8_linear_swiglu(node: Any, imp: Any) -> relax.Expr:
     return emit(imp, relax.op.multiply(_activate(imp, gate, "silu"), up))
 
 
+def int8_linear_quantize(node: Any, imp: Any) -> relax.Expr:
+    q, s, wq, ws = node.args[:4]
+    y = quant.int8_linear(_Call(q, s, wq, ws, arg(node, 4, "bias"), arg(node, 7, "out_dtype")), imp)
+    return _quantize(imp, _activate(imp, y, arg(node, 5, "activation")), arg(node, 6, "pre_scale"))
+
+
+def int8_linear_swiglu_quantize(node: Any, imp: Any) -> relax.Expr:
+    q, s, wg, wsg = node.args[:4]
+    dtype = arg(node, 9, "out_dtype")
+    gate = quant.int8_linear(_Call(q, s, wg, wsg, arg(node, 4, "bias_gate"), dtype), imp)
+    up = quant.int8_linear(_Call(q, s, node.args[5], node.args[6], arg(node, 7, "bias_up"), dtype), imp)
+    product = emit(imp, relax.op.multiply(_activate(imp, gate, "silu"), up))
+    return _quantize(imp, product, arg(node, 8, "pre_scale"))
+
+
 def converters() -> dict:
     import torch
 
@@ -111,4 +128,6 @@ def converters() -> dict:
         f.activation_quantize_int8.default: activation_quantize,
         f.int8_linear_epilogue.default: int8_linear_epilogue,
         f.int8_linear_swiglu.default: int8_linear_swiglu,
+        f.int8_linear_quantize.default: int8_linear_quantize,
+        f.int8_linear_swiglu_quantize.default: int8_linear_swiglu_quantize,
     }

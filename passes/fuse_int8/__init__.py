@@ -11,12 +11,15 @@
     quantize(x, pre)                               =>  activation_quantize_int8(x, "none", pre)      (then, the rest)
     int8_linear(q, s, Wq, Ws, b)                   =>  int8_linear_epilogue(q, s, Wq, Ws, b, "none", None)
 
+    activation_quantize_int8(GEMM(…), act, pre)    =>  int8_linear[_swiglu]_quantize(…, act, pre)   (last: requantize)
+
 quantize is `quantize_int8(·, pre, None, "token")` (dynamic per token: one row, one kernel); what smoothquant
 and zeroquant leave, after canonicalization and fuse_layernorm. The fusions run first, quantizer rules before
 the epilogue's (users first: the quantizer is visited before the activation it reads, so an activation that
 feeds a quantizer goes into the quantizer, not the GEMM); then what is left on its own becomes the fused family's
 row quantizer and epilogue GEMM (one kernel each on CUDA, where the unfused ops take several), so no per-token
-quantize_int8 or int8_linear remains.
+quantize_int8 or int8_linear remains. Last, a GEMM whose output only a row quantizer reads requantizes it
+(requantize.py: the epilogue takes the rows' abs-maxima, the codes one pass).
 
 Requires: SHAPES.  Exactness: exact up to float rounding: each fused op's reference is the composition it
 replaces (compiler/quant_fused.py), bitwise on the CPU. The CUDA kernels keep its roundings, but a norm's
@@ -30,6 +33,7 @@ the quantizer's inputs exist.
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,6 +47,7 @@ from fxopt.rewrite import Rewriter
 from fxopt.rules import Rule, apply_rules
 
 from .patterns import check_codes, check_same_shape, quantize
+from .requantize import REQUANT_RULES
 from .swiglu import SWIGLU_RULES
 
 aten, fused = torch.ops.aten, torch.ops.fxopt
@@ -169,11 +174,10 @@ class FuseInt8(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rw = Rewriter(gm, self.name)
-        fusions = apply_rules(rw, RULES)
-        plain = apply_rules(rw, PLAIN_RULES)
+        stages = [apply_rules(rw, rules) for rules in (RULES, PLAIN_RULES, REQUANT_RULES)]
         rw.finish()
-        changed = fusions.changed or plain.changed
-        reasons = fusions.reasons() + plain.reasons()
+        changed = any(stage.changed for stage in stages)
+        reasons = [r for stage in stages for r in stage.reasons()]
         if not changed and not reasons:
             reasons = ["no per-token int8 quantizer or int8_linear in the graph (run smoothquant or zeroquant first)"]
-        return PassResult(gm, changed, dict(fusions.counts + plain.counts), reasons)
+        return PassResult(gm, changed, dict(sum((stage.counts for stage in stages), Counter())), reasons)

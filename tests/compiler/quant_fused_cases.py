@@ -10,7 +10,7 @@ from fxopt.quant_ops import quantize_weight_int8
 
 f = torch.ops.fxopt
 OPS = (f.silu_mul_quantize_int8.default, f.activation_quantize_int8.default, f.int8_linear_epilogue.default,
-       f.int8_linear_swiglu.default)
+       f.int8_linear_swiglu.default, f.int8_linear_quantize.default, f.int8_linear_swiglu_quantize.default)
 
 
 def args(op, x: torch.Tensor, other: torch.Tensor, with_weight: bool) -> list:
@@ -21,9 +21,13 @@ def args(op, x: torch.Tensor, other: torch.Tensor, with_weight: bool) -> list:
         return [x, "gelu" if with_weight else "none", pre]
     wq, ws = quantize_weight_int8(torch.randn(5, x.shape[-1]))
     bias = torch.randn(5) if with_weight else None
-    if op is f.int8_linear_swiglu.default:
+    codes = ops.quantize_int8(x, pre, None, "token")
+    out_pre = torch.rand(5) + 0.5 if with_weight else None  # the requantizer's pre-scale, over the 5 outputs
+    if op in (f.int8_linear_swiglu.default, f.int8_linear_swiglu_quantize.default):
         wu, wsu = quantize_weight_int8(torch.randn(5, x.shape[-1]))
-        return [*ops.quantize_int8(x, pre, None, "token"), wq, ws, bias, wu, wsu, None, x.dtype]
+        requant = [out_pre] if op is f.int8_linear_swiglu_quantize.default else []
+        return [*codes, wq, ws, bias, wu, wsu, None, *requant, x.dtype]
+    if op is f.int8_linear_quantize.default:
+        return [*codes, wq, ws, bias, "gelu" if with_weight else "none", out_pre, x.dtype]
     residual = torch.randn(*x.shape[:-1], 5).to(x.dtype) if with_weight else None
-    return [*ops.quantize_int8(x, pre, None, "token"), wq, ws, bias, "silu" if with_weight else "none", residual,
-            x.dtype]
+    return [*codes, wq, ws, bias, "silu" if with_weight else "none", residual, x.dtype]

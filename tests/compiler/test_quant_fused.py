@@ -85,6 +85,20 @@ def test_the_swiglu_gemm_equals_silu_of_the_gate_linear_times_the_up_linear(dtyp
         _equal(f.int8_linear_swiglu(q, s, wg, wsg, bg, wu, wsu, bu, dtype), want)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_requantizing_gemms_equal_their_gemm_then_the_per_token_quantizer(dtype):
+    x, _, _, _, _ = _inputs(dtype)
+    q, s = _quant(x, None)
+    (wg, wsg), (wu, wsu) = (quantize_weight_int8(torch.randn(7, x.shape[-1])) for _ in range(2))
+    bias, pre = torch.randn(7).to(dtype), torch.rand(7) + 0.5
+    for act, p in (("none", None), ("gelu", pre), ("silu", None)):
+        want = _quant(activate(ops.int8_linear(q, s, wg, wsg, bias, dtype), act), p)
+        _equal(f.int8_linear_quantize(q, s, wg, wsg, bias, act, p, dtype), want)
+    for p in (None, pre):
+        want = _quant(f.int8_linear_swiglu(q, s, wg, wsg, bias, wu, wsu, None, dtype), p)
+        _equal(f.int8_linear_swiglu_quantize(q, s, wg, wsg, bias, wu, wsu, None, p, dtype), want)
+
+
 def test_the_epilogue_sums_are_exact_at_the_codes_extremes():
     # 127 · 127 · k = 2 080 768 000 < 2^31 for k = 129 000: an fp32 sum would round (beyond 2^24)
     k = 129_000

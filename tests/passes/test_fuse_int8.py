@@ -105,14 +105,15 @@ def test_a_swiglu_block_fuses_norms_activation_and_residual_bitwise():
     opt = assert_same_function(SwiGLUBlock(), torch.randn(2, 6, 16))
     c = counts(opt)
     # norm1 -> rms_norm_quantize; the residual add before norm2 became add_rms_norm -> add_rms_norm_quantize;
-    # silu(gate)·up -> one GEMM with the SwiGLU in its epilogue, then a row quantizer; down + x -> the epilogue's
-    # residual; the other int8_linears -> the epilogue op
-    assert c == Counter({"rms_norm_quantize_int8": 1, "add_rms_norm_quantize_int8": 1, "int8_linear_swiglu": 1,
-                         "activation_quantize_int8": 1, "int8_linear_epilogue": 2})
+    # silu(gate)·up -> one GEMM with the SwiGLU in its epilogue, whose output only down's quantizer reads, so it
+    # requantizes it; down + x -> the epilogue's residual; the other int8_linears -> the epilogue op
+    assert c == Counter({"rms_norm_quantize_int8": 1, "add_rms_norm_quantize_int8": 1,
+                         "int8_linear_swiglu_quantize": 1, "int8_linear_epilogue": 2})
     residual = [n for n in opt.graph_module.graph.nodes if n.target is f.int8_linear_epilogue.default
                 and n.args[6] is not None]
     assert len(residual) == 1
-    assert opt.report["fuse_int8"].stats == {"norm_quantize": 2, "int8_linear_swiglu": 1, "int8_linear_epilogue": 2}
+    assert opt.report["fuse_int8"].stats == {"norm_quantize": 2, "int8_linear_swiglu": 1, "int8_linear_epilogue": 2,
+                                             "requantize": 1}
 
 
 class SwiGLUWithAProbe(SwiGLUBlock):
@@ -136,7 +137,8 @@ def test_a_gate_read_elsewhere_keeps_two_gemms_and_says_why():
     torch.manual_seed(0)
     opt = assert_same_function(SwiGLUWithAProbe(), torch.randn(2, 6, 16))
     c = counts(opt)
-    assert "int8_linear_swiglu" not in c and c["silu_mul_quantize_int8"] == 1 and c["int8_linear_epilogue"] == 4
+    assert "int8_linear_swiglu" not in c and "int8_linear_swiglu_quantize" not in c
+    assert c["silu_mul_quantize_int8"] == 1 and c["int8_linear_epilogue"] == 4
     assert any("gate GEMM" in r and "also read by" in r for r in opt.report["fuse_int8"].reasons)
 
 
@@ -156,7 +158,7 @@ class TwoProductsOfOneGate(SwiGLUBlock):
 def test_a_gate_shared_by_two_products_is_not_merged_twice():
     torch.manual_seed(0)
     opt = assert_same_function(TwoProductsOfOneGate(), torch.randn(2, 6, 16))
-    assert "int8_linear_swiglu" not in counts(opt)
+    assert "int8_linear_swiglu" not in counts(opt) and "int8_linear_swiglu_quantize" not in counts(opt)
 
 
 def test_an_unquantized_swiglu_product_still_merges_its_gemms():
@@ -166,14 +168,32 @@ def test_an_unquantized_swiglu_product_still_merges_its_gemms():
     assert c["int8_linear_swiglu"] == 1 and "activation_quantize_int8" not in c
 
 
-def test_gelu_goes_into_its_quantizer_and_a_float_read_relu_into_the_epilogue():
+def test_gelu_goes_into_fc1s_requantizing_epilogue_and_a_float_read_relu_into_the_epilogue():
     torch.manual_seed(0)
     opt = assert_same_function(GeluBlock(), torch.randn(2, 6, 16))
     c = counts(opt)
-    assert c["layer_norm_quantize_int8"] == 1 and c["activation_quantize_int8"] == 1
+    assert c["layer_norm_quantize_int8"] == 1 and "activation_quantize_int8" not in c
+    requant = [n for n in opt.graph_module.graph.nodes if n.target is f.int8_linear_quantize.default]
+    assert [n.args[5] for n in requant] == ["gelu"]  # fc1: GELU, then requantized for fc2
     acts = sorted(n.args[5] for n in opt.graph_module.graph.nodes if n.target is f.int8_linear_epilogue.default)
-    assert acts == ["none", "none", "relu"]  # fc1 (its GELU is the quantizer's), fc2 (+ residual), side (ReLU)
+    assert acts == ["none", "relu"]  # fc2 (+ residual), side (ReLU, read as a float)
     assert "quantize_int8" not in c and "int8_linear" not in c
+
+
+class GeluProbe(GeluBlock):
+    """fc1's output is also returned as a float: its GEMM must write it, so its quantizer stays a row kernel."""
+
+    def forward(self, x):
+        a = self.fc1(self.ln(x))
+        return x + self.fc2(F.gelu(a)), a
+
+
+def test_a_gemm_output_read_as_a_float_is_not_requantized_in_its_epilogue():
+    torch.manual_seed(0)
+    opt = assert_same_function(GeluProbe(), torch.randn(2, 6, 16))
+    c = counts(opt)
+    assert "int8_linear_quantize" not in c and c["activation_quantize_int8"] == 1
+    assert "requantize" not in opt.report["fuse_int8"].stats
 
 
 def test_a_post_ln_norm_stays_with_its_reason():
@@ -221,11 +241,13 @@ def test_hf_models_fuse_per_layer_and_compute_the_same_function(hf_fused):
     c, layers = counts(after), 2
     if family == "llama":  # per layer: both norms; gate and up one GEMM; o_proj's and down's inputs quantized alone
         assert c["rms_norm_quantize_int8"] + c["add_rms_norm_quantize_int8"] == 2 * layers
-        assert c["int8_linear_swiglu"] == layers and c["activation_quantize_int8"] == 2 * layers
+        # the SwiGLU GEMM requantizes for down; o_proj's input (attention's output) is quantized alone
+        assert c["int8_linear_swiglu_quantize"] == layers and c["activation_quantize_int8"] == layers
         assert c["int8_linear_epilogue"] == 5 * layers and "silu_mul_quantize_int8" not in c
-    else:  # BERT is post-LN: the norms stay (their output is the residual); GELU goes into fc2's quantizer
+    else:  # BERT is post-LN: the norms stay (their output is the residual); fc1 + GELU requantize for fc2
         assert not any("norm_quantize" in k for k in c)
-        assert c["activation_quantize_int8"] == 4 * layers and c["int8_linear_epilogue"] == 6 * layers
+        assert c["activation_quantize_int8"] == 3 * layers and c["int8_linear_quantize"] == layers
+        assert c["int8_linear_epilogue"] == 5 * layers
         assert any("also read as a float" in r for r in after.report["fuse_int8"].reasons)
     assert "int8_linear" not in c and "quantize_int8" not in c
     with torch.no_grad():
@@ -246,4 +268,5 @@ def test_every_fused_op_is_in_the_registry():
     names = {d.name for d in ops.REGISTRY.values()}
     assert {"rms_norm_quantize_int8", "layer_norm_quantize_int8", "add_rms_norm_quantize_int8",
             "add_layer_norm_quantize_int8", "silu_mul_quantize_int8", "activation_quantize_int8",
-            "int8_linear_epilogue", "int8_linear_swiglu"} <= names
+            "int8_linear_epilogue", "int8_linear_swiglu", "int8_linear_quantize",
+            "int8_linear_swiglu_quantize"} <= names
