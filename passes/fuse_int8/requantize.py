@@ -7,9 +7,10 @@ quantizer its rows' abs-maxima from its epilogue, so the codes take one pass ove
                                                    =>  int8_linear_swiglu_quantize(q, s, Wg, …, Wu, …, pre)
 
 These run after the fusions and the plain rules, on the fused family's canonical forms. Legal when the GEMM's
-float output has no other reader (the match is exclusive: a second reader would need the float output anyway),
-no residual is added in the epilogue, and at most one of the two activations is not "none". The ops' references
-are the compositions (compiler/quant_fused.py), so the rewrite is exact, bitwise on the CPU.
+float output has no other reader (a second reader, another quantizer included, needs the float output anyway, and
+two requantizing GEMMs would compute it twice), no residual is added in the epilogue, and at most one of the two
+activations is not "none" (none after a SwiGLU). The ops' references are the compositions
+(compiler/quant_fused.py), so the rewrite is exact, bitwise on the CPU.
 """
 
 from __future__ import annotations
@@ -22,15 +23,21 @@ from fxopt.rules import Rule
 
 fused = torch.ops.fxopt
 
+# users=1: a second reader of the float output (another quantizer included) keeps the GEMM as it is, which
+# computes it once
 _EPILOGUE = Op(fused.int8_linear_epilogue.default, Var("q"), Var("s"), Var("wq"), Var("ws"), Var("bias"),
-               Var("gemm_act"), None, Var("dtype"), name="gemm", label="an epilogue GEMM without a residual")
+               Var("gemm_act"), None, Var("dtype"), name="gemm", users=1,
+               label="an epilogue GEMM without a residual, read only by the quantizer")
 _SWIGLU = Op(fused.int8_linear_swiglu.default, Var("q"), Var("s"), Var("wq_gate"), Var("ws_gate"), Var("bias_gate"),
-             Var("wq_up"), Var("ws_up"), Var("bias_up"), Var("dtype"), name="swiglu", label="the SwiGLU GEMM")
+             Var("wq_up"), Var("ws_up"), Var("bias_up"), Var("dtype"), name="swiglu", users=1,
+             label="the SwiGLU GEMM, read only by the quantizer")
 REQUANT = Op(fused.activation_quantize_int8.default, AnyOf(_EPILOGUE, _SWIGLU), Var("act"), Var("pre"),
              name="quantizer")
 
 
 def check_requant(m) -> str | None:
+    if "swiglu" in m and m["act"] != "none":
+        return f"{m.root.name} applies {m['act']} to the SwiGLU GEMM's output: int8_linear_swiglu_quantize has none"
     acts = [a for a in (m.get("gemm_act", "none"), m["act"]) if a != "none"]
     if len(acts) > 1:
         return f"{m['gemm'].name} and its quantizer {m.root.name} each apply an activation"

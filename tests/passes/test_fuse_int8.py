@@ -196,6 +196,59 @@ def test_a_gemm_output_read_as_a_float_is_not_requantized_in_its_epilogue():
     assert "requantize" not in opt.report["fuse_int8"].stats
 
 
+class SwiGLUThenReLU(SwiGLUBlock):
+    """An activation after the SwiGLU product: the quantizer applies it, which the requantizing SwiGLU cannot."""
+
+    def forward(self, x):
+        h = self.norm2(x)
+        return x + self.down(torch.relu(F.silu(self.gate(h)) * self.up(h)))
+
+
+def test_an_activation_after_a_swiglu_keeps_its_row_quantizer_and_says_why():
+    torch.manual_seed(0)
+    opt = assert_same_function(SwiGLUThenReLU(), torch.randn(2, 6, 16))
+    c = counts(opt)
+    assert c["int8_linear_swiglu"] == 1 and "int8_linear_swiglu_quantize" not in c
+    assert any("applies relu to the SwiGLU GEMM's output" in r for r in opt.report["fuse_int8"].reasons)
+
+
+class TwoActivationsOfOneGemm(GeluBlock):
+    """fc1's output feeds two quantizers (GELU and ReLU branches): requantizing both would run fc1 twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc3 = nn.Linear(32, 16)
+
+    def forward(self, x):
+        a = self.fc1(self.ln(x))
+        return x + self.fc2(F.gelu(a)) + self.fc3(torch.relu(a))
+
+
+def test_a_gemm_read_by_two_quantizers_is_computed_once():
+    torch.manual_seed(0)
+    opt = assert_same_function(TwoActivationsOfOneGemm(), torch.randn(2, 6, 16))
+    c = counts(opt)
+    assert "int8_linear_quantize" not in c and c["activation_quantize_int8"] == 2
+    assert c["int8_linear_epilogue"] == 3  # fc1 once, fc2 and fc3
+
+
+@pytest.mark.parametrize("block", [SwiGLUBlock, GeluBlock])
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_requantizing_gemms_with_smoothing_pre_scales_lower_to_both_backends(block, backend):
+    pytest.importorskip({"onnxruntime": "onnxruntime", "tvm": "tvm"}[backend])
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16)
+    opt = quantized(block(), x, True, smooth=True)
+    requant = [n for n in opt.graph_module.graph.nodes
+               if n.target in (f.int8_linear_quantize.default, f.int8_linear_swiglu_quantize.default)]
+    assert len(requant) == 1 and requant[0].args[-2] is not None  # down's / fc2's smoothing pre-scale
+    fresh = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        want, got = main(opt(fresh)), main(fxopt.compile(opt, backend)(fresh))
+    cos = F.cosine_similarity(want.flatten().double(), got.flatten().double(), dim=0)
+    assert cos >= 1 - 1e-6, cos
+
+
 def test_a_post_ln_norm_stays_with_its_reason():
     torch.manual_seed(0)
     opt = assert_same_function(PostLN(), torch.randn(2, 6, 16))
