@@ -290,6 +290,7 @@ def gemm_row(m: int, k: int, n: int, sweep: bool) -> dict:
                 log.info("config %s: %s", cfg, str(e).splitlines()[0][:100])
                 continue
             row[f"sweep {cfg}"] = ms
+            log.info("sweep %s %s: %.1f us", (m, k, n), cfg, ms * 1e3)
             if best is None or ms < best[1]:
                 best = (cfg, ms)
         row["best"] = best
