@@ -121,30 +121,43 @@ if triton is not None:
         tl.store(S + row, s)
 
     @triton.jit
-    def _row_quant_chunked_kernel(X, R, P, PEAK, Q, S, N, MODE: tl.constexpr, ACT: tl.constexpr,
-                                  HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr, CHUNK: tl.constexpr):
+    def _row_quant_chunked_kernel(X, R, P, Q, S, N, MODE: tl.constexpr, ACT: tl.constexpr, HAS_P: tl.constexpr,
+                                  CHUNK: tl.constexpr):
         """Wide SwiGLU / activation rows in chunks: the row's abs-max first, then the codes from the same values
         computed again (the second read comes from L2). Few registers per lane, so many rows are in flight; the
-        values and codes are the one-pass kernel's (an abs-max does not depend on the order it is taken in).
-        With HAS_PEAK the abs-max is given (a requantizing GEMM's epilogue took it) and one pass is left."""
+        values and codes are the one-pass kernel's (an abs-max does not depend on the order it is taken in)."""
         row = tl.program_id(0).to(tl.int64)
         base = row * N
-        if HAS_PEAK:
-            s = _scale(tl.load(PEAK + row))
-        else:
-            peak = tl.zeros((CHUNK,), dtype=tl.float32)
-            for c0 in range(0, N, CHUNK):
-                cols = c0 + tl.arange(0, CHUNK)
-                keep = cols < N
-                peak = tl.maximum(peak, tl.abs(_elementwise_row(X, R, P, base + cols, cols, keep, MODE, ACT,
-                                                                 HAS_P)))
-            s = _scale(tl.max(peak, axis=0))
+        peak = tl.zeros((CHUNK,), dtype=tl.float32)
+        for c0 in range(0, N, CHUNK):
+            cols = c0 + tl.arange(0, CHUNK)
+            keep = cols < N
+            peak = tl.maximum(peak, tl.abs(_elementwise_row(X, R, P, base + cols, cols, keep, MODE, ACT, HAS_P)))
+        s = _scale(tl.max(peak, axis=0))
         for c0 in range(0, N, CHUNK):
             cols = c0 + tl.arange(0, CHUNK)
             keep = cols < N
             tl.store(Q + base + cols, _codes(_elementwise_row(X, R, P, base + cols, cols, keep, MODE, ACT, HAS_P), s),
                      mask=keep)
         tl.store(S + row, s)
+
+    @triton.jit
+    def _requant_codes_kernel(Y, P, PEAK, Q, S, M, N, HAS_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """Codes of a [BM, BN] tile of a GEMM output whose rows' abs-maxima (after the pre-scale) are given: an
+        element-wise pass over the whole output, as many tiles in flight as the card holds (a row per program
+        ran at 2x its memory bound)."""
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        in_m, in_n = rm < M, rn < N
+        keep = in_m[:, None] & in_n[None, :]
+        offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+        y = tl.load(Y + offs, mask=keep, other=0.0).to(tl.float32)
+        if HAS_P:
+            y = y * tl.load(P + rn, mask=in_n, other=0.0).to(tl.float32)[None, :]
+        s = _scale(tl.load(PEAK + rm, mask=in_m, other=0.0))
+        tl.store(Q + offs, _codes(y, s[:, None]), mask=keep)
+        if tl.program_id(1) == 0:
+            tl.store(S + rm, s, mask=in_m)
 
     @triton.jit
     def _tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
@@ -367,15 +380,16 @@ if triton is not None:
 # ---- launch configuration ------------------------------------------------------------------------------------
 
 # (BM, BN, BK, GROUP_M, num_warps, num_stages[, TMA[, persistent]]). Small M (decode, short batches): by M.
-# Otherwise the largest tile that still gives every SM work: a 128x256 tile is the fastest at Llama-1B's M = 2048
-# (K, N in {2048, 5632}) on an H100, but BERT-base's M = 1024, N = 768 makes only 24 such tiles for 132 SMs.
+# Otherwise the largest tile that still gives every SM work: a persistent 256x128 tile is the fastest at Llama-1B's
+# M = 2048 (K, N in {2048, 5632}) on an H100, but BERT-base's M = 1024, N = 768 makes only 24 such tiles for 132
+# SMs.
 # Measured with benchmarks/int8_gpu.py --sweep (benchmarks/results/int8_gpu.md).
 SMALL_M_CONFIGS: list[tuple[int, tuple]] = [
     (16, (16, 32, 512, 1, 4, 3)),
     (64, (64, 64, 256, 1, 4, 4)),
 ]
 TILE_CONFIGS: list[tuple] = [  # largest first
-    (128, 256, 128, 8, 8, 3, True),
+    (256, 128, 128, 8, 8, 3, True, True),  # persistent: 0-6 % faster than (128, 256) at M = 2048 (H100)
     (128, 128, 128, 8, 8, 4, True),
     (64, 128, 128, 8, 4, 4),
     (64, 64, 128, 8, 4, 4),
@@ -440,10 +454,11 @@ CHUNKED_ABOVE, ROW_CHUNK = 4096, 1024
 
 
 def swiglu_config(m: int, n: int, k: int, sms: int = 132) -> tuple:
-    """Two accumulators per tile, so a 256-wide tile becomes two of 128 (the registers of one): gemm_config's
+    """Two accumulators per tile, so a tile with a 256 side has it halved (the registers of one): gemm_config's
     choice over the tiles this kernel really launches."""
     def halved(cfg: tuple) -> tuple:
-        return (cfg[0], cfg[1] // 2 if cfg[1] >= 256 else cfg[1], *cfg[2:])
+        bm, bn = cfg[:2]
+        return (bm // 2 if bm >= 256 > bn else bm, bn // 2 if bn >= 256 else bn, *cfg[2:])
     for bound, cfg in SMALL_M_CONFIGS:
         if m <= bound:
             return cfg
@@ -487,9 +502,8 @@ def _launch_rows(mode: int, x, other, weight, bias, pre, eps: float, act: str, w
     block = triton.next_power_of_2(n)
     if mode in (_SILU_MUL, _ACT_ONLY) and block > CHUNKED_ABOVE:
         _row_quant_chunked_kernel[(x.numel() // n,)](
-            x, other if other is not None else x, pre if pre is not None else x, s, q, s, n, MODE=mode,
-            ACT=_ACT[act], HAS_P=pre is not None, HAS_PEAK=False, CHUNK=ROW_CHUNK, num_warps=4,
-            enable_fp_fusion=False)
+            x, other if other is not None else x, pre if pre is not None else x, q, s, n, MODE=mode, ACT=_ACT[act],
+            HAS_P=pre is not None, CHUNK=ROW_CHUNK, num_warps=4, enable_fp_fusion=False)
         return q, s
     warps = next(w for bound, w in ROW_WARPS if block <= bound)
     _row_quant_kernel[(x.numel() // n,)](
@@ -500,16 +514,22 @@ def _launch_rows(mode: int, x, other, weight, bias, pre, eps: float, act: str, w
     return (q, s, total) if with_sum else (q, s)
 
 
+# requantize in the GEMM's epilogue from this many rows: below, the abs-max buffer's fill and the atomics cost
+# more than the row kernel's second read saves (SwiGLU at M = 16: 20.2 vs 18.1 us on an H100)
+REQUANT_MIN_ROWS = 128
+REQUANT_TILE = (16, 256)  # the codes kernel's [rows, columns] tile
+
+
 def _requantize(y: torch.Tensor, peak: torch.Tensor, pre) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token codes of a GEMM output y [M, N] whose rows' abs-maxima (after `pre`) the epilogue took: one
-    streaming pass, the row quantizer's codes and scales."""
+    element-wise pass, the row quantizer's codes and scales."""
     m, n = y.shape
     q = torch.empty((m, n), dtype=torch.int8, device=y.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=y.device)
-    _row_quant_chunked_kernel[(m,)](y, y, pre if pre is not None else y, peak, q, s, n, MODE=_ACT_ONLY, ACT=0,
-                                    HAS_P=pre is not None, HAS_PEAK=True,
-                                    CHUNK=min(ROW_CHUNK, triton.next_power_of_2(n)), num_warps=4,
-                                    enable_fp_fusion=False)
+    bm, bn = REQUANT_TILE
+    _requant_codes_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        y, pre if pre is not None else y, peak, q, s, m, n, HAS_P=pre is not None, BM=bm, BN=bn, num_warps=4,
+        enable_fp_fusion=False)
     return q, s
 
 
@@ -613,6 +633,9 @@ def int8_linear_quantize_cuda(q, scale, wq, w_scale, bias, activation, pre_scale
         return _reference("int8_linear_quantize")(q, scale, wq, w_scale, bias, activation, pre_scale, out_dtype)
     k, n = q.shape[-1], wq.shape[0]
     q2 = q.reshape(-1, k)
+    if q2.shape[0] < REQUANT_MIN_ROWS:  # the GEMM, then the row quantizer: the same codes
+        y = launch_gemm(q2, scale, wq, w_scale, bias, activation, None, out_dtype)
+        return activation_quantize_cuda(y.view(*q.shape[:-1], n), "none", pre_scale)
     peak = torch.zeros(q2.shape[0], dtype=torch.float32, device=q.device)
     y = launch_gemm(q2, scale, wq, w_scale, bias, activation, None, out_dtype, pre=pre_scale, peak=peak)
     codes, s = _requantize(y, peak, pre_scale)
@@ -628,6 +651,9 @@ def int8_linear_swiglu_quantize_cuda(q, scale, wq_gate, ws_gate, bias_gate, wq_u
                                                          bias_up, pre_scale, out_dtype)
     k, n = q.shape[-1], wq_gate.shape[0]
     q2 = q.reshape(-1, k)
+    if q2.shape[0] < REQUANT_MIN_ROWS:  # the GEMM, then the row quantizer: the same codes
+        y = launch_swiglu(q2, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, out_dtype)
+        return activation_quantize_cuda(y.view(*q.shape[:-1], n), "none", pre_scale)
     peak = torch.zeros(q2.shape[0], dtype=torch.float32, device=q.device)
     y = launch_swiglu(q2, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, out_dtype, pre=pre_scale,
                       peak=peak)
