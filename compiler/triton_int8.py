@@ -515,7 +515,9 @@ def _launch_rows(mode: int, x, other, weight, bias, pre, eps: float, act: str, w
 
 
 # requantize in the GEMM's epilogue from this many rows: below, the abs-max buffer's fill and the atomics cost
-# more than the row kernel's second read saves (SwiGLU at M = 16: 20.2 vs 18.1 us on an H100)
+# more than the row kernel's second read saves (SwiGLU at M = 16: 20.2 vs 18.1 us on an H100). A GEMM whose
+# output goes through an activation first leaves both to the row kernel: an erf GELU beside the abs-max in a
+# 256x128 epilogue made BERT-base's FFN-up GEMM 91 us instead of 10 on an H100 (its registers spill).
 REQUANT_MIN_ROWS = 128
 REQUANT_TILE = (16, 256)  # the codes kernel's [rows, columns] tile
 
@@ -633,9 +635,9 @@ def int8_linear_quantize_cuda(q, scale, wq, w_scale, bias, activation, pre_scale
         return _reference("int8_linear_quantize")(q, scale, wq, w_scale, bias, activation, pre_scale, out_dtype)
     k, n = q.shape[-1], wq.shape[0]
     q2 = q.reshape(-1, k)
-    if q2.shape[0] < REQUANT_MIN_ROWS:  # the GEMM, then the row quantizer: the same codes
-        y = launch_gemm(q2, scale, wq, w_scale, bias, activation, None, out_dtype)
-        return activation_quantize_cuda(y.view(*q.shape[:-1], n), "none", pre_scale)
+    if q2.shape[0] < REQUANT_MIN_ROWS or activation != "none":  # the GEMM, then the row kernel: the same codes
+        y = launch_gemm(q2, scale, wq, w_scale, bias, "none", None, out_dtype)
+        return activation_quantize_cuda(y.view(*q.shape[:-1], n), activation, pre_scale)
     peak = torch.zeros(q2.shape[0], dtype=torch.float32, device=q.device)
     y = launch_gemm(q2, scale, wq, w_scale, bias, activation, None, out_dtype, pre=pre_scale, peak=peak)
     codes, s = _requantize(y, peak, pre_scale)
