@@ -436,8 +436,8 @@ def launch_gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype, config=N
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         descs = TensorDescriptor.from_tensor(q2, [bm, bk]), TensorDescriptor.from_tensor(wq, [bn, bk])
-        if len(tma) > 1 and tma[1]:  # persistent: one program per SM
-            programs = min(grid[0], _sm_count(q2.device.index or 0))
+        if len(tma) > 1 and tma[1]:  # persistent: one program per SM (idle ones exit; one compile per card)
+            programs = _sm_count(q2.device.index or 0)
             _int8_gemm_persistent_kernel[(programs,)](*descs, *common, PROGRAMS=programs, **flags)
         else:
             _int8_gemm_tma_kernel[grid](*descs, *common, **flags)
@@ -484,8 +484,8 @@ def launch_swiglu(q2, sa, wg, wsg, bg, wu, wsu, bu, out_dtype, config=None, pre=
 
         descs = (TensorDescriptor.from_tensor(q2, [bm, bk]), TensorDescriptor.from_tensor(wg, [bn, bk]),
                  TensorDescriptor.from_tensor(wu, [bn, bk]))
-        if len(tma) > 1 and tma[1]:  # persistent: one program per SM
-            programs = min(grid[0], _sm_count(q2.device.index or 0))
+        if len(tma) > 1 and tma[1]:  # persistent: one program per SM (idle ones exit; one compile per card)
+            programs = _sm_count(q2.device.index or 0)
             _int8_swiglu_persistent_kernel[(programs,)](*descs, *common, PROGRAMS=programs, **flags)
         else:
             _int8_swiglu_tma_kernel[grid](*descs, *common, **flags)
