@@ -1,5 +1,7 @@
 """fuse_int8's requantize rules: a GEMM whose output only the next GEMM's per-token quantizer reads hands that
-quantizer its rows' abs-maxima from its epilogue, so the codes take one pass over the output instead of two.
+quantizer its rows' abs-maxima from its epilogue, so the codes take one pass over the output instead of two (the
+CUDA kernels do so from 128 rows and without an activation between; otherwise they run the GEMM, then the row
+quantizer: the same codes, compiler/triton_int8.py).
 
     activation_quantize_int8(int8_linear_epilogue(q, s, W, …, act₁), act₂, pre)
                                                    =>  int8_linear_quantize(q, s, W, …, act₁ or act₂, pre)
