@@ -111,3 +111,19 @@ def test_the_epilogue_sums_are_exact_at_the_codes_extremes():
     exact = (q.to(torch.int64) @ wq.to(torch.int64).t()).double()
     assert torch.equal(got, exact)
     assert exact.abs().max() > 2 ** 31 - 2 ** 28
+
+
+def test_gemm_tiles_give_every_sm_work_and_persistent_tiles_several_each():
+    from fxopt import triton_int8 as ti
+
+    sms = 132
+    for m, n in ((2048, 2048), (2048, 5632), (1024, 768), (1024, 3072), (512, 5632), (300, 64), (4096, 11008)):
+        for cfg in (ti.gemm_config(m, n, 2048, sms), ti.swiglu_config(m, n, 2048, sms)):
+            tiles = -(-m // cfg[0]) * -(-n // cfg[1])
+            if len(cfg) > 7 and cfg[7]:  # a persistent kernel overlaps a tile's epilogue with the next one's loads
+                assert tiles >= ti.PERSISTENT_MIN_TILES_PER_SM * sms, (m, n, cfg)
+            elif cfg not in (ti.TILE_CONFIGS[-1], ti.SMALL_M_CONFIGS[-1][1]):
+                assert tiles >= ti.MIN_TILES_PER_SM * sms, (m, n, cfg)
+    assert ti.gemm_config(2048, 5632, 2048, sms)[:2] == (256, 128)  # 352 tiles: persistent
+    assert ti.swiglu_config(2048, 5632, 2048, sms)[:2] == (128, 128)  # two accumulators: the 256 side halved
+    assert ti.gemm_config(16, 5632, 2048, sms) == ti.SMALL_M_CONFIGS[0][1]  # decode rows: by M
