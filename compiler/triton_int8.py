@@ -244,21 +244,33 @@ if triton is not None:
         tl.atomic_max(PEAK + rm, tl.max(v, axis=1), mask=in_m)
 
     @triton.jit
-    def _int8_gemm_tma_kernel(a_desc, b_desc, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
-                              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_P: tl.constexpr,
-                              HAS_PEAK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                              GROUP_M: tl.constexpr):
-        """The same GEMM with tiles brought in by the tensor memory accelerator (zero fill past the edges)."""
-        pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
-        acc = tl.zeros((BM, BN), dtype=tl.int32)
+    def _tma_gemm_tile(a_desc, b_desc, pid_m, pid_n, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
+                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_P: tl.constexpr,
+                       HAS_PEAK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """One output tile through the tensor memory accelerator (zero fill past the edges), then the epilogue.
+        fp8 operands accumulate in fp32, int8 in int32."""
+        if a_desc.dtype == tl.int8:
+            acc = tl.zeros((BM, BN), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BK)):
             a = a_desc.load([pid_m * BM, k * BK])
             b = b_desc.load([pid_n * BN, k * BK])
-            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+            acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, P, PEAK, M, N, sa_stride, sb_stride, HAS_BIAS, ACT, HAS_RES,
                   HAS_P, HAS_PEAK)
+
+    @triton.jit
+    def _int8_gemm_tma_kernel(a_desc, b_desc, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
+                              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_P: tl.constexpr,
+                              HAS_PEAK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                              GROUP_M: tl.constexpr):
+        """The GEMM with one program per tile, its tiles brought in by TMA."""
+        pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
+        _tma_gemm_tile(a_desc, b_desc, pid_m, pid_n, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
+                       HAS_BIAS, ACT, HAS_RES, HAS_P, HAS_PEAK, BM, BN, BK)
 
     @triton.jit
     def _int8_gemm_persistent_kernel(a_desc, b_desc, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
@@ -267,24 +279,11 @@ if triton is not None:
                                      BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                                      PROGRAMS: tl.constexpr):
         """The TMA GEMM as one program per SM that walks the tiles; the loop nest is flattened, so the next tile's
-        loads are issued while this tile's epilogue runs. fp8 operands accumulate in fp32, int8 in int32."""
-        int_acc: tl.constexpr = a_desc.dtype == tl.int8
-        tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
-        for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
+        loads are issued while this tile's epilogue runs."""
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tl.cdiv(N, BN), PROGRAMS, flatten=True):
             pid_m, pid_n = _tile_of(tile, M, N, BM, BN, GROUP_M)
-            if int_acc:
-                acc = tl.zeros((BM, BN), dtype=tl.int32)
-            else:
-                acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for k in range(0, tl.cdiv(K, BK)):
-                a = a_desc.load([pid_m * BM, k * BK])
-                b = b_desc.load([pid_n * BN, k * BK])
-                acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
-            rm = pid_m * BM + tl.arange(0, BM)
-            rn = pid_n * BN + tl.arange(0, BN)
-            _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, P, PEAK, M, N, sa_stride, sb_stride, HAS_BIAS, ACT,
-                      HAS_RES, HAS_P, HAS_PEAK)
-
+            _tma_gemm_tile(a_desc, b_desc, pid_m, pid_n, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride,
+                           sb_stride, HAS_BIAS, ACT, HAS_RES, HAS_P, HAS_PEAK, BM, BN, BK)
 
 if triton is not None:
 
@@ -339,11 +338,10 @@ if triton is not None:
                          sbu_stride, HAS_BG, HAS_BU, HAS_P, HAS_PEAK)
 
     @triton.jit
-    def _int8_swiglu_tma_kernel(a_desc, g_desc, u_desc, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, K, sa_stride,
-                                sbg_stride, sbu_stride, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
-                                HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                BK: tl.constexpr, GROUP_M: tl.constexpr):
-        pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
+    def _tma_swiglu_tile(a_desc, g_desc, u_desc, pid_m, pid_n, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, K, sa_stride,
+                         sbg_stride, sbu_stride, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_P: tl.constexpr,
+                         HAS_PEAK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """One SwiGLU output tile through TMA: both accumulators over K, then the SwiGLU epilogue."""
         acc_g = tl.zeros((BM, BN), dtype=tl.int32)
         acc_u = tl.zeros((BM, BN), dtype=tl.int32)
         for k in range(0, tl.cdiv(K, BK)):
@@ -356,26 +354,25 @@ if triton is not None:
                          sbu_stride, HAS_BG, HAS_BU, HAS_P, HAS_PEAK)
 
     @triton.jit
+    def _int8_swiglu_tma_kernel(a_desc, g_desc, u_desc, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, K, sa_stride,
+                                sbg_stride, sbu_stride, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
+                                HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                BK: tl.constexpr, GROUP_M: tl.constexpr):
+        pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
+        _tma_swiglu_tile(a_desc, g_desc, u_desc, pid_m, pid_n, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, K, sa_stride,
+                         sbg_stride, sbu_stride, HAS_BG, HAS_BU, HAS_P, HAS_PEAK, BM, BN, BK)
+
+    @triton.jit
     def _int8_swiglu_persistent_kernel(a_desc, g_desc, u_desc, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, K, sa_stride,
                                        sbg_stride, sbu_stride, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                                        HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr, BM: tl.constexpr,
                                        BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                                        PROGRAMS: tl.constexpr):
         """The TMA SwiGLU GEMM as one program per SM walking the tiles (see _int8_gemm_persistent_kernel)."""
-        tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
-        for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tl.cdiv(N, BN), PROGRAMS, flatten=True):
             pid_m, pid_n = _tile_of(tile, M, N, BM, BN, GROUP_M)
-            acc_g = tl.zeros((BM, BN), dtype=tl.int32)
-            acc_u = tl.zeros((BM, BN), dtype=tl.int32)
-            for k in range(0, tl.cdiv(K, BK)):
-                a = a_desc.load([pid_m * BM, k * BK])
-                acc_g = tl.dot(a, g_desc.load([pid_n * BN, k * BK]).T, acc_g, out_dtype=tl.int32)
-                acc_u = tl.dot(a, u_desc.load([pid_n * BN, k * BK]).T, acc_u, out_dtype=tl.int32)
-            rm = pid_m * BM + tl.arange(0, BM)
-            rn = pid_n * BN + tl.arange(0, BN)
-            _swiglu_epilogue(acc_g, acc_u, rm, rn, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, sa_stride, sbg_stride,
-                             sbu_stride, HAS_BG, HAS_BU, HAS_P, HAS_PEAK)
-
+            _tma_swiglu_tile(a_desc, g_desc, u_desc, pid_m, pid_n, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, K,
+                             sa_stride, sbg_stride, sbu_stride, HAS_BG, HAS_BU, HAS_P, HAS_PEAK, BM, BN, BK)
 
 # ---- launch configuration ------------------------------------------------------------------------------------
 
