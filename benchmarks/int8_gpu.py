@@ -454,11 +454,11 @@ def weight_bytes(module) -> dict:
 COMPILED = ("torch fp16", "fxopt fp16", "fxopt W8A8 fused")  # torch.compile cells (each compile takes a minute)
 
 
-def e2e(case: str, spec: tuple, modes, reps: int, with_profile: bool, variants=VARIANTS
+def e2e(case: str, spec: tuple, modes, reps: int, with_profile: bool, variants=VARIANTS, profile_modes=("eager",)
         ) -> tuple[list[dict], dict, dict]:
     kind, batch, seq = spec
     modules, args, kwargs = build(kind, batch, seq, variants)
-    tables = profile(modules, args, kwargs) if with_profile else {}
+    tables = {m: profile(modules, args, kwargs, mode=m) for m in profile_modes} if with_profile else {}
     fns: dict[str, Callable] = {}
     for name, module in modules.items():
         for mode in modes:
@@ -525,8 +525,9 @@ def category(kernel: str) -> str:
     return "elementwise / copies / other"
 
 
-def profile(modules: dict, args: tuple, kwargs: dict, calls: int = 5) -> dict:
-    """Kernels per forward of the fxopt variants in eager (the kernels a CUDA graph replays), by name and category."""
+def profile(modules: dict, args: tuple, kwargs: dict, calls: int = 5, mode: str = "eager") -> dict:
+    """Kernels per forward of the fxopt variants, by name and category: in eager (the kernels a CUDA graph
+    replays), or with mode="default", torch.compile's (the kernels reduce-overhead's graph replays)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -534,7 +535,9 @@ def profile(modules: dict, args: tuple, kwargs: dict, calls: int = 5) -> dict:
     for name, module in modules.items():
         if name == "torch fp16":
             continue
-        call = runner(module, "eager", args, kwargs)
+        if mode != "eager" and name not in COMPILED:
+            continue
+        call = runner(module, mode, args, kwargs)
         for _ in range(3):
             call()
         torch.cuda.synchronize()
@@ -555,10 +558,10 @@ def profile(modules: dict, args: tuple, kwargs: dict, calls: int = 5) -> dict:
     return tables
 
 
-def profile_table(case: str, tables: dict) -> str:
+def profile_table(case: str, tables: dict, mode: str = "eager") -> str:
     names = list(tables)
     cats = sorted({c for t in tables.values() for c in t["categories"]})
-    out = [f"#### {case}: device ms per forward (kernel launches), eager", "",
+    out = [f"#### {case}: device ms per forward (kernel launches), {mode}", "",
            "| kernel category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for c in cats:
         cells = [tables[n]["categories"].get(c) for n in names]
@@ -597,9 +600,10 @@ def markdown(result: dict) -> str:
         parts.append("")
     if result.get("gemm"):
         parts += ["## Per GEMM (CUDA-graph replays, weights rotated beyond L2)", "", gemm_table(result["gemm"]), ""]
-    for case, tables in result.get("profile", {}).items():
-        if tables:
-            parts += [profile_table(case, tables), ""]
+    for case, by_mode in result.get("profile", {}).items():
+        for mode, tables in by_mode.items():
+            if tables:
+                parts += [profile_table(case, tables, mode), ""]
     if result.get("check"):
         parts += ["## Kernel numerics (Triton vs the op's reference, same CUDA inputs)", "",
                   check_table(result["check"]), ""]
@@ -614,6 +618,7 @@ def main() -> None:
     p.add_argument("--modes", nargs="*", default=["eager", "graph", "reduce-overhead"])
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--reps", type=int, default=60)
+    p.add_argument("--profile-modes", nargs="*", default=["eager"], help='"eager" and/or "default" (torch.compile)')
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -660,15 +665,16 @@ def main() -> None:
                 print((r["m"], r["k"], r["n"]), "chosen", r["config"], "best of the sweep", r.get("best"))  # noqa: T201
     for case in a.cases:
         if "e2e" in a.parts:
-            rows, sizes, tables = e2e(case, CASES[case], a.modes, a.reps, "profile" in a.parts, a.variants)
+            rows, sizes, tables = e2e(case, CASES[case], a.modes, a.reps, "profile" in a.parts, a.variants,
+                                      a.profile_modes)
             result.setdefault("e2e", []).extend(rows)
             result.setdefault("weight_bytes", {})[case] = sizes
             result.setdefault("profile", {})[case] = tables
             save()
             print(e2e_table(rows))  # noqa: T201
             print(json.dumps(sizes))  # noqa: T201
-            if tables:
-                print(profile_table(case, tables))  # noqa: T201
+            for mode, by_name in tables.items():
+                print(profile_table(case, by_name, mode))  # noqa: T201
 
 
 if __name__ == "__main__":

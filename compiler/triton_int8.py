@@ -187,8 +187,8 @@ if triton is not None:
     @triton.jit
     def _int8_gemm_kernel(A, Bw, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
                           HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_P: tl.constexpr,
-                          HAS_PEAK: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                          BK: tl.constexpr, GROUP_M: tl.constexpr):
+                          HAS_PEAK: tl.constexpr, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
+                          BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
         rm, rn, rk, rm_c, rn_c = _tile_offsets(M, N, BM, BN, BK, GROUP_M)
         a_ptr = A + rm_c[:, None] * K + rk[None, :]
         b_ptr = Bw + rn_c[:, None] * K + rk[None, :]  # W is [N, K], K contiguous: loaded [BN, BK], used transposed
@@ -204,13 +204,15 @@ if triton is not None:
             a_ptr += BK
             b_ptr += BK
         _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, P, PEAK, M, N, sa_stride, sb_stride, HAS_BIAS, ACT, HAS_RES,
-                  HAS_P, HAS_PEAK)
+                  HAS_P, HAS_PEAK, SWIGLU, None, 0, 0)
 
     @triton.jit
     def _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, P, PEAK, M, N, sa_stride, sb_stride, HAS_BIAS: tl.constexpr,
-                  ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr):
+                  ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr,
+                  SWIGLU: tl.constexpr, c_desc, m0, j0):
         """acc · s_tok · s_w (+ bias) rounded to C's dtype, then the activation, then + residual, stored; with
-        HAS_PEAK, each row's abs-max for the requantizer too (_row_peaks).
+        HAS_PEAK, each row's abs-max for the requantizer too (_row_peaks). With SWIGLU, the columns are gate/up
+        pairs (_swiglu_pairs, which stores through c_desc where it is given, its tile at (m0, j0)).
 
         Offsets come straight from the aranges (masked, never clamped), so Triton sees whole contiguous rows of
         the tile and stores them 16 bytes at a time; clamped indices made every store a scalar 2-byte one.
@@ -222,6 +224,9 @@ if triton is not None:
         if HAS_BIAS:
             y = y + tl.load(BIAS + rn, mask=in_n, other=0.0).to(tl.float32)[None, :]
         out_t = C.dtype.element_ty
+        if SWIGLU:
+            _swiglu_pairs(y, rm, rn, in_m, C, P, PEAK, N // 2, HAS_P, HAS_PEAK, c_desc, m0, j0)
+            return
         y = y.to(out_t)
         keep = in_m[:, None] & in_n[None, :]
         offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
@@ -234,6 +239,24 @@ if triton is not None:
             _row_peaks(y, rm, rn, in_m, in_n, P, PEAK, HAS_P)
 
     @triton.jit
+    def _swiglu_pairs(y, rm, rn, in_m, C, P, PEAK, N, HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr, c_desc, m0, j0):
+        """SwiGLU from one accumulator whose columns 2j, 2j+1 are gate j and up j (dequantized, + bias, fp32):
+        each rounded to C's dtype, silu(gate) rounded, times up, stored at column j < N. Splitting the last dim
+        in two keeps each thread's values where they are (a tensor-core accumulator holds column pairs)."""
+        g, u = tl.split(tl.reshape(y, (y.shape[0], y.shape[1] // 2, 2)))
+        rj = tl.split(tl.reshape(rn, (rn.shape[0] // 2, 2)))[0] // 2
+        out_t = C.dtype.element_ty
+        g = g.to(out_t).to(tl.float32)
+        h = ((g / (1.0 + tl.exp(-g))).to(out_t).to(tl.float32) * u.to(out_t).to(tl.float32)).to(out_t)
+        in_j = rj < N
+        if c_desc is None:
+            tl.store(C + rm.to(tl.int64)[:, None] * N + rj[None, :], h, mask=in_m[:, None] & in_j[None, :])
+        else:  # the split leaves a row per thread, which TMA stores whole (tl.store: a 2-byte store per value)
+            c_desc.store([m0, j0], h)
+        if HAS_PEAK:
+            _row_peaks(h, rm, rj, in_m, in_j, P, PEAK, HAS_P)
+
+    @triton.jit
     def _row_peaks(y, rm, rn, in_m, in_n, P, PEAK, HAS_P: tl.constexpr):
         """max |y · pre| over this tile's columns, per row, atomically maxed into PEAK (zeros before the GEMM):
         after the last tile, the row's abs-max as the per-token quantizer takes it, exact in any order."""
@@ -244,9 +267,10 @@ if triton is not None:
         tl.atomic_max(PEAK + rm, tl.max(v, axis=1), mask=in_m)
 
     @triton.jit
-    def _tma_gemm_tile(a_desc, b_desc, pid_m, pid_n, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
+    def _tma_gemm_tile(a_desc, b_desc, c_desc, pid_m, pid_n, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_P: tl.constexpr,
-                       HAS_PEAK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                       HAS_PEAK: tl.constexpr, SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr):
         """One output tile through the tensor memory accelerator (zero fill past the edges), then the epilogue.
         fp8 operands accumulate in fp32, int8 in int32."""
         if a_desc.dtype == tl.int8:
@@ -260,30 +284,30 @@ if triton is not None:
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         _epilogue(acc, rm, rn, C, SA, SB, BIAS, RES, P, PEAK, M, N, sa_stride, sb_stride, HAS_BIAS, ACT, HAS_RES,
-                  HAS_P, HAS_PEAK)
+                  HAS_P, HAS_PEAK, SWIGLU, c_desc, pid_m * BM, pid_n * (BN // 2))
 
     @triton.jit
-    def _int8_gemm_tma_kernel(a_desc, b_desc, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
+    def _int8_gemm_tma_kernel(a_desc, b_desc, c_desc, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
                               HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_P: tl.constexpr,
-                              HAS_PEAK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                              GROUP_M: tl.constexpr):
+                              HAS_PEAK: tl.constexpr, SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                              BK: tl.constexpr, GROUP_M: tl.constexpr):
         """The GEMM with one program per tile, its tiles brought in by TMA."""
         pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
-        _tma_gemm_tile(a_desc, b_desc, pid_m, pid_n, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
-                       HAS_BIAS, ACT, HAS_RES, HAS_P, HAS_PEAK, BM, BN, BK)
+        _tma_gemm_tile(a_desc, b_desc, c_desc, pid_m, pid_n, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
+                       HAS_BIAS, ACT, HAS_RES, HAS_P, HAS_PEAK, SWIGLU, BM, BN, BK)
 
     @triton.jit
-    def _int8_gemm_persistent_kernel(a_desc, b_desc, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
+    def _int8_gemm_persistent_kernel(a_desc, b_desc, c_desc, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
                                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                                     HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr, BM: tl.constexpr,
-                                     BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                                     HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr, SWIGLU: tl.constexpr,
+                                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                                      PROGRAMS: tl.constexpr):
         """The TMA GEMM as one program per SM that walks the tiles; the loop nest is flattened, so the next tile's
         loads are issued while this tile's epilogue runs."""
         for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tl.cdiv(N, BN), PROGRAMS, flatten=True):
             pid_m, pid_n = _tile_of(tile, M, N, BM, BN, GROUP_M)
-            _tma_gemm_tile(a_desc, b_desc, pid_m, pid_n, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride,
-                           sb_stride, HAS_BIAS, ACT, HAS_RES, HAS_P, HAS_PEAK, BM, BN, BK)
+            _tma_gemm_tile(a_desc, b_desc, c_desc, pid_m, pid_n, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride,
+                           sb_stride, HAS_BIAS, ACT, HAS_RES, HAS_P, HAS_PEAK, SWIGLU, BM, BN, BK)
 
 if triton is not None:
 
@@ -426,24 +450,27 @@ def _tma_ok(tma: list, k: int, *operands: torch.Tensor) -> bool:
 
 
 def launch_gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype, config=None, pre=None,
-                peak=None) -> torch.Tensor:
+                peak=None, swiglu: bool = False) -> torch.Tensor:
     """The epilogue GEMM on 2-d operands: q2 [M, K] int8, sa M or 1 scales, wq [N, K] int8, ws N or 1 scales;
-    `peak` (M fp32 zeros) receives each output row's abs-max after the pre-scale `pre` (N), for a requantizer."""
+    `peak` (M fp32 zeros) receives each output row's abs-max after the pre-scale `pre`, for a requantizer. With
+    `swiglu`, wq's rows (and ws, bias) are gate/up pairs and the output is silu(gate) · up, [M, N / 2]."""
     m, k = q2.shape
     n = wq.shape[0]
-    c = torch.empty((m, n), dtype=out_dtype, device=q2.device)
+    c = torch.empty((m, n // 2 if swiglu else n), dtype=out_dtype, device=q2.device)
     bm, bn, bk, group, warps, stages, *tma = config or gemm_config(m, n, k, _sm_count(q2.device.index or 0))
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     common = (c, sa, ws, bias if bias is not None else ws, res2 if res2 is not None else c,
               pre if pre is not None else ws, peak if peak is not None else sa, m, n, k,
               1 if sa.numel() > 1 else 0, 1 if ws.numel() > 1 else 0)
     flags = dict(HAS_BIAS=bias is not None, ACT=_ACT[activation], HAS_RES=res2 is not None, HAS_P=pre is not None,
-                 HAS_PEAK=peak is not None, BM=bm, BN=bn, BK=bk, GROUP_M=group, num_warps=warps,
+                 HAS_PEAK=peak is not None, SWIGLU=swiglu, BM=bm, BN=bn, BK=bk, GROUP_M=group, num_warps=warps,
                  num_stages=stages, enable_fp_fusion=False)
     if _tma_ok(tma, k, q2, wq):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        descs = TensorDescriptor.from_tensor(q2, [bm, bk]), TensorDescriptor.from_tensor(wq, [bn, bk])
+        out_desc = (TensorDescriptor.from_tensor(c, [bm, bn // 2])
+                    if swiglu and (c.shape[1] * c.element_size()) % 16 == 0 else None)
+        descs = TensorDescriptor.from_tensor(q2, [bm, bk]), TensorDescriptor.from_tensor(wq, [bn, bk]), out_desc
         if len(tma) > 1 and tma[1]:  # persistent: one program per SM (idle ones exit; one compile per card)
             programs = _sm_count(q2.device.index or 0)
             _int8_gemm_persistent_kernel[(programs,)](*descs, *common, PROGRAMS=programs, **flags)
