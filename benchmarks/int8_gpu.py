@@ -19,7 +19,8 @@ Parts:
            without and with fuse_int8. Modes: eager, "graph" (the
            eager module captured in a CUDA graph by hand, replayed), torch.compile reduce-overhead. Timed
            interleaved (benchmarks/torch_gpu.Timer), CUDA-event medians; cosine of the output vs torch fp16.
-  profile  kernels per forward (torch.profiler), fxopt fp16 vs W8A8 fused, graph mode.
+  profile  kernels per forward (torch.profiler), fxopt fp16 vs W8A8 fused: eager (what "graph" replays) and, with
+           --profile-modes default, torch.compile's kernels (what reduce-overhead replays).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _compare(name: str, got, ref) -> dict:
 
 def check(dtype=torch.float16) -> list[dict]:
     from fxopt import ops  # noqa: F401 - registers the ops
-    from fxopt.quant_fused import REFERENCES
+    from fxopt.quant_fused import REFERENCES, interleave_gate_up
     from fxopt.quant_ops import quantize_weight_int8
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -122,13 +123,14 @@ def check(dtype=torch.float16) -> list[dict]:
             rows.append({**row, "shape": (m, k, n), "act": act, "bias": bias is not None, "res": residual is not None})
         wu, wsu = (t.to(dev) for t in quantize_weight_int8(torch.randn(n, k, device=dev, generator=g)))
         for bg in (None, b):
-            args = (q, s, wq, ws, bg, wu, wsu, None, dtype)
+            args = (q, s, *interleave_gate_up(wq, ws, bg, wu, wsu, None), dtype)
             row = _compare("int8_linear_swiglu", f.int8_linear_swiglu(*args), REFERENCES["int8_linear_swiglu"](*args))
             rows.append({**row, "shape": (m, k, n), "act": "swiglu", "bias": bg is not None})
         pre = torch.rand(n, device=dev, generator=g) + 0.5
         for name, args in (("int8_linear_quantize", (q, s, wq, ws, b, "gelu", None, dtype)),
                            ("int8_linear_quantize", (q, s, wq, ws, None, "none", pre, dtype)),
-                           ("int8_linear_swiglu_quantize", (q, s, wq, ws, None, wu, wsu, None, pre, dtype))):
+                           ("int8_linear_swiglu_quantize",
+                            (q, s, *interleave_gate_up(wq, ws, None, wu, wsu, None), pre, dtype))):
             rows.append({**_compare(name, getattr(f, name)(*args), REFERENCES[name](*args)), "shape": (m, k, n)})
         one = torch.ones((), device=dev)
         exact = torch.matmul(q.double(), wq.double().t()).float()
@@ -321,8 +323,10 @@ def fp8_times(x: torch.Tensor, w16: list, copies: int) -> dict:
 
 
 def swiglu_row(m: int, k: int = 2048, n: int = 5632) -> dict:
-    """SwiGLU's gate and up at Llama-1B's shapes: one GEMM with silu·up in its epilogue, then the row quantizer, vs
-    two epilogue GEMMs and silu_mul_quantize (what fuse_int8 did before), vs fp16 (two F.linear, silu, mul)."""
+    """SwiGLU's gate and up at Llama-1B's shapes: one GEMM over the interleaved gate/up rows with silu·up in its
+    epilogue, then the row quantizer or requantizing in the epilogue, vs two epilogue GEMMs and
+    silu_mul_quantize (what fuse_int8 did first), vs fp16 (two F.linear, silu, mul)."""
+    from fxopt.quant_fused import interleave_gate_up
     from fxopt.quant_ops import quantize_weight_int8
 
     f = torch.ops.fxopt
@@ -331,12 +335,11 @@ def swiglu_row(m: int, k: int = 2048, n: int = 5632) -> dict:
     w16 = [(torch.randn(n, k, device="cuda", dtype=torch.float16) / k ** 0.5,
             torch.randn(n, k, device="cuda", dtype=torch.float16) / k ** 0.5) for _ in range(copies)]
     w8 = [tuple(t.cuda() for w in two for t in quantize_weight_int8(w)) for two in w16]
+    packed = [interleave_gate_up(wg, wsg, None, wu, wsu, None) for wg, wsg, wu, wsu in w8]
     q, s = f.quantize_int8(x, None, None, "token")
 
     def fused(i):
-        wg, wsg, wu, wsu = w8[i]
-        return f.activation_quantize_int8(f.int8_linear_swiglu(q, s, wg, wsg, None, wu, wsu, None, x.dtype),
-                                          "none", None)
+        return f.activation_quantize_int8(f.int8_linear_swiglu(q, s, *packed[i], x.dtype), "none", None)
 
     def pair(i):
         wg, wsg, wu, wsu = w8[i]
@@ -345,8 +348,7 @@ def swiglu_row(m: int, k: int = 2048, n: int = 5632) -> dict:
                                         None)
 
     def requantized(i):
-        wg, wsg, wu, wsu = w8[i]
-        return f.int8_linear_swiglu_quantize(q, s, wg, wsg, None, wu, wsu, None, None, x.dtype)
+        return f.int8_linear_swiglu_quantize(q, s, *packed[i], None, x.dtype)
 
     t = {"fp16": graph_time(lambda i: F.silu(F.linear(x, w16[i][0])) * F.linear(x, w16[i][1]), copies),
          "two GEMMs + silu_mul_quantize": graph_time(pair, copies),

@@ -17,11 +17,12 @@ import torch
 from int8_gpu import BERT_GEMM_SHAPES, GEMM_SHAPES, SWEEP
 
 from fxopt import triton_int8 as ti
+from fxopt.quant_fused import REFERENCES, interleave_gate_up
 from fxopt.quant_ops import quantize_weight_int8
 
 SHAPES = GEMM_SHAPES + BERT_GEMM_SHAPES + [(17, 2048, 2048), (1000, 2000, 5000), (2048, 5632, 2056), (3, 64, 96)]
-SWIGLU = [None, (128, 128, 128, 8, 8, 3), (128, 128, 128, 8, 8, 3, True), (64, 128, 128, 8, 4, 4),
-          (16, 32, 256, 1, 4, 3)]
+SWIGLU = [None, (128, 256, 128, 8, 8, 3, True, True), (256, 128, 128, 8, 8, 3, True, True),
+          (128, 128, 128, 8, 8, 4, True), (64, 128, 128, 8, 4, 4), (16, 32, 256, 1, 4, 3)]
 
 
 def launch(name: str, fn) -> torch.Tensor | None:
@@ -61,9 +62,13 @@ def main(part: str) -> int:
             if out is not None and float((out.double() - want).abs().max()) > 1e-2 * float(want.abs().max()):
                 print("MISMATCH", (m, k, n), cfg, flush=True)  # noqa: T201
                 bad += 1
+        packed = interleave_gate_up(wq, ws, bias, wu, wsu, None)
+        want_swiglu = REFERENCES["int8_linear_swiglu"](q, s, *packed, torch.float16)
         for cfg in (SWIGLU if part in ("all", "swiglu") else []):
-            launch(f"swiglu {(m, k, n)} {cfg}", partial(ti.launch_swiglu, q, s, wq, ws, bias, wu, wsu, None,
-                                                        torch.float16, cfg))
+            out = launch(f"swiglu {(m, k, n)} {cfg}", partial(ti.launch_gemm, q, s, *packed, "none", None,
+                                                              torch.float16, cfg, swiglu=True))
+            if out is not None and not torch.equal(out, want_swiglu):
+                print("SWIGLU DIFFERS", (m, k, n), cfg, float((out - want_swiglu).abs().max()), flush=True)  # noqa: T201
         for width in ((k, n) if part in ("all", "rows") else ()):
             xx = torch.randn(m, width, device="cuda", dtype=torch.float16)
             launch(f"rows {(m, width)}", partial(rows, xx))

@@ -1,7 +1,7 @@
-"""The SwiGLU int8 GEMM (gate and up on the same codes, silu·up in the epilogue) over tile configs at Llama-1B's
-shapes, against two epilogue GEMMs: do_bench medians, weights rotated over copies so they come from HBM; prints
-the eight fastest configs beside `swiglu_config`'s choice (last measured: its 128x128 tile 12 % slower than the
-pair at M = 2048). Written on a machine without a GPU; not yet run on one.
+"""The SwiGLU int8 GEMM (gate and up rows interleaved, one GEMM over both, silu·up in the epilogue) over tile
+configs at Llama-1B's shapes, against two epilogue GEMMs: do_bench medians, weights rotated over copies so they
+come from HBM; prints the eight fastest configs beside `gemm_config(..., swiglu=True)`'s choice (SWIGLU_TILE_CONFIGS
+were set from this sweep and artifacts of the same measurements, benchmarks/results/int8_gpu.md).
 
   PYTHONPATH=... python benchmarks/int8_swiglu_sweep.py
 """
@@ -14,15 +14,14 @@ import torch
 import triton
 
 from fxopt import triton_int8 as ti
+from fxopt.quant_fused import interleave_gate_up
 from fxopt.quant_ops import quantize_weight_int8
 
-CONFIGS = [None, (128, 128, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4), (128, 128, 128, 8, 8, 3, True),
-           (128, 128, 128, 8, 8, 4, True), (128, 64, 128, 8, 4, 4), (128, 64, 128, 8, 4, 4, True),
-           (64, 128, 128, 8, 4, 4), (64, 128, 128, 8, 4, 4, True), (128, 128, 64, 8, 8, 5, True),
-           (256, 64, 128, 8, 8, 3, True), (64, 64, 128, 8, 4, 5, True), (128, 64, 64, 8, 4, 6, True),
-           (16, 32, 256, 1, 4, 3), (16, 64, 256, 1, 4, 4), (16, 32, 512, 1, 4, 3), (16, 64, 128, 1, 4, 5),
-           (128, 128, 128, 8, 8, 3, True, True), (128, 128, 128, 8, 8, 4, True, True),
-           (128, 128, 64, 8, 8, 5, True, True), (128, 64, 128, 8, 4, 4, True, True)]
+CONFIGS = [None, (128, 256, 128, 8, 8, 3, True, True), (256, 128, 128, 8, 8, 3, True, True),
+           (128, 256, 128, 8, 8, 3, True), (256, 128, 128, 8, 8, 3, True), (128, 256, 64, 8, 8, 5, True, True),
+           (128, 128, 128, 8, 8, 4, True), (128, 128, 128, 8, 8, 4, True, True), (128, 128, 128, 8, 8, 3, True),
+           (64, 128, 128, 8, 4, 4), (64, 128, 128, 8, 4, 4, True), (64, 256, 128, 8, 4, 4, True),
+           (16, 32, 256, 1, 4, 3), (16, 64, 256, 1, 4, 4), (16, 32, 512, 1, 4, 3), (16, 64, 128, 1, 4, 5)]
 COPIES = 6
 
 
@@ -42,9 +41,10 @@ def sweep(m: int, k: int, n: int) -> None:
         return (ti.launch_gemm(q, s, wg, sg, None, "none", None, torch.float16),
                 ti.launch_gemm(q, s, wu, su, None, "none", None, torch.float16))
 
+    packed = [interleave_gate_up(wg, sg, None, wu, su, None) for wg, sg, wu, su in w]
+
     def fused(cfg):
-        wg, sg, wu, su = w[next(turn) % COPIES]
-        return ti.launch_swiglu(q, s, wg, sg, None, wu, su, None, torch.float16, cfg)
+        return ti.launch_gemm(q, s, *packed[next(turn) % COPIES], "none", None, torch.float16, cfg, swiglu=True)
 
     base = triton.testing.do_bench(pair, rep=200, return_mode="median")
     first, times = None, []
@@ -62,7 +62,7 @@ def sweep(m: int, k: int, n: int) -> None:
             continue
         first = out if first is None else first
         times.append((triton.testing.do_bench(lambda c=cfg: fused(c), rep=200, return_mode="median"), cfg))
-    print((m, k, n), f"two GEMMs {base * 1e3:.1f} us; chosen {ti.swiglu_config(m, n, k)}", flush=True)  # noqa: T201
+    print((m, k, n), f"two GEMMs {base * 1e3:.1f} us; chosen {ti.gemm_config(m, 2 * n, k, swiglu=True)}", flush=True)  # noqa: T201
     for t, cfg in sorted(times, key=lambda r: r[0])[:8]:
         print(f"   {t * 1e3:8.1f} us  {base / t:5.2f}x  {cfg}", flush=True)  # noqa: T201
 

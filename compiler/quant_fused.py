@@ -12,12 +12,16 @@ token (`quantize_int8(·, pre_scale, None, "token")`: the quantizer that a one-r
     activation_quantize_int8(x, activation, pre)            = quantize(act(x), pre)
     int8_linear_epilogue(q, s, wq, ws, bias, activation, residual, out_dtype)
                                                       = act(int8_linear(q, s, wq, ws, bias, out_dtype)) [+ residual]
-    int8_linear_swiglu(q, s, wg, wsg, bg, wu, wsu, bu, out_dtype)
-                                                      = silu(int8_linear(q, s, wg, …)) · int8_linear(q, s, wu, …)
+    int8_linear_swiglu(q, s, w, ws, b, out_dtype)     = silu(int8_linear(q, s, w[0::2], ws[0::2], b[0::2], …))
+                                                          · int8_linear(q, s, w[1::2], ws[1::2], b[1::2], …)
     int8_linear_quantize(q, s, wq, ws, bias, activation, pre, out_dtype)
                                                       = quantize(act(int8_linear(q, s, wq, ws, bias, out_dtype)), pre)
-    int8_linear_swiglu_quantize(q, s, wg, wsg, bg, wu, wsu, bu, pre, out_dtype)
-                                                      = quantize(int8_linear_swiglu(q, s, wg, …, wu, …), pre)
+    int8_linear_swiglu_quantize(q, s, w, ws, b, pre, out_dtype) = quantize(int8_linear_swiglu(q, s, w, ws, b, …), pre)
+
+The SwiGLU ops take the gate and up weights as one [2N, K] tensor whose rows alternate, gate j then up j
+(`interleave_gate_up`; the per-row scales [2N] and the bias likewise): one GEMM over it puts each gate value beside
+its up value, so a kernel's accumulator tile holds both halves of its SwiGLU outputs, and the two GEMMs run at
+one GEMM's tile efficiency.
 
 The last two requantize a GEMM's output for the next GEMM: on CUDA the GEMM's epilogue also takes each row's
 abs-max (an atomic max across the row's tiles, exact in any order), so the codes need one streaming pass over
@@ -103,19 +107,40 @@ def _int8_linear_epilogue_ref(q, scale, wq, w_scale, bias, activation, residual,
     return y if residual is None else y + residual
 
 
-def _int8_linear_swiglu_ref(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, out_dtype):
-    gate = _int8_linear_ref(q, scale, wq_gate, ws_gate, bias_gate, out_dtype)
-    return F.silu(gate) * _int8_linear_ref(q, scale, wq_up, ws_up, bias_up, out_dtype)
+def interleave_gate_up(wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up):
+    """The SwiGLU ops' weight operands from the gate's and the up's: rows (and per-row scales, biases)
+    alternating gate j, up j. A per-tensor scale is repeated per row, a missing bias of one is zeros (the other's
+    dtype); both missing, None."""
+    n = wq_gate.shape[0]
+
+    def rows(gate, up):
+        return torch.stack((gate, up), 1).flatten(0, 1).contiguous()
+
+    def per_row(ws):
+        return ws.reshape(-1).expand(n) if ws.numel() == 1 else ws.reshape(n)
+    bias = None
+    if bias_gate is not None or bias_up is not None:
+        like = bias_gate if bias_gate is not None else bias_up
+        bias = rows(*(b if b is not None else torch.zeros_like(like) for b in (bias_gate, bias_up)))
+    return rows(wq_gate, wq_up), rows(per_row(ws_gate), per_row(ws_up)), bias
+
+
+def _gate_up(t):
+    return (None, None) if t is None else (t[0::2], t[1::2])
+
+
+def _int8_linear_swiglu_ref(q, scale, wq_gate_up, ws_gate_up, bias_gate_up, out_dtype):
+    (wg, wu), (sg, su), (bg, bu) = _gate_up(wq_gate_up), _gate_up(ws_gate_up), _gate_up(bias_gate_up)
+    return F.silu(_int8_linear_ref(q, scale, wg, sg, bg, out_dtype)) * _int8_linear_ref(q, scale, wu, su, bu,
+                                                                                        out_dtype)
 
 
 def _int8_linear_quantize_ref(q, scale, wq, w_scale, bias, activation, pre_scale, out_dtype):
     return _activation_quantize_ref(_int8_linear_ref(q, scale, wq, w_scale, bias, out_dtype), activation, pre_scale)
 
 
-def _int8_linear_swiglu_quantize_ref(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, pre_scale,
-                                     out_dtype):
-    return _token(_int8_linear_swiglu_ref(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, out_dtype),
-                  pre_scale)
+def _int8_linear_swiglu_quantize_ref(q, scale, wq_gate_up, ws_gate_up, bias_gate_up, pre_scale, out_dtype):
+    return _token(_int8_linear_swiglu_ref(q, scale, wq_gate_up, ws_gate_up, bias_gate_up, out_dtype), pre_scale)
 
 
 REFERENCES = {
@@ -149,15 +174,16 @@ _SCHEMAS = {
     "int8_linear_epilogue": ("(Tensor q, Tensor scale, Tensor wq, Tensor w_scale, Tensor? bias, str activation, "
                              "Tensor? residual, ScalarType out_dtype) -> Tensor",
                              "int8 GEMM with dequantize (+ bias, + activation, + residual) in its epilogue"),
-    "int8_linear_swiglu": ("(Tensor q, Tensor scale, Tensor wq_gate, Tensor ws_gate, Tensor? bias_gate, "
-                           "Tensor wq_up, Tensor ws_up, Tensor? bias_up, ScalarType out_dtype) -> Tensor",
-                           "SwiGLU's gate and up int8 GEMMs on the same codes, silu(gate) · up in the epilogue"),
+    "int8_linear_swiglu": ("(Tensor q, Tensor scale, Tensor wq_gate_up, Tensor ws_gate_up, Tensor? bias_gate_up, "
+                           "ScalarType out_dtype) -> Tensor",
+                           "SwiGLU's gate and up int8 GEMMs as one over their interleaved rows, silu(gate) · up in "
+                           "the epilogue"),
     "int8_linear_quantize": ("(Tensor q, Tensor scale, Tensor wq, Tensor w_scale, Tensor? bias, str activation, "
                              "Tensor? pre_scale, ScalarType out_dtype) -> (Tensor, Tensor)",
                              "int8 GEMM whose output (+ bias, activation) is requantized per token for the next GEMM"),
-    "int8_linear_swiglu_quantize": ("(Tensor q, Tensor scale, Tensor wq_gate, Tensor ws_gate, Tensor? bias_gate, "
-                                    "Tensor wq_up, Tensor ws_up, Tensor? bias_up, Tensor? pre_scale, "
-                                    "ScalarType out_dtype) -> (Tensor, Tensor)",
+    "int8_linear_swiglu_quantize": ("(Tensor q, Tensor scale, Tensor wq_gate_up, Tensor ws_gate_up, "
+                                    "Tensor? bias_gate_up, Tensor? pre_scale, ScalarType out_dtype) -> "
+                                    "(Tensor, Tensor)",
                                     "the SwiGLU GEMM, its output requantized per token for the down GEMM"),
 }
 

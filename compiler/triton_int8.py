@@ -3,7 +3,9 @@
 Row kernels (one program per token row, the row in registers): [residual add →] RMSNorm / LayerNorm, or
 silu(gate)·up, or an activation, then the per-token quantizer, in one pass: the float row never goes to memory.
 GEMM kernel: int8 × int8 → int32 (tensor cores, exact accumulation), then the dequantize epilogue
-acc·s_tok·s_w (+ bias) rounded to the output dtype, the activation, the residual add, one store.
+acc·s_tok·s_w (+ bias) rounded to the output dtype, the activation, the residual add, one store; or, for the
+SwiGLU ops (gate/up rows interleaved), silu(gate)·up from each accumulator column pair, so one accumulator of the
+full tile width serves both (two accumulators of half the width each ran 16 % slower on an H100).
 
 The arithmetic is the reference's, in its order of roundings (the residual sum and an RMSNorm's normalized
 value rounded to x's dtype, the weight product and the activation rounded again; the quantizer's division
@@ -267,12 +269,13 @@ if triton is not None:
         tl.atomic_max(PEAK + rm, tl.max(v, axis=1), mask=in_m)
 
     @triton.jit
-    def _tma_gemm_tile(a_desc, b_desc, c_desc, pid_m, pid_n, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
-                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_P: tl.constexpr,
+    def _tma_gemm_tile(a_desc, b_desc, c_desc, pid_m, pid_n, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride,
+                       sb_stride, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_P: tl.constexpr,
                        HAS_PEAK: tl.constexpr, SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        BK: tl.constexpr):
-        """One output tile through the tensor memory accelerator (zero fill past the edges), then the epilogue.
-        fp8 operands accumulate in fp32, int8 in int32."""
+        """One output tile through the tensor memory accelerator (zero fill past the edges), then the epilogue
+        (a SwiGLU tile stored through c_desc, where the launch made one). fp8 operands accumulate in fp32, int8 in
+        int32."""
         if a_desc.dtype == tl.int8:
             acc = tl.zeros((BM, BN), dtype=tl.int32)
         else:
@@ -293,12 +296,12 @@ if triton is not None:
                               BK: tl.constexpr, GROUP_M: tl.constexpr):
         """The GEMM with one program per tile, its tiles brought in by TMA."""
         pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
-        _tma_gemm_tile(a_desc, b_desc, c_desc, pid_m, pid_n, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
-                       HAS_BIAS, ACT, HAS_RES, HAS_P, HAS_PEAK, SWIGLU, BM, BN, BK)
+        _tma_gemm_tile(a_desc, b_desc, c_desc, pid_m, pid_n, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride,
+                       sb_stride, HAS_BIAS, ACT, HAS_RES, HAS_P, HAS_PEAK, SWIGLU, BM, BN, BK)
 
     @triton.jit
-    def _int8_gemm_persistent_kernel(a_desc, b_desc, c_desc, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride, sb_stride,
-                                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+    def _int8_gemm_persistent_kernel(a_desc, b_desc, c_desc, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride,
+                                     sb_stride, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                                      HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr, SWIGLU: tl.constexpr,
                                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                                      PROGRAMS: tl.constexpr):
@@ -308,95 +311,6 @@ if triton is not None:
             pid_m, pid_n = _tile_of(tile, M, N, BM, BN, GROUP_M)
             _tma_gemm_tile(a_desc, b_desc, c_desc, pid_m, pid_n, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride,
                            sb_stride, HAS_BIAS, ACT, HAS_RES, HAS_P, HAS_PEAK, SWIGLU, BM, BN, BK)
-
-if triton is not None:
-
-    @triton.jit
-    def _swiglu_epilogue(acc_g, acc_u, rm, rn, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, sa_stride, sbg_stride,
-                         sbu_stride, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_P: tl.constexpr,
-                         HAS_PEAK: tl.constexpr):
-        """gate and up dequantized (+ bias) and rounded to C's dtype each, silu(gate) rounded, times up, stored;
-        with HAS_PEAK, each row's abs-max for the requantizer too."""
-        in_m, in_n = rm < M, rn < N
-        sa = tl.load(SA + rm * sa_stride, mask=in_m, other=0.0)[:, None]
-        g = acc_g.to(tl.float32) * sa * tl.load(SBG + rn * sbg_stride, mask=in_n, other=0.0)[None, :]
-        u = acc_u.to(tl.float32) * sa * tl.load(SBU + rn * sbu_stride, mask=in_n, other=0.0)[None, :]
-        if HAS_BG:
-            g = g + tl.load(BG + rn, mask=in_n, other=0.0).to(tl.float32)[None, :]
-        if HAS_BU:
-            u = u + tl.load(BU + rn, mask=in_n, other=0.0).to(tl.float32)[None, :]
-        out_t = C.dtype.element_ty
-        g = g.to(out_t).to(tl.float32)
-        y = (g / (1.0 + tl.exp(-g))).to(out_t).to(tl.float32)
-        h = (y * u.to(out_t).to(tl.float32)).to(out_t)
-        tl.store(C + rm.to(tl.int64)[:, None] * N + rn[None, :], h, mask=in_m[:, None] & in_n[None, :])
-        if HAS_PEAK:
-            _row_peaks(h, rm, rn, in_m, in_n, P, PEAK, HAS_P)
-
-    @triton.jit
-    def _int8_swiglu_kernel(A, Bg, Bu, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, K, sa_stride, sbg_stride, sbu_stride,
-                            HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr,
-                            EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                            GROUP_M: tl.constexpr):
-        """Two int8 GEMMs on the same A tiles (gate and up weights), two int32 accumulators, one SwiGLU store."""
-        rm, rn, rk, rm_c, rn_c = _tile_offsets(M, N, BM, BN, BK, GROUP_M)
-        a_ptr = A + rm_c[:, None] * K + rk[None, :]
-        g_ptr = Bg + rn_c[:, None] * K + rk[None, :]
-        u_ptr = Bu + rn_c[:, None] * K + rk[None, :]
-        acc_g = tl.zeros((BM, BN), dtype=tl.int32)
-        acc_u = tl.zeros((BM, BN), dtype=tl.int32)
-        for k in range(0, tl.cdiv(K, BK)):
-            if EVEN_K:
-                a, g, u = tl.load(a_ptr), tl.load(g_ptr), tl.load(u_ptr)
-            else:
-                left = rk[None, :] < K - k * BK
-                a = tl.load(a_ptr, mask=left, other=0)
-                g = tl.load(g_ptr, mask=left, other=0)
-                u = tl.load(u_ptr, mask=left, other=0)
-            acc_g = tl.dot(a, tl.trans(g), acc_g, out_dtype=tl.int32)
-            acc_u = tl.dot(a, tl.trans(u), acc_u, out_dtype=tl.int32)
-            a_ptr += BK
-            g_ptr += BK
-            u_ptr += BK
-        _swiglu_epilogue(acc_g, acc_u, rm, rn, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, sa_stride, sbg_stride,
-                         sbu_stride, HAS_BG, HAS_BU, HAS_P, HAS_PEAK)
-
-    @triton.jit
-    def _tma_swiglu_tile(a_desc, g_desc, u_desc, pid_m, pid_n, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, K, sa_stride,
-                         sbg_stride, sbu_stride, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_P: tl.constexpr,
-                         HAS_PEAK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """One SwiGLU output tile through TMA: both accumulators over K, then the SwiGLU epilogue."""
-        acc_g = tl.zeros((BM, BN), dtype=tl.int32)
-        acc_u = tl.zeros((BM, BN), dtype=tl.int32)
-        for k in range(0, tl.cdiv(K, BK)):
-            a = a_desc.load([pid_m * BM, k * BK])
-            acc_g = tl.dot(a, g_desc.load([pid_n * BN, k * BK]).T, acc_g, out_dtype=tl.int32)
-            acc_u = tl.dot(a, u_desc.load([pid_n * BN, k * BK]).T, acc_u, out_dtype=tl.int32)
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        _swiglu_epilogue(acc_g, acc_u, rm, rn, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, sa_stride, sbg_stride,
-                         sbu_stride, HAS_BG, HAS_BU, HAS_P, HAS_PEAK)
-
-    @triton.jit
-    def _int8_swiglu_tma_kernel(a_desc, g_desc, u_desc, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, K, sa_stride,
-                                sbg_stride, sbu_stride, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
-                                HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                BK: tl.constexpr, GROUP_M: tl.constexpr):
-        pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
-        _tma_swiglu_tile(a_desc, g_desc, u_desc, pid_m, pid_n, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, K, sa_stride,
-                         sbg_stride, sbu_stride, HAS_BG, HAS_BU, HAS_P, HAS_PEAK, BM, BN, BK)
-
-    @triton.jit
-    def _int8_swiglu_persistent_kernel(a_desc, g_desc, u_desc, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, K, sa_stride,
-                                       sbg_stride, sbu_stride, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
-                                       HAS_P: tl.constexpr, HAS_PEAK: tl.constexpr, BM: tl.constexpr,
-                                       BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                                       PROGRAMS: tl.constexpr):
-        """The TMA SwiGLU GEMM as one program per SM walking the tiles (see _int8_gemm_persistent_kernel)."""
-        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tl.cdiv(N, BN), PROGRAMS, flatten=True):
-            pid_m, pid_n = _tile_of(tile, M, N, BM, BN, GROUP_M)
-            _tma_swiglu_tile(a_desc, g_desc, u_desc, pid_m, pid_n, C, SA, SBG, SBU, BG, BU, P, PEAK, M, N, K,
-                             sa_stride, sbg_stride, sbu_stride, HAS_BG, HAS_BU, HAS_P, HAS_PEAK, BM, BN, BK)
 
 # ---- launch configuration ------------------------------------------------------------------------------------
 
@@ -412,6 +326,14 @@ SMALL_M_CONFIGS: list[tuple[int, tuple]] = [
 TILE_CONFIGS: list[tuple] = [  # largest first
     (256, 128, 128, 8, 8, 3, True, True),  # persistent: 6 % faster than (128, 256) at 2048x2048x5632 (H100)
     (128, 256, 128, 8, 8, 3, True),
+    (128, 128, 128, 8, 8, 4, True),
+    (64, 128, 128, 8, 4, 4),
+    (64, 64, 128, 8, 4, 4),
+]
+# the SwiGLU GEMM (gate/up interleaved, N = 11264) on an H100: persistent 128x256 97.6 us at M = 2048 (256x128:
+# 100.6) and 178.0 at 4096 (183.6); at M = 512 (176 such tiles) the non-persistent 128x128 34.2 (128x256: 36.9)
+SWIGLU_TILE_CONFIGS: list[tuple] = [
+    (128, 256, 128, 8, 8, 3, True, True),
     (128, 128, 128, 8, 8, 4, True),
     (64, 128, 128, 8, 4, 4),
     (64, 64, 128, 8, 4, 4),
@@ -437,11 +359,12 @@ def _sm_count(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def gemm_config(m: int, n: int, k: int, sms: int = 132) -> tuple:
+def gemm_config(m: int, n: int, k: int, sms: int = 132, swiglu: bool = False) -> tuple:
+    """The tile of an [m, k] x [k, n] GEMM (n: the interleaved gate/up columns with `swiglu`)."""
     for bound, cfg in SMALL_M_CONFIGS:
         if m <= bound:
             return cfg
-    return _pick(TILE_CONFIGS, m, n, sms)
+    return _pick(SWIGLU_TILE_CONFIGS if swiglu else TILE_CONFIGS, m, n, sms)
 
 
 def _tma_ok(tma: list, k: int, *operands: torch.Tensor) -> bool:
@@ -457,7 +380,7 @@ def launch_gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype, config=N
     m, k = q2.shape
     n = wq.shape[0]
     c = torch.empty((m, n // 2 if swiglu else n), dtype=out_dtype, device=q2.device)
-    bm, bn, bk, group, warps, stages, *tma = config or gemm_config(m, n, k, _sm_count(q2.device.index or 0))
+    bm, bn, bk, group, warps, stages, *tma = config or gemm_config(m, n, k, _sm_count(q2.device.index or 0), swiglu)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     common = (c, sa, ws, bias if bias is not None else ws, res2 if res2 is not None else c,
               pre if pre is not None else ws, peak if peak is not None else sa, m, n, k,
@@ -486,44 +409,6 @@ ROW_WARPS: list[tuple[int, int]] = [(512, 1), (1024, 4), (8192, 8), (1 << 62, 16
 # SwiGLU / activation rows wider than this (padded) go through the chunked two-pass kernel, ROW_CHUNK at a time:
 # one row in registers ran at 2.3-2.6x its memory bound at width 5632 on an H100
 CHUNKED_ABOVE, ROW_CHUNK = 4096, 1024
-
-
-def swiglu_config(m: int, n: int, k: int, sms: int = 132) -> tuple:
-    """Two accumulators per tile, so a tile with a 256 side has it halved (the registers of one): gemm_config's
-    choice over the tiles this kernel really launches."""
-    def halved(cfg: tuple) -> tuple:
-        bm, bn = cfg[:2]
-        return (bm // 2 if bm >= 256 > bn else bm, bn // 2 if bn >= 256 else bn, *cfg[2:])
-    for bound, cfg in SMALL_M_CONFIGS:
-        if m <= bound:
-            return cfg
-    return _pick([halved(cfg) for cfg in TILE_CONFIGS], m, n, sms)
-
-
-def launch_swiglu(q2, sa, wg, wsg, bg, wu, wsu, bu, out_dtype, config=None, pre=None, peak=None) -> torch.Tensor:
-    m, k = q2.shape
-    n = wg.shape[0]
-    c = torch.empty((m, n), dtype=out_dtype, device=q2.device)
-    bm, bn, bk, group, warps, stages, *tma = config or swiglu_config(m, n, k, _sm_count(q2.device.index or 0))
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    common = (c, sa, wsg, wsu, bg if bg is not None else wsg, bu if bu is not None else wsu,
-              pre if pre is not None else wsg, peak if peak is not None else sa, m, n, k,
-              1 if sa.numel() > 1 else 0, 1 if wsg.numel() > 1 else 0, 1 if wsu.numel() > 1 else 0)
-    flags = dict(HAS_BG=bg is not None, HAS_BU=bu is not None, HAS_P=pre is not None, HAS_PEAK=peak is not None,
-                 BM=bm, BN=bn, BK=bk, GROUP_M=group, num_warps=warps, num_stages=stages, enable_fp_fusion=False)
-    if _tma_ok(tma, k, q2, wg, wu):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        descs = (TensorDescriptor.from_tensor(q2, [bm, bk]), TensorDescriptor.from_tensor(wg, [bn, bk]),
-                 TensorDescriptor.from_tensor(wu, [bn, bk]))
-        if len(tma) > 1 and tma[1]:  # persistent: one program per SM (idle ones exit; one compile per card)
-            programs = _sm_count(q2.device.index or 0)
-            _int8_swiglu_persistent_kernel[(programs,)](*descs, *common, PROGRAMS=programs, **flags)
-        else:
-            _int8_swiglu_tma_kernel[grid](*descs, *common, **flags)
-    else:
-        _int8_swiglu_kernel[grid](q2, wg, wu, *common, EVEN_K=k % bk == 0, **flags)
-    return c
 
 
 def _launch_rows(mode: int, x, other, weight, bias, pre, eps: float, act: str, with_sum: bool):
@@ -650,14 +535,17 @@ def int8_linear_cuda(q, scale, wq, w_scale, bias, out_dtype):
     return launch_gemm(q.reshape(-1, k), scale, wq, w_scale, bias, "none", None, out_dtype).view(*q.shape[:-1], n)
 
 
-def int8_linear_swiglu_cuda(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, out_dtype):
-    if not (wq_gate.shape == wq_up.shape
-            and gemm_covers(q, scale, wq_gate, ws_gate, bias_gate, "none", None, out_dtype)
-            and gemm_covers(q, scale, wq_up, ws_up, bias_up, "none", None, out_dtype)):
-        return _reference("int8_linear_swiglu")(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up,
-                                                out_dtype)
-    k, n = q.shape[-1], wq_gate.shape[0]
-    out = launch_swiglu(q.reshape(-1, k), scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, out_dtype)
+def _swiglu_covers(q, scale, wq, ws, bias, out_dtype, pre=None) -> bool:
+    return (wq.dim() == 2 and wq.shape[0] % 2 == 0 and _pre_ok(pre, q, wq.shape[0] // 2)
+            and gemm_covers(q, scale, wq, ws, bias, "none", None, out_dtype))
+
+
+def int8_linear_swiglu_cuda(q, scale, wq_gate_up, ws_gate_up, bias_gate_up, out_dtype):
+    if not _swiglu_covers(q, scale, wq_gate_up, ws_gate_up, bias_gate_up, out_dtype):
+        return _reference("int8_linear_swiglu")(q, scale, wq_gate_up, ws_gate_up, bias_gate_up, out_dtype)
+    k, n = q.shape[-1], wq_gate_up.shape[0] // 2
+    out = launch_gemm(q.reshape(-1, k), scale, wq_gate_up, ws_gate_up, bias_gate_up, "none", None, out_dtype,
+                      swiglu=True)
     return out.view(*q.shape[:-1], n)
 
 
@@ -676,21 +564,18 @@ def int8_linear_quantize_cuda(q, scale, wq, w_scale, bias, activation, pre_scale
     return codes.view(*q.shape[:-1], n), s.view(*q.shape[:-1], 1)
 
 
-def int8_linear_swiglu_quantize_cuda(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, pre_scale,
-                                     out_dtype):
-    if not (wq_gate.shape == wq_up.shape and _pre_ok(pre_scale, q, wq_gate.shape[0])
-            and gemm_covers(q, scale, wq_gate, ws_gate, bias_gate, "none", None, out_dtype)
-            and gemm_covers(q, scale, wq_up, ws_up, bias_up, "none", None, out_dtype)):
-        return _reference("int8_linear_swiglu_quantize")(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up,
-                                                         bias_up, pre_scale, out_dtype)
-    k, n = q.shape[-1], wq_gate.shape[0]
+def int8_linear_swiglu_quantize_cuda(q, scale, wq_gate_up, ws_gate_up, bias_gate_up, pre_scale, out_dtype):
+    if not _swiglu_covers(q, scale, wq_gate_up, ws_gate_up, bias_gate_up, out_dtype, pre_scale):
+        return _reference("int8_linear_swiglu_quantize")(q, scale, wq_gate_up, ws_gate_up, bias_gate_up, pre_scale,
+                                                         out_dtype)
+    k, n = q.shape[-1], wq_gate_up.shape[0] // 2
     q2 = q.reshape(-1, k)
+    gemm = (q2, scale, wq_gate_up, ws_gate_up, bias_gate_up, "none", None, out_dtype)
     if q2.shape[0] < REQUANT_MIN_ROWS:  # the GEMM, then the row quantizer: the same codes
-        y = launch_swiglu(q2, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, out_dtype)
+        y = launch_gemm(*gemm, swiglu=True)
         return activation_quantize_cuda(y.view(*q.shape[:-1], n), "none", pre_scale)
     peak = torch.zeros(q2.shape[0], dtype=torch.float32, device=q.device)
-    y = launch_swiglu(q2, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, out_dtype, pre=pre_scale,
-                      peak=peak)
+    y = launch_gemm(*gemm, pre=pre_scale, peak=peak, swiglu=True)
     codes, s = _requantize(y, peak, pre_scale)
     return codes.view(*q.shape[:-1], n), s.view(*q.shape[:-1], 1)
 

@@ -6,7 +6,8 @@ it stands for, from the existing translations (translations.py), so ORT runs the
     silu_mul_quantize_int8(g, u, pre)      -> quantize(Cast(g32 · Sigmoid(g32), dt) · u, pre)
     activation_quantize_int8(x, act, pre)  -> quantize(act(x), pre)
     int8_linear_epilogue(…, act, r, dt)    -> act(fxopt_int8_linear(…, dt)) [+ r]
-    int8_linear_swiglu(q, s, Wg…, Wu…, dt) -> Cast(g32 · Sigmoid(g32), dt) · u, g and u fxopt_int8_linear(…, dt)
+    int8_linear_swiglu(q, s, W, S, b, dt)  -> Cast(g32 · Sigmoid(g32), dt) · u, g and u fxopt_int8_linear(…, dt)
+                                              on the even and the odd rows of W, S, b (constant Slices, folded)
     int8_linear_quantize(…, act, pre, dt)      -> quantize(act(fxopt_int8_linear(…, dt)), pre)
     int8_linear_swiglu_quantize(…, pre, dt)    -> quantize(int8_linear_swiglu(…, dt), pre)
 
@@ -49,6 +50,13 @@ def _activate(x, activation: str):
         inner = op.Mul(_f(math.sqrt(2 / math.pi)), op.Add(v, op.Mul(_f(0.044715), op.Mul(v, op.Mul(v, v)))))
         y = op.Mul(op.Mul(_f(0.5), v), op.Add(_f(1.0), op.Tanh(inner)))
     return op.CastLike(y, x)
+
+
+def _rows(t, first: int):
+    """Every other row of t from `first`: the gate (0) or the up (1) half of an interleaved SwiGLU operand."""
+    def ints(v: int):
+        return op.Constant(value_ints=[v])
+    return op.Slice(t, ints(first), ints(2**62), ints(0), ints(2))
 
 
 def _layer_norm(x, normalized_shape, weight, bias, eps):
@@ -100,19 +108,21 @@ def translations(opset: int, int8_gemm: str) -> dict:
         y = _activate(linear(q, scale, wq, w_scale, bias, out_dtype), activation)
         return y if residual is None else op.Add(y, op.CastLike(residual, y))
 
-    def int8_linear_swiglu(q, scale, wq_gate, ws_gate, bias_gate=None, wq_up=None, ws_up=None, bias_up=None,
+    def int8_linear_swiglu(q, scale, wq_gate_up, ws_gate_up, bias_gate_up=None,
                            out_dtype: int = onnx.TensorProto.FLOAT):
-        gate = linear(q, scale, wq_gate, ws_gate, bias_gate, out_dtype)
-        return op.Mul(_activate(gate, "silu"), linear(q, scale, wq_up, ws_up, bias_up, out_dtype))
+        def half(first: int):
+            bias = None if bias_gate_up is None else _rows(bias_gate_up, first)
+            return linear(q, scale, _rows(wq_gate_up, first), _rows(ws_gate_up, first), bias, out_dtype)
+        return op.Mul(_activate(half(0), "silu"), half(1))
 
     def int8_linear_quantize(q, scale, wq, w_scale, bias=None, activation: str = "none", pre_scale=None,
                              out_dtype: int = onnx.TensorProto.FLOAT):
         y = _activate(linear(q, scale, wq, w_scale, bias, out_dtype), activation)
         return quantize(y, pre_scale, None, "token")
 
-    def int8_linear_swiglu_quantize(q, scale, wq_gate, ws_gate, bias_gate=None, wq_up=None, ws_up=None,
-                                    bias_up=None, pre_scale=None, out_dtype: int = onnx.TensorProto.FLOAT):
-        y = int8_linear_swiglu(q, scale, wq_gate, ws_gate, bias_gate, wq_up, ws_up, bias_up, out_dtype)
+    def int8_linear_swiglu_quantize(q, scale, wq_gate_up, ws_gate_up, bias_gate_up=None, pre_scale=None,
+                                    out_dtype: int = onnx.TensorProto.FLOAT):
+        y = int8_linear_swiglu(q, scale, wq_gate_up, ws_gate_up, bias_gate_up, out_dtype)
         return quantize(y, pre_scale, None, "token")
 
     return {getattr(fused, f.__name__).default: f for f in (

@@ -6,7 +6,8 @@ the same kernels it does for the unfused graph (and may fuse them itself).
     silu_mul_quantize_int8(g, u, pre)     -> quantize_int8(astype(silu(g32), dt) · u, pre)
     activation_quantize_int8(x, act, pre) -> quantize_int8(act(x), pre)
     int8_linear_epilogue(…, act, r, dt)   -> act(int8_linear(…, dt)) [+ r]
-    int8_linear_swiglu(q, s, Wg…, Wu…, dt) -> astype(silu(g32), dt) · u, g and u int8_linear(…, dt)
+    int8_linear_swiglu(q, s, W, S, b, dt)  -> astype(silu(g32), dt) · u, g and u int8_linear(…, dt) on the
+                                             even and the odd rows of W, S, b (strided slices of constants)
     int8_linear_quantize(…, act, pre, dt)  -> quantize_int8(act(int8_linear(…, dt)), pre)
     int8_linear_swiglu_quantize(…, pre, dt) -> quantize_int8(int8_linear_swiglu(…, dt), pre)
 
@@ -92,12 +93,21 @@ def int8_linear_epilogue(node: Any, imp: Any) -> relax.Expr:
     return y if residual is None else emit(imp, relax.op.add(y, imp.env[residual]))
 
 
+def _swiglu(node: Any, imp: Any, dtype: Any) -> relax.Expr:
+    q, s, w, ws = node.args[:4]
+    bias, rows = arg(node, 4, "bias_gate_up"), int(w.meta["val"].shape[0])
+
+    def half(first: int) -> relax.Expr:
+        def every_other(key: Any) -> _Value:
+            return _bind(imp, emit(imp, relax.op.strided_slice(imp.env[key], axes=[0], begin=[first], end=[rows],
+                                                               strides=[2])))
+        b = None if bias is None else every_other(bias)
+        return quant.int8_linear(_Call(q, s, every_other(w), every_other(ws), b, dtype), imp)
+    return emit(imp, relax.op.multiply(_activate(imp, half(0), "silu"), half(1)))
+
+
 def int8_linear_swiglu(node: Any, imp: Any) -> relax.Expr:
-    q, s, wg, wsg = node.args[:4]
-    dtype = arg(node, 8, "out_dtype")
-    gate = quant.int8_linear(_Call(q, s, wg, wsg, arg(node, 4, "bias_gate"), dtype), imp)
-    up = quant.int8_linear(_Call(q, s, node.args[5], node.args[6], arg(node, 7, "bias_up"), dtype), imp)
-    return emit(imp, relax.op.multiply(_activate(imp, gate, "silu"), up))
+    return _swiglu(node, imp, arg(node, 5, "out_dtype"))
 
 
 def int8_linear_quantize(node: Any, imp: Any) -> relax.Expr:
@@ -107,12 +117,7 @@ def int8_linear_quantize(node: Any, imp: Any) -> relax.Expr:
 
 
 def int8_linear_swiglu_quantize(node: Any, imp: Any) -> relax.Expr:
-    q, s, wg, wsg = node.args[:4]
-    dtype = arg(node, 9, "out_dtype")
-    gate = quant.int8_linear(_Call(q, s, wg, wsg, arg(node, 4, "bias_gate"), dtype), imp)
-    up = quant.int8_linear(_Call(q, s, node.args[5], node.args[6], arg(node, 7, "bias_up"), dtype), imp)
-    product = emit(imp, relax.op.multiply(_activate(imp, gate, "silu"), up))
-    return _quantize(imp, product, arg(node, 8, "pre_scale"))
+    return _quantize(imp, _swiglu(node, imp, arg(node, 6, "out_dtype")), arg(node, 5, "pre_scale"))
 
 
 def converters() -> dict:

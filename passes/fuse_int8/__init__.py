@@ -1,7 +1,8 @@
 """Fuse the int8 family's quantizers into their producers and the dequantize into the GEMM epilogue.
 
     quantize(silu(int8_linear(q, s, Wg)) · int8_linear(q, s, Wu), pre)
-                                                   =>  activation_quantize_int8(int8_linear_swiglu(q, s, Wg, Wu))
+                                                   =>  activation_quantize_int8(int8_linear_swiglu(q, s, W))
+                                                       W: Wg's and Wu's rows interleaved (swiglu.py)
     quantize(norm(x, …), pre)                      =>  <norm>_quantize_int8(x, …, pre)        (rms_norm, layer_norm)
     quantize(add_norm(x, r, …)[0], pre)            =>  q, s, x + r = add_<norm>_quantize_int8(x, r, …, pre)
     quantize(silu(g) · u, pre)                     =>  silu_mul_quantize_int8(g, u, pre)
@@ -176,6 +177,7 @@ class FuseInt8(Pass):
         rw = Rewriter(gm, self.name)
         stages = [apply_rules(rw, rules) for rules in (RULES, PLAIN_RULES, REQUANT_RULES)]
         rw.finish()
+        rw.drop_unread_attributes()  # the gate and up weights the SwiGLU GEMM's interleaved copies replace
         changed = any(stage.changed for stage in stages)
         reasons = [r for stage in stages for r in stage.reasons()]
         if not changed and not reasons:

@@ -5,8 +5,8 @@ quantizer: the same codes, compiler/triton_int8.py).
 
     activation_quantize_int8(int8_linear_epilogue(q, s, W, …, act₁), act₂, pre)
                                                    =>  int8_linear_quantize(q, s, W, …, act₁ or act₂, pre)
-    activation_quantize_int8(int8_linear_swiglu(q, s, Wg, …, Wu, …), "none", pre)
-                                                   =>  int8_linear_swiglu_quantize(q, s, Wg, …, Wu, …, pre)
+    activation_quantize_int8(int8_linear_swiglu(q, s, W, S, b), "none", pre)
+                                                   =>  int8_linear_swiglu_quantize(q, s, W, S, b, pre)
 
 These run after the fusions and the plain rules, on the fused family's canonical forms. Legal when the GEMM's
 float output has no other reader (a second reader, another quantizer included, needs the float output anyway, and
@@ -30,8 +30,8 @@ fused = torch.ops.fxopt
 _EPILOGUE = Op(fused.int8_linear_epilogue.default, Var("q"), Var("s"), Var("wq"), Var("ws"), Var("bias"),
                Var("gemm_act"), None, Var("dtype"), name="gemm", users=1,
                label="an epilogue GEMM without a residual, read only by the quantizer")
-_SWIGLU = Op(fused.int8_linear_swiglu.default, Var("q"), Var("s"), Var("wq_gate"), Var("ws_gate"), Var("bias_gate"),
-             Var("wq_up"), Var("ws_up"), Var("bias_up"), Var("dtype"), name="swiglu", users=1,
+_SWIGLU = Op(fused.int8_linear_swiglu.default, Var("q"), Var("s"), Var("wq"), Var("ws"), Var("bias"), Var("dtype"),
+             name="swiglu", users=1,
              label="the SwiGLU GEMM, read only by the quantizer")
 REQUANT = Op(fused.activation_quantize_int8.default, AnyOf(_EPILOGUE, _SWIGLU), Var("act"), Var("pre"),
              name="quantizer")
@@ -49,8 +49,8 @@ def check_requant(m) -> str | None:
 def rewrite_requant(rw: Rewriter, m):
     if "swiglu" in m:
         node = rw.call(fused.int8_linear_swiglu_quantize.default,
-                       (m["q"], m["s"], m["wq_gate"], m["ws_gate"], m["bias_gate"], m["wq_up"], m["ws_up"],
-                        m["bias_up"], m["pre"], m["dtype"]), before=m.root, like=m.root)
+                       (m["q"], m["s"], m["wq"], m["ws"], m["bias"], m["pre"], m["dtype"]), before=m.root,
+                       like=m.root)
     else:
         act = m["act"] if m["act"] != "none" else m["gemm_act"]
         node = rw.call(fused.int8_linear_quantize.default,

@@ -1,12 +1,15 @@
 """fuse_int8's SwiGLU rule: the gate and up GEMMs on the same codes become one GEMM with silu(gate) · up in its
 epilogue, so neither product goes to memory in float and back.
 
-    silu(int8_linear(q, s, Wg, …)) · int8_linear(q, s, Wu, …)      =>  int8_linear_swiglu(q, s, Wg, …, Wu, …)
+    silu(int8_linear(q, s, Wg, Sg, bg)) · int8_linear(q, s, Wu, Su, bu)  =>  int8_linear_swiglu(q, s, W, S, b)
     quantize(that, pre)                                             =>  activation_quantize_int8(swiglu, "none", pre)
 
-Legal when both linears read the same codes and scales (one node each), have the same out dtype and weight shape,
-and nothing but the SiLU and the product reads them (the match is exclusive). The op's reference is the
-composition (compiler/quant_fused.py), so the rewrite is exact, bitwise on the CPU.
+where W, S, b are the gate's and the up's rows interleaved (`interleave_gate_up`: gate j, up j), new constants
+that replace them. Legal when both linears read the same codes and scales (one node each), have the same out
+dtype and weight shape, their weights, scales and biases are constants, and nothing but the SiLU and the product
+reads them (the match is exclusive). The op's reference is the composition on the de-interleaved rows
+(compiler/quant_fused.py), so the rewrite is exact, bitwise on the CPU (a missing bias of one side becomes zeros:
+x + 0 is x).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 
 from fxopt import ops
 from fxopt.pattern import Op, Var
-from fxopt.rewrite import Rewriter
+from fxopt.quant_fused import interleave_gate_up
+from fxopt.rewrite import Rewriter, get_attr
 from fxopt.rules import Rule
 
 from .patterns import check_codes, check_same_shape, quantize, val
@@ -40,13 +44,23 @@ def check_swiglu(m) -> str | None:
     gate, up = val(m["wq_gate"]), val(m["wq_up"])
     if gate is None or up is None or gate.shape != up.shape:
         return f"the gate and up weights at {m['product'].name} differ in shape"
+    computed = [m[k].name for k in _OPERANDS if m[k] is not None and getattr(m[k], "op", None) != "get_attr"]
+    if computed:  # interleaving them would take a copy per call
+        return f"SwiGLU's {computed[0]} at {m['product'].name} is computed, not a constant: the GEMMs stay apart"
     return check_same_shape("gate_linear", "up_linear", "product silu(gate)·up")(m) or check_codes(m, "gate_linear")
 
 
+_OPERANDS = ("wq_gate", "ws_gate", "bias_gate", "wq_up", "ws_up", "bias_up")
+
+
 def _swiglu(rw: Rewriter, m):
-    args = (m["q"], m["s"], m["wq_gate"], m["ws_gate"], m["bias_gate"], m["wq_up"], m["ws_up"], m["bias_up"],
-            m["dtype"])
-    return rw.call(fused.int8_linear_swiglu.default, args, before=m["product"], like=m["product"])
+    tensors = [None if m[k] is None else get_attr(rw.gm, m[k].target) for k in _OPERANDS]
+    at = m["gate_linear"]
+    packed = [None if t is None else rw.constant(f"{m[key].name}_gate_up", t, before=at)
+              for key, t in zip(("wq_gate", "ws_gate", "bias_gate" if m["bias_gate"] is not None else "bias_up"),
+                                interleave_gate_up(*tensors), strict=True)]
+    return rw.call(fused.int8_linear_swiglu.default, (m["q"], m["s"], *packed, m["dtype"]), before=m["product"],
+                   like=m["product"])
 
 
 def rewrite_swiglu_quant(rw: Rewriter, m):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from fxopt import ops
+from fxopt.quant_fused import interleave_gate_up
 from fxopt.quant_ops import quantize_weight_int8
 
 f = torch.ops.fxopt
@@ -26,7 +27,7 @@ def args(op, x: torch.Tensor, other: torch.Tensor, with_weight: bool) -> list:
     if op in (f.int8_linear_swiglu.default, f.int8_linear_swiglu_quantize.default):
         wu, wsu = quantize_weight_int8(torch.randn(5, x.shape[-1]))
         requant = [out_pre] if op is f.int8_linear_swiglu_quantize.default else []
-        return [*codes, wq, ws, bias, wu, wsu, None, *requant, x.dtype]
+        return [*codes, *interleave_gate_up(wq, ws, bias, wu, wsu, None), *requant, x.dtype]
     if op is f.int8_linear_quantize.default:
         return [*codes, wq, ws, bias, "gelu" if with_weight else "none", out_pre, x.dtype]
     residual = torch.randn(*x.shape[:-1], 5).to(x.dtype) if with_weight else None

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from fxopt import ops
-from fxopt.quant_fused import ACTIVATIONS, activate
+from fxopt.quant_fused import ACTIVATIONS, activate, interleave_gate_up
 from fxopt.quant_ops import quantize_weight_int8
 
 f = torch.ops.fxopt
@@ -80,9 +80,19 @@ def test_the_swiglu_gemm_equals_silu_of_the_gate_linear_times_the_up_linear(dtyp
     q, s = _quant(x, None)
     (wg, wsg), (wu, wsu) = (quantize_weight_int8(torch.randn(7, x.shape[-1])) for _ in range(2))
     bias = torch.randn(7).to(dtype)
-    for bg, bu in ((None, None), (bias, None), (None, bias)):
-        want = F.silu(ops.int8_linear(q, s, wg, wsg, bg, dtype)) * ops.int8_linear(q, s, wu, wsu, bu, dtype)
-        _equal(f.int8_linear_swiglu(q, s, wg, wsg, bg, wu, wsu, bu, dtype), want)
+    per_tensor = wsg.amax().reshape(1)
+    for bg, bu, sg in ((None, None, wsg), (bias, None, wsg), (None, bias, per_tensor), (bias, -bias, per_tensor)):
+        want = F.silu(ops.int8_linear(q, s, wg, sg, bg, dtype)) * ops.int8_linear(q, s, wu, wsu, bu, dtype)
+        _equal(f.int8_linear_swiglu(q, s, *interleave_gate_up(wg, sg, bg, wu, wsu, bu), dtype), want)
+
+
+def test_interleaved_gate_up_operands_alternate_gate_and_up_rows():
+    (wg, wsg), (wu, wsu) = (quantize_weight_int8(torch.randn(3, 4)) for _ in range(2))
+    w, ws, b = interleave_gate_up(wg, wsg.amax().reshape(()), None, wu, wsu, torch.ones(3))
+    assert torch.equal(w[0::2], wg) and torch.equal(w[1::2], wu) and w.is_contiguous()
+    assert torch.equal(ws[0::2], wsg.amax().expand(3)) and torch.equal(ws[1::2], wsu)
+    assert torch.equal(b, torch.tensor([0.0, 1, 0, 1, 0, 1]))
+    assert interleave_gate_up(wg, wsg, None, wu, wsu, None)[2] is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -94,9 +104,10 @@ def test_the_requantizing_gemms_equal_their_gemm_then_the_per_token_quantizer(dt
     for act, p in (("none", None), ("gelu", pre), ("silu", None)):
         want = _quant(activate(ops.int8_linear(q, s, wg, wsg, bias, dtype), act), p)
         _equal(f.int8_linear_quantize(q, s, wg, wsg, bias, act, p, dtype), want)
+    packed = interleave_gate_up(wg, wsg, bias, wu, wsu, None)
     for p in (None, pre):
-        want = _quant(f.int8_linear_swiglu(q, s, wg, wsg, bias, wu, wsu, None, dtype), p)
-        _equal(f.int8_linear_swiglu_quantize(q, s, wg, wsg, bias, wu, wsu, None, p, dtype), want)
+        want = _quant(f.int8_linear_swiglu(q, s, *packed, dtype), p)
+        _equal(f.int8_linear_swiglu_quantize(q, s, *packed, p, dtype), want)
 
 
 def test_the_epilogue_sums_are_exact_at_the_codes_extremes():
@@ -118,12 +129,13 @@ def test_gemm_tiles_give_every_sm_work_and_persistent_tiles_several_each():
 
     sms = 132
     for m, n in ((2048, 2048), (2048, 5632), (1024, 768), (1024, 3072), (512, 5632), (300, 64), (4096, 11008)):
-        for cfg in (ti.gemm_config(m, n, 2048, sms), ti.swiglu_config(m, n, 2048, sms)):
-            tiles = -(-m // cfg[0]) * -(-n // cfg[1])
+        for cfg, cols in ((ti.gemm_config(m, n, 2048, sms), n),
+                          (ti.gemm_config(m, 2 * n, 2048, sms, swiglu=True), 2 * n)):  # gate/up interleaved
+            tiles = -(-m // cfg[0]) * -(-cols // cfg[1])
             if len(cfg) > 7 and cfg[7]:  # a persistent kernel overlaps a tile's epilogue with the next one's loads
                 assert tiles >= ti.PERSISTENT_MIN_TILES_PER_SM * sms, (m, n, cfg)
-            elif cfg not in (ti.TILE_CONFIGS[-1], ti.SMALL_M_CONFIGS[-1][1]):
+            elif cfg not in (ti.TILE_CONFIGS[-1], ti.SWIGLU_TILE_CONFIGS[-1], ti.SMALL_M_CONFIGS[-1][1]):
                 assert tiles >= ti.MIN_TILES_PER_SM * sms, (m, n, cfg)
     assert ti.gemm_config(2048, 5632, 2048, sms)[:2] == (256, 128)  # 352 tiles: persistent
-    assert ti.swiglu_config(2048, 5632, 2048, sms)[:2] == (128, 128)  # two accumulators: the 256 side halved
+    assert ti.gemm_config(2048, 2 * 5632, 2048, sms, swiglu=True)[:2] == (128, 256)  # the SwiGLU's own sweep
     assert ti.gemm_config(16, 5632, 2048, sms) == ti.SMALL_M_CONFIGS[0][1]  # decode rows: by M

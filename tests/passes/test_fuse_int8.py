@@ -133,6 +133,21 @@ class SwiGLUOutput(SwiGLUBlock):
         return F.silu(self.gate(h)) * self.up(h)
 
 
+def int8_bytes(opt) -> dict[str, int]:
+    gm = opt.graph_module
+    return {k: t.numel() for k, t in gm.named_buffers() if t.dtype == torch.int8}
+
+
+def test_the_swiglu_gemm_keeps_one_interleaved_copy_of_the_gate_and_up_weights():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16)
+    before, after = (quantized(SwiGLUBlock(), x, fuse) for fuse in (False, True))
+    assert sum(int8_bytes(after).values()) == sum(int8_bytes(before).values())  # moved, not copied
+    swiglu = next(n for n in after.graph_module.graph.nodes if n.target is f.int8_linear_swiglu_quantize.default)
+    w = swiglu.args[2].meta["val"]
+    assert tuple(w.shape) == (64, 16)  # gate and up rows, interleaved
+
+
 def test_a_gate_read_elsewhere_keeps_two_gemms_and_says_why():
     torch.manual_seed(0)
     opt = assert_same_function(SwiGLUWithAProbe(), torch.randn(2, 6, 16))
