@@ -148,6 +148,30 @@ def test_the_swiglu_gemm_keeps_one_interleaved_copy_of_the_gate_and_up_weights()
     assert tuple(w.shape) == (64, 16)  # gate and up rows, interleaved
 
 
+class WeightsAsInputs(nn.Module):
+    """A SwiGLU on int8 weights that arrive as inputs: nothing to interleave once, ahead of time."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("ws", torch.full((8,), 0.01))
+
+    def forward(self, x, wq_gate, wq_up, wq_down):
+        q, s = ops.quantize_int8(x, None, None, "token")
+        gate = ops.int8_linear(q, s, wq_gate, self.ws, None, x.dtype)
+        h, t = ops.quantize_int8(F.silu(gate) * ops.int8_linear(q, s, wq_up, self.ws, None, x.dtype), None, None,
+                                 "token")
+        return ops.int8_linear(h, t, wq_down, self.ws[:4], None, x.dtype)
+
+
+def test_swiglu_weights_that_are_not_constants_keep_two_gemms_and_say_why():
+    x = torch.randn(2, 3, 4)
+    wg, wu, wd = (torch.randint(-127, 128, shape, dtype=torch.int8) for shape in ((8, 4), (8, 4), (4, 8)))
+    opt = fxopt.optimize(WeightsAsInputs(), (x, wg, wu, wd), passes=[FuseInt8()])
+    c = counts(opt)
+    assert "int8_linear_swiglu" not in c and c["int8_linear_epilogue"] == 3 and c["silu_mul_quantize_int8"] == 1
+    assert any("not a constant" in r for r in opt.report["fuse_int8"].reasons), opt.report["fuse_int8"].reasons
+
+
 def test_a_gate_read_elsewhere_keeps_two_gemms_and_says_why():
     torch.manual_seed(0)
     opt = assert_same_function(SwiGLUWithAProbe(), torch.randn(2, 6, 16))
