@@ -129,7 +129,18 @@ def _gate_up(t):
     return (None, None) if t is None else (t[0::2], t[1::2])
 
 
+def _check_gate_up(wq_gate_up, ws_gate_up, bias_gate_up) -> None:
+    rows = wq_gate_up.shape[0] if wq_gate_up.dim() == 2 else -1
+    if rows < 0 or rows % 2:
+        raise ValueError(f"wq_gate_up must be [2N, K] (gate and up rows interleaved), got {tuple(wq_gate_up.shape)}")
+    for name, t in (("ws_gate_up", ws_gate_up), ("bias_gate_up", bias_gate_up)):
+        if t is not None and t.numel() != rows:
+            raise ValueError(f"{name} must hold one value per row of wq_gate_up ({rows}), got {tuple(t.shape)}")
+
+
 def _int8_linear_swiglu_ref(q, scale, wq_gate_up, ws_gate_up, bias_gate_up, out_dtype):
+    _check_gate_up(wq_gate_up, ws_gate_up, bias_gate_up)
+    ws_gate_up = ws_gate_up.reshape(-1)
     (wg, wu), (sg, su), (bg, bu) = _gate_up(wq_gate_up), _gate_up(ws_gate_up), _gate_up(bias_gate_up)
     return F.silu(_int8_linear_ref(q, scale, wg, sg, bg, out_dtype)) * _int8_linear_ref(q, scale, wu, su, bu,
                                                                                         out_dtype)

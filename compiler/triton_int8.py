@@ -536,7 +536,7 @@ def int8_linear_cuda(q, scale, wq, w_scale, bias, out_dtype):
 
 
 def _swiglu_covers(q, scale, wq, ws, bias, out_dtype, pre=None) -> bool:
-    return (wq.dim() == 2 and wq.shape[0] % 2 == 0 and _pre_ok(pre, q, wq.shape[0] // 2)
+    return (wq.dim() == 2 and wq.shape[0] % 2 == 0 and ws.numel() == wq.shape[0] and _pre_ok(pre, q, wq.shape[0] // 2)
             and gemm_covers(q, scale, wq, ws, bias, "none", None, out_dtype))
 
 

@@ -6,8 +6,9 @@ it stands for, from the existing translations (translations.py), so ORT runs the
     silu_mul_quantize_int8(g, u, pre)      -> quantize(Cast(g32 · Sigmoid(g32), dt) · u, pre)
     activation_quantize_int8(x, act, pre)  -> quantize(act(x), pre)
     int8_linear_epilogue(…, act, r, dt)    -> act(fxopt_int8_linear(…, dt)) [+ r]
-    int8_linear_swiglu(q, s, W, S, b, dt)  -> Cast(g32 · Sigmoid(g32), dt) · u, g and u fxopt_int8_linear(…, dt)
-                                              on the even and the odd rows of W, S, b (constant Slices, folded)
+    int8_linear_swiglu(q, s, W, S, b, dt)  -> Cast(g32 · Sigmoid(g32), dt) · u, g and u the even and the odd
+                                              columns of fxopt_int8_linear(q, s, W, S, b, dt): one GEMM over the
+                                              interleaved rows (the same per-column arithmetic as two)
     int8_linear_quantize(…, act, pre, dt)      -> quantize(act(fxopt_int8_linear(…, dt)), pre)
     int8_linear_swiglu_quantize(…, pre, dt)    -> quantize(int8_linear_swiglu(…, dt), pre)
 
@@ -52,11 +53,13 @@ def _activate(x, activation: str):
     return op.CastLike(y, x)
 
 
-def _rows(t, first: int):
-    """Every other row of t from `first`: the gate (0) or the up (1) half of an interleaved SwiGLU operand."""
-    def ints(v: int):
-        return op.Constant(value_ints=[v])
-    return op.Slice(t, ints(first), ints(2**62), ints(0), ints(2))
+def _pairs(y):
+    """A SwiGLU GEMM's output [..., 2N] (column 2j gate j, 2j+1 up j) as (gate, up), each [..., N]."""
+    pairs = op.Reshape(y, op.Concat(op.Slice(op.Shape(y), op.Constant(value_ints=[0]), op.Constant(value_ints=[-1])),
+                                     op.Constant(value_ints=[-1, 2]), axis=0))
+    gate, up = op.Split(pairs, axis=-1, num_outputs=2)
+    last = op.Constant(value_ints=[-1])
+    return op.Squeeze(gate, last), op.Squeeze(up, last)
 
 
 def _layer_norm(x, normalized_shape, weight, bias, eps):
@@ -110,10 +113,8 @@ def translations(opset: int, int8_gemm: str) -> dict:
 
     def int8_linear_swiglu(q, scale, wq_gate_up, ws_gate_up, bias_gate_up=None,
                            out_dtype: int = onnx.TensorProto.FLOAT):
-        def half(first: int):
-            bias = None if bias_gate_up is None else _rows(bias_gate_up, first)
-            return linear(q, scale, _rows(wq_gate_up, first), _rows(ws_gate_up, first), bias, out_dtype)
-        return op.Mul(_activate(half(0), "silu"), half(1))
+        gate, up = _pairs(linear(q, scale, wq_gate_up, ws_gate_up, bias_gate_up, out_dtype))
+        return op.Mul(_activate(gate, "silu"), up)
 
     def int8_linear_quantize(q, scale, wq, w_scale, bias=None, activation: str = "none", pre_scale=None,
                              out_dtype: int = onnx.TensorProto.FLOAT):

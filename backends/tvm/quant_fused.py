@@ -6,8 +6,8 @@ the same kernels it does for the unfused graph (and may fuse them itself).
     silu_mul_quantize_int8(g, u, pre)     -> quantize_int8(astype(silu(g32), dt) · u, pre)
     activation_quantize_int8(x, act, pre) -> quantize_int8(act(x), pre)
     int8_linear_epilogue(…, act, r, dt)   -> act(int8_linear(…, dt)) [+ r]
-    int8_linear_swiglu(q, s, W, S, b, dt)  -> astype(silu(g32), dt) · u, g and u int8_linear(…, dt) on the
-                                             even and the odd rows of W, S, b (strided slices of constants)
+    int8_linear_swiglu(q, s, W, S, b, dt)  -> astype(silu(g32), dt) · u, g and u the even and the odd columns of
+                                             int8_linear(q, s, W, S, b, dt): one GEMM over the interleaved rows
     int8_linear_quantize(…, act, pre, dt)  -> quantize_int8(act(int8_linear(…, dt)), pre)
     int8_linear_swiglu_quantize(…, pre, dt) -> quantize_int8(int8_linear_swiglu(…, dt), pre)
 
@@ -24,7 +24,7 @@ from fxopt.quant_fused import ACTIVATIONS
 
 from . import convert as cv
 from . import quant
-from .relax_util import arg, cast, dtype_of, emit
+from .relax_util import arg, cast, dtype_of, emit, shape_of
 
 
 class _Value:
@@ -94,16 +94,14 @@ def int8_linear_epilogue(node: Any, imp: Any) -> relax.Expr:
 
 
 def _swiglu(node: Any, imp: Any, dtype: Any) -> relax.Expr:
+    """One int8 GEMM over the interleaved rows, its output [..., 2N] split into gate (even columns) and up (odd)."""
     q, s, w, ws = node.args[:4]
-    bias, rows = arg(node, 4, "bias_gate_up"), int(w.meta["val"].shape[0])
-
-    def half(first: int) -> relax.Expr:
-        def every_other(key: Any) -> _Value:
-            return _bind(imp, emit(imp, relax.op.strided_slice(imp.env[key], axes=[0], begin=[first], end=[rows],
-                                                               strides=[2])))
-        b = None if bias is None else every_other(bias)
-        return quant.int8_linear(_Call(q, s, every_other(w), every_other(ws), b, dtype), imp)
-    return emit(imp, relax.op.multiply(_activate(imp, half(0), "silu"), half(1)))
+    y = quant.int8_linear(_Call(q, s, w, ws, arg(node, 4, "bias_gate_up"), dtype), imp)
+    dims = list(shape_of(y))
+    pairs = emit(imp, relax.op.reshape(y, [*dims[:-1], int(dims[-1]) // 2, 2]))
+    halves = emit(imp, relax.op.split(pairs, 2, axis=-1))
+    gate, up = (emit(imp, relax.op.squeeze(_item(imp, halves, i), axis=[-1])) for i in range(2))
+    return emit(imp, relax.op.multiply(_activate(imp, gate, "silu"), up))
 
 
 def int8_linear_swiglu(node: Any, imp: Any) -> relax.Expr:

@@ -5,7 +5,8 @@ epilogue, so neither product goes to memory in float and back.
     quantize(that, pre)                                             =>  activation_quantize_int8(swiglu, "none", pre)
 
 where W, S, b are the gate's and the up's rows interleaved (`interleave_gate_up`: gate j, up j), new constants
-that replace them. Legal when both linears read the same codes and scales (one node each), have the same out
+that replace them (one copy per distinct gate/up pair: tied blocks share it; a weight also read by another GEMM
+stays beside its interleaved copy). Legal when both linears read the same codes and scales (one node each), have the same out
 dtype and weight shape, their weights, scales and biases are constants, and nothing but the SiLU and the product
 reads them (the match is exclusive). The op's reference is the composition on the de-interleaved rows
 (compiler/quant_fused.py), so the rewrite is exact, bitwise on the CPU (a missing bias of one side becomes zeros:
@@ -51,16 +52,38 @@ def check_swiglu(m) -> str | None:
 
 
 _OPERANDS = ("wq_gate", "ws_gate", "bias_gate", "wq_up", "ws_up", "bias_up")
+_MADE_FROM = "fxopt_gate_up_of"  # on an interleaved constant: (the six operands' attribute names, which of the 3)
+
+
+def _interleaved(rw: Rewriter, m) -> list:
+    """The interleaved weight, scales and bias of this SwiGLU: new constants, or the ones an earlier match made
+    from the same attributes (tied weights stay one copy), moved before this GEMM if they come after it."""
+    key = tuple(None if m[k] is None else m[k].target for k in _OPERANDS)
+    made = {n.meta[_MADE_FROM][1]: n for n in rw.graph.nodes
+            if n.op == "get_attr" and n.meta.get(_MADE_FROM, (None,))[0] == key}
+    at = m["gate_linear"]
+    if made:
+        order = {n: i for i, n in enumerate(rw.graph.nodes)}
+        for node in made.values():
+            if order[node] > order[at]:
+                at.prepend(node)
+        return [made.get(i) for i in range(3)]
+    with torch.no_grad():  # the weights' tensors, not an autograd function of the user's parameters
+        tensors = interleave_gate_up(*(None if m[k] is None else get_attr(rw.gm, m[k].target).detach()
+                                       for k in _OPERANDS))
+    names = ("wq_gate", "ws_gate", "bias_gate" if m["bias_gate"] is not None else "bias_up")
+    out = []
+    for i, (name, t) in enumerate(zip(names, tensors, strict=True)):
+        node = None if t is None else rw.constant(f"{m[name].name}_gate_up", t, before=at)
+        if node is not None:
+            node.meta[_MADE_FROM] = (key, i)
+        out.append(node)
+    return out
 
 
 def _swiglu(rw: Rewriter, m):
-    tensors = [None if m[k] is None else get_attr(rw.gm, m[k].target) for k in _OPERANDS]
-    at = m["gate_linear"]
-    packed = [None if t is None else rw.constant(f"{m[key].name}_gate_up", t, before=at)
-              for key, t in zip(("wq_gate", "ws_gate", "bias_gate" if m["bias_gate"] is not None else "bias_up"),
-                                interleave_gate_up(*tensors), strict=True)]
-    return rw.call(fused.int8_linear_swiglu.default, (m["q"], m["s"], *packed, m["dtype"]), before=m["product"],
-                   like=m["product"])
+    return rw.call(fused.int8_linear_swiglu.default, (m["q"], m["s"], *_interleaved(rw, m), m["dtype"]),
+                   before=m["product"], like=m["product"])
 
 
 def rewrite_swiglu_quant(rw: Rewriter, m):
@@ -85,10 +108,10 @@ def why_two_gemms(m) -> str:
 
 SWIGLU_RULES = [
     Rule("quantize(silu(int8_linear(q, s, Wg)) · int8_linear(q, s, Wu)) => "
-         "activation_quantize_int8(int8_linear_swiglu(q, s, Wg, Wu))", SWIGLU_QUANT, rewrite_swiglu_quant,
-         check_swiglu, anchor="product", stat="int8_linear_swiglu"),
-    Rule("silu(int8_linear(q, s, Wg)) · int8_linear(q, s, Wu) => int8_linear_swiglu(q, s, Wg, Wu)", SWIGLU, _swiglu,
-         check_swiglu, anchor="product", stat="int8_linear_swiglu"),
+         "activation_quantize_int8(int8_linear_swiglu(q, s, interleaved Wg, Wu))", SWIGLU_QUANT,
+         rewrite_swiglu_quant, check_swiglu, anchor="product", stat="int8_linear_swiglu"),
+    Rule("silu(int8_linear(q, s, Wg)) · int8_linear(q, s, Wu) => int8_linear_swiglu(q, s, interleaved Wg, Wu)",
+         SWIGLU, _swiglu, check_swiglu, anchor="product", stat="int8_linear_swiglu"),
     Rule("silu_mul_quantize(int8_linear(q, s, Wg), int8_linear(q, s, Wu)): near-miss", TWO_GEMMS, None, why_two_gemms,
          anchor="product", exclusive=False),
 ]

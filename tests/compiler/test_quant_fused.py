@@ -86,6 +86,15 @@ def test_the_swiglu_gemm_equals_silu_of_the_gate_linear_times_the_up_linear(dtyp
         _equal(f.int8_linear_swiglu(q, s, *interleave_gate_up(wg, sg, bg, wu, wsu, bu), dtype), want)
 
 
+def test_the_swiglu_gemm_refuses_operands_that_are_not_row_pairs():
+    q, s = _quant(torch.randn(2, 4), None)
+    w, ws = quantize_weight_int8(torch.randn(6, 4))
+    with pytest.raises(ValueError, match="wq_gate_up must be"):
+        f.int8_linear_swiglu(q, s, w[:5], ws[:5], None, torch.float32)  # an odd row count
+    with pytest.raises(ValueError, match="ws_gate_up must hold one value per row"):
+        f.int8_linear_swiglu(q, s, w, ws[:1], None, torch.float32)  # one scale for gate and up alike
+
+
 def test_interleaved_gate_up_operands_alternate_gate_and_up_rows():
     (wg, wsg), (wu, wsu) = (quantize_weight_int8(torch.randn(3, 4)) for _ in range(2))
     w, ws, b = interleave_gate_up(wg, wsg.amax().reshape(()), None, wu, wsu, torch.ones(3))

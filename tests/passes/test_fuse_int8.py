@@ -148,6 +148,51 @@ def test_the_swiglu_gemm_keeps_one_interleaved_copy_of_the_gate_and_up_weights()
     assert tuple(w.shape) == (64, 16)  # gate and up rows, interleaved
 
 
+class TwiceTiedMLP(nn.Module):
+    """One SwiGLU MLP applied twice (weights tied across depth, as ALBERT-style sharing does), with biases."""
+
+    def __init__(self, d: int = 16, hidden: int = 32):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(d, hidden), nn.Linear(d, hidden, bias=False), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        for _ in range(2):
+            x = x + self.down(F.silu(self.gate(x)) * self.up(x))
+        return x
+
+
+def zeroquantized(model, x, fuse: bool):
+    passes = [ZeroQuant(weight_bits=8, group_size=1, act="token")]
+    return fxopt.optimize(model.eval(), (x,), passes=[*passes, FuseInt8()] if fuse else passes)
+
+
+def test_tied_swiglu_blocks_share_one_interleaved_copy_without_autograd_history():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16)
+    model = TwiceTiedMLP()
+    before, after = zeroquantized(model, x, False), zeroquantized(model, x, True)
+    assert counts(after)["int8_linear_swiglu_quantize"] == 2
+    assert sum(int8_bytes(after).values()) == sum(int8_bytes(before).values())
+    for name, t in after.graph_module.named_buffers():  # plain tensors: deepcopy (bf16 widening) needs them so
+        assert not t.requires_grad and t.grad_fn is None, name
+    fresh = torch.randn(3, 5, 16)
+    assert torch.equal(before(fresh), after(fresh))
+
+
+def test_the_onnx_file_runs_each_swiglu_as_one_gemm_on_an_initializer(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fxopt.backends.onnxruntime.export import export_file
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 64)
+    opt = zeroquantized(TwiceTiedMLP(64, 9000), x, True)  # weights beyond onnxscript's 8192-value folding limit
+    result = export_file(opt, tmp_path / "swiglu.onnx")
+    ops_in_file = result.op_counts  # gate and up: one GEMM each SwiGLU, down: one; no per-call weight Transpose
+    assert ops_in_file["com.microsoft.MatMulIntegerToFloat"] == 4 and "Transpose" not in ops_in_file, ops_in_file
+    got = fxopt.compile(opt, "onnxruntime")(x)
+    assert F.cosine_similarity(got.flatten().double(), opt(x).flatten().double(), dim=0) >= 1 - 1e-6
+
+
 class WeightsAsInputs(nn.Module):
     """A SwiGLU on int8 weights that arrive as inputs: nothing to interleave once, ahead of time."""
 
