@@ -6,9 +6,9 @@ epilogue, so neither product goes to memory in float and back.
 
 where W, S, b are the gate's and the up's rows interleaved (`interleave_gate_up`: gate j, up j), new constants
 that replace them (one copy per distinct gate/up pair: tied blocks share it; a weight also read by another GEMM
-stays beside its interleaved copy). Legal when both linears read the same codes and scales (one node each), have the same out
-dtype and weight shape, their weights, scales and biases are constants, and nothing but the SiLU and the product
-reads them (the match is exclusive). The op's reference is the composition on the de-interleaved rows
+stays beside its interleaved copy). Legal when both linears read the same codes and scales (one node each), have
+the same out dtype and weight shape, their weights, scales and biases are constants, and nothing but the SiLU and
+the product reads them (the match is exclusive). The op's reference is the composition on the de-interleaved rows
 (compiler/quant_fused.py), so the rewrite is exact, bitwise on the CPU (a missing bias of one side becomes zeros:
 x + 0 is x).
 """
