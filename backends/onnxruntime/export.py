@@ -345,6 +345,7 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
                 check: bool = True, extra_translations: Mapping[Any, Callable] | None = None,
                 int8_gemm: str = "auto") -> ExportResult:
     """Write `opt` (an fxopt OptimizedModule) as an ONNX file; see `export` in __init__ for the options."""
+    import onnx_ir.passes.common
     import onnxscript.optimizer
 
     path = Path(path)
@@ -381,6 +382,9 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
     if gemm is not None:
         program.model.metadata_props[int8_gemm_choice.METADATA_KEY] = gemm
     if optimize:
+        # common subexpressions first: an int8 weight read by several GEMMs (blocks tied across depth) gets one
+        # Transpose, which then folds into the file (onnxscript folds a large input's only reader, not one of many)
+        onnx_ir.passes.common.CommonSubexpressionEliminationPass()(program.model)
         onnxscript.optimizer.optimize_ir(program.model)
     if external_data is None:
         external_data = _param_bytes(gm) > EXTERNAL_DATA_THRESHOLD

@@ -112,14 +112,14 @@ class ZeroQuant(Pass):
                                     {f.label: f.loss_before for f in fits}, {f.label: f.loss_after for f in fits},
                                     log_scale=True))
         rw = Rewriter(gm, self.name)
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        order, made = {n: i for i, n in enumerate(gm.graph.nodes)}, {}
         for x in dict.fromkeys(p.site.input for p in plans):
             readers = [p for p in plans if p.site.input is x]
             first = min((p.site.reshapes[0] if p.site.reshapes else p.site.node for p in readers),
                         key=order.__getitem__)
             codes = quantizer(rw, x, first)
             for p in readers:
-                quantize_linear(rw, p, weights[p], codes)
+                quantize_linear(rw, p, weights[p], codes, made)
         rw.finish()
         rw.drop_unread_attributes()
         notes += [f"{p.site.weight_name}: int{p.bits} weights, {p.groups} group(s) of {p.group_size} row(s), "

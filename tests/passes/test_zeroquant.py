@@ -212,3 +212,18 @@ def test_lkd_in_the_pass_reports_each_block_and_lowers_the_error_on_the_calibrat
     assert len(lkd.before) == 2 and all(lkd.after[b] <= lkd.before[b] for b in lkd.before)
     assert sum(n.startswith("LKD block") for n in report.notes) == 2
     assert distilled < plain
+
+
+def test_albert_s_layer_shared_across_depth_keeps_one_copy_of_its_codes():
+    from transformers import AlbertConfig, AlbertModel
+
+    torch.manual_seed(0)
+    config = AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                          num_attention_heads=4, intermediate_size=64, attn_implementation="eager")
+    model, ids = AlbertModel(config).eval(), torch.randint(0, 100, (2, 9))
+    opt = fxopt.optimize(model, (ids,), passes=[ZeroQuant()])
+    assert opt.report["zeroquant"].stats == {"int8_linear": 6 * 3}  # q, k, v, o, ffn, ffn_output, three times
+    shared = sum(p.numel() for n, p in model.named_parameters() if "albert_layer_groups" in n and p.dim() == 2)
+    codes = sum(t.numel() for t in opt.graph_module.buffers() if t.dtype == torch.int8)
+    assert codes == shared  # one int8 copy of the one float layer, not one per use
+    assert opt.report["zeroquant"].numerics.cosine >= ZeroQuant().min_cosine
