@@ -67,6 +67,16 @@ class Rewriter:
         node.meta["fxopt_pass"] = self.origin
         return node
 
+    def hoist(self, constants: Iterable[fx.Node], *, before: fx.Node) -> None:
+        """Move the get_attr nodes among `constants` that come after `before` to just ahead of it: a constant an
+        earlier rewrite made, read again by a node that precedes it."""
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        for node in constants:
+            if node.op != "get_attr":
+                raise ValueError(f"hoist moves constants only, not {node.op} {node.name}")
+            if order[node] > order[before]:
+                before.prepend(node)
+
     def _annotate(self, node: fx.Node, like: fx.Node) -> None:
         for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
             if key in like.meta:

@@ -63,10 +63,7 @@ def _interleaved(rw: Rewriter, m) -> list:
             if n.op == "get_attr" and n.meta.get(_MADE_FROM, (None,))[0] == key}
     at = m["gate_linear"]
     if made:
-        order = {n: i for i, n in enumerate(rw.graph.nodes)}
-        for node in made.values():
-            if order[node] > order[at]:
-                at.prepend(node)
+        rw.hoist(made.values(), before=at)
         return [made.get(i) for i in range(3)]
     with torch.no_grad():  # the weights' tensors, not an autograd function of the user's parameters
         tensors = interleave_gate_up(*(None if m[k] is None else get_attr(rw.gm, m[k].target).detach()

@@ -39,10 +39,7 @@ def quantize_linear(rw: Rewriter, plan: LinearPlan, weight: torch.Tensor, codes:
     key = (str(site.weight.target), site.layout, plan.bits, plan.group_size) if weight is plan.weight else None
     if key in made:  # the same weight read by another linear: its codes, moved before this use if they follow it
         w_node, s_node = made[key]
-        order = {n: i for i, n in enumerate(rw.graph.nodes)}
-        for node in (w_node, s_node):
-            if order[node] > order[out]:
-                out.prepend(node)
+        rw.hoist((w_node, s_node), before=out)
     else:
         wq, ws = quantize_weight_groups(weight, plan.bits, plan.group_size)
         stored, suffix = (pack_int4(wq), "int4") if plan.bits == 4 else (wq, "int8")
