@@ -106,6 +106,8 @@ def check(dtype=torch.float16) -> list[dict]:
                  ("layer_norm_quantize_int8", (x, [n], w, b, 1e-12, None)),
                  ("add_rms_norm_quantize_int8", (x, r, [n], w, 1e-6, None)),
                  ("add_layer_norm_quantize_int8", (x, r, [n], w, b, 1e-12, pre)),
+                 ("rms_norm_and_quantize_int8", (x, [n], w, 1e-6, pre)),
+                 ("layer_norm_and_quantize_int8", (x, [n], w, b, 1e-12, None)),
                  ("silu_mul_quantize_int8", (x, r, None)),
                  ("silu_mul_quantize_int8", (x, r, pre)),
                  *[("activation_quantize_int8", (x, a, None)) for a in ("gelu", "gelu_tanh", "silu", "relu")]]

@@ -8,6 +8,8 @@ token (`quantize_int8(·, pre_scale, None, "token")`: the quantizer that a one-r
     layer_norm_quantize_int8(x, shape, w, b, eps, pre)      = quantize(layer_norm(x, shape, w, b, eps), pre)
     add_rms_norm_quantize_int8(x, r, shape, w, eps, pre)    = (*quantize(y, pre), s)    y, s = add_rms_norm(x, r, ...)
     add_layer_norm_quantize_int8(x, r, shape, w, b, eps, pre) = (*quantize(y, pre), s)  y, s = add_layer_norm(x, r, ...)
+    rms_norm_and_quantize_int8(x, shape, w, eps, pre)       = (*quantize(y, pre), y)    y = rms_norm(x, shape, w, …)
+    layer_norm_and_quantize_int8(x, shape, w, b, eps, pre)  = (*quantize(y, pre), y)    y = layer_norm(x, shape, …)
     silu_mul_quantize_int8(gate, up, pre)                   = quantize(silu(gate) * up, pre)
     activation_quantize_int8(x, activation, pre)            = quantize(act(x), pre)
     int8_linear_epilogue(q, s, wq, ws, bias, activation, residual, out_dtype)
@@ -28,7 +30,9 @@ abs-max (an atomic max across the row's tiles, exact in any order), so the codes
 the output instead of a row kernel's two.
 
 quantize(·, pre) returns (codes int8, per-token scales fp32 of shape x.shape[:-1] + (1,)); the add+norm forms
-return the residual sum (x + r, in x's dtype) third, as add_rms_norm / add_layer_norm do. `activation` is one of
+return the residual sum (x + r, in x's dtype) third, as add_rms_norm / add_layer_norm do; the `_and_quantize` norms
+return the norm's output third (a post-LN block reads it as a float too: the next residual), so the norm is computed
+once and its output read once. `activation` is one of
 ACTIVATIONS: "none", "relu", "silu", "gelu" (erf), "gelu_tanh"; it is applied to the int8 linear's output after its
 rounding to out_dtype, and the residual (out_dtype, the output's shape) is added after that, rounded once more
 (the unfused `act(y) + r`). Every rounding of the sequence is kept: a kernel never skips one (an RMSNorm's output
@@ -92,6 +96,16 @@ def _add_rms_norm_quantize_ref(x, residual, normalized_shape, weight, eps, pre_s
 def _add_layer_norm_quantize_ref(x, residual, normalized_shape, weight, bias, eps, pre_scale):
     y, s = _norms()._add_layer_norm_ref(x, residual, normalized_shape, weight, bias, eps)
     return (*_token(y, pre_scale), s)
+
+
+def _rms_norm_and_quantize_ref(x, normalized_shape, weight, eps, pre_scale):
+    y = _norms()._rms_norm_ref(x, normalized_shape, weight, eps)
+    return (*_token(y, pre_scale), y)
+
+
+def _layer_norm_and_quantize_ref(x, normalized_shape, weight, bias, eps, pre_scale):
+    y = F.layer_norm(x, normalized_shape, weight, bias, eps)
+    return (*_token(y, pre_scale), y)
 
 
 def _silu_mul_quantize_ref(gate, up, pre_scale):
@@ -159,6 +173,8 @@ REFERENCES = {
     "layer_norm_quantize_int8": _layer_norm_quantize_ref,
     "add_rms_norm_quantize_int8": _add_rms_norm_quantize_ref,
     "add_layer_norm_quantize_int8": _add_layer_norm_quantize_ref,
+    "rms_norm_and_quantize_int8": _rms_norm_and_quantize_ref,
+    "layer_norm_and_quantize_int8": _layer_norm_and_quantize_ref,
     "silu_mul_quantize_int8": _silu_mul_quantize_ref,
     "activation_quantize_int8": _activation_quantize_ref,
     "int8_linear_epilogue": _int8_linear_epilogue_ref,
@@ -178,6 +194,11 @@ _SCHEMAS = {
     "add_layer_norm_quantize_int8": (f"(Tensor x, Tensor residual, {_NORM}, Tensor? bias, float eps, "
                                      "Tensor? pre_scale) -> (Tensor, Tensor, Tensor)",
                                      "residual add + LayerNorm + per-token int8 codes"),
+    "rms_norm_and_quantize_int8": (f"(Tensor x, {_NORM}, float eps, Tensor? pre_scale) -> (Tensor, Tensor, Tensor)",
+                                   "an RMSNorm's output and its per-token int8 codes in one kernel (post-norm)"),
+    "layer_norm_and_quantize_int8": (f"(Tensor x, {_NORM}, Tensor? bias, float eps, Tensor? pre_scale) -> "
+                                     "(Tensor, Tensor, Tensor)",
+                                     "a LayerNorm's output and its per-token int8 codes in one kernel (post-LN)"),
     "silu_mul_quantize_int8": ("(Tensor gate, Tensor up, Tensor? pre_scale) -> (Tensor, Tensor)",
                                "SwiGLU's silu(gate) * up, quantized per token"),
     "activation_quantize_int8": ("(Tensor x, str activation, Tensor? pre_scale) -> (Tensor, Tensor)",

@@ -85,9 +85,11 @@ if triton is not None:
         return tl.where(keep, y, 0.0)
 
     @triton.jit
-    def _row_quant_kernel(X, R, W, B, P, Q, S, SUM, N, eps, MODE: tl.constexpr, ACT: tl.constexpr,
+    def _row_quant_kernel(X, R, W, B, P, Q, S, SUM, Y, N, eps, MODE: tl.constexpr, ACT: tl.constexpr,
                           HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_P: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          HAS_Y: tl.constexpr, BLOCK: tl.constexpr):
+        """One row: the value to quantize (a norm's output, SwiGLU's or an activation's), its codes and scale;
+        HAS_R also stores the residual sum (SUM), HAS_Y a norm's output (Y), both in x's dtype."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         keep = cols < N
@@ -115,6 +117,8 @@ if triton is not None:
                 if HAS_B:
                     y = y + tl.load(B + cols, mask=keep, other=0.0).to(tl.float32)
                 y = y.to(dt).to(tl.float32)
+            if HAS_Y:
+                tl.store(Y + offs, y.to(dt), mask=keep)  # y holds values of x's dtype: the norm's output
             if HAS_P:
                 y = y * tl.load(P + cols, mask=keep, other=0.0).to(tl.float32)
             y = tl.where(keep, y, 0.0)
@@ -411,11 +415,14 @@ ROW_WARPS: list[tuple[int, int]] = [(512, 1), (1024, 4), (8192, 8), (1 << 62, 16
 CHUNKED_ABOVE, ROW_CHUNK = 4096, 1024
 
 
-def _launch_rows(mode: int, x, other, weight, bias, pre, eps: float, act: str, with_sum: bool):
+def _launch_rows(mode: int, x, other, weight, bias, pre, eps: float, act: str, with_sum: bool,
+                 with_output: bool = False):
+    """(codes, scales), then the residual sum (with_sum) or a norm's output (with_output)."""
     n = x.shape[-1]
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
     total = torch.empty_like(x) if with_sum else None
+    out = torch.empty_like(x) if with_output else None
     block = triton.next_power_of_2(n)
     if mode in (_SILU_MUL, _ACT_ONLY) and block > CHUNKED_ABOVE:
         _row_quant_chunked_kernel[(x.numel() // n,)](
@@ -425,10 +432,11 @@ def _launch_rows(mode: int, x, other, weight, bias, pre, eps: float, act: str, w
     warps = next(w for bound, w in ROW_WARPS if block <= bound)
     _row_quant_kernel[(x.numel() // n,)](
         x, other if other is not None else x, weight if weight is not None else x, bias if bias is not None else x,
-        pre if pre is not None else x, q, s, total if total is not None else x, n, float(eps),
-        MODE=mode, ACT=_ACT[act], HAS_R=with_sum or mode == _SILU_MUL, HAS_W=weight is not None,
-        HAS_B=bias is not None, HAS_P=pre is not None, BLOCK=block, num_warps=warps, enable_fp_fusion=False)
-    return (q, s, total) if with_sum else (q, s)
+        pre if pre is not None else x, q, s, total if total is not None else x, out if out is not None else x, n,
+        float(eps), MODE=mode, ACT=_ACT[act], HAS_R=with_sum or mode == _SILU_MUL, HAS_W=weight is not None,
+        HAS_B=bias is not None, HAS_P=pre is not None, HAS_Y=with_output, BLOCK=block, num_warps=warps,
+        enable_fp_fusion=False)
+    return (q, s, total) if with_sum else (q, s, out) if with_output else (q, s)
 
 
 # requantize in the GEMM's epilogue from this many rows: below, the abs-max buffer's fill and the atomics cost
@@ -477,7 +485,7 @@ def _reference(name: str) -> Callable:
     return REFERENCES[name]
 
 
-def _norm_kernel(name: str, rms: bool, residual: bool) -> Callable:
+def _norm_kernel(name: str, rms: bool, residual: bool, with_output: bool = False) -> Callable:
     def kernel(x, *args):
         r, rest = (args[0], args[1:]) if residual else (None, args)
         shape, weight = rest[0], rest[1]
@@ -486,7 +494,8 @@ def _norm_kernel(name: str, rms: bool, residual: bool) -> Callable:
         if not (len(shape) == 1 and int(shape[0]) == x.shape[-1] and _pre_ok(pre, x)
                 and _rows_cover(x, (r, x.shape), (weight, row), (bias, row))):
             return _reference(name)(x, *args)
-        return _launch_rows(_NORM_RMS if rms else _NORM_LN, x, r, weight, bias, pre, eps, "none", residual)
+        return _launch_rows(_NORM_RMS if rms else _NORM_LN, x, r, weight, bias, pre, eps, "none", residual,
+                            with_output)
     kernel.__name__ = f"{name}_cuda"
     return kernel
 
@@ -587,6 +596,10 @@ def _kernels() -> dict[str, Callable]:
         "layer_norm_quantize_int8": _norm_kernel("layer_norm_quantize_int8", rms=False, residual=False),
         "add_rms_norm_quantize_int8": _norm_kernel("add_rms_norm_quantize_int8", rms=True, residual=True),
         "add_layer_norm_quantize_int8": _norm_kernel("add_layer_norm_quantize_int8", rms=False, residual=True),
+        "rms_norm_and_quantize_int8": _norm_kernel("rms_norm_and_quantize_int8", rms=True, residual=False,
+                                                   with_output=True),
+        "layer_norm_and_quantize_int8": _norm_kernel("layer_norm_and_quantize_int8", rms=False, residual=False,
+                                                     with_output=True),
         "silu_mul_quantize_int8": silu_mul_quantize_cuda,
         "activation_quantize_int8": activation_quantize_cuda,
         "int8_linear_epilogue": int8_linear_epilogue_cuda,

@@ -3,6 +3,7 @@ it stands for, from the existing translations (translations.py), so ORT runs the
 
     <norm>_quantize_int8(x, [r,] …, pre)   -> the norm's translation (SkipLayerNormalization, RMSNormalization,
                                               LayerNormalization, …), then fxopt_quantize_int8(y, pre)
+    <norm>_and_quantize_int8(x, …, pre)    -> y = the norm's translation; (*fxopt_quantize_int8(y, pre), y)
     silu_mul_quantize_int8(g, u, pre)      -> quantize(Cast(g32 · Sigmoid(g32), dt) · u, pre)
     activation_quantize_int8(x, act, pre)  -> quantize(act(x), pre)
     int8_linear_epilogue(…, act, r, dt)    -> act(fxopt_int8_linear(…, dt)) [+ r]
@@ -100,6 +101,16 @@ def translations(opset: int, int8_gemm: str) -> dict:
         y, total = t.fxopt_add_layer_norm(x, residual, normalized_shape, weight, bias, eps)
         return (*quantize(y, pre_scale, None, "token"), total)
 
+    def rms_norm_and_quantize_int8(x: TFloat, normalized_shape: Sequence[int], weight: TFloat | None = None,
+                                   eps: float = 1e-6, pre_scale: TFloat | None = None):
+        y = rms(x, normalized_shape, weight, eps)
+        return (*quantize(y, pre_scale, None, "token"), y)
+
+    def layer_norm_and_quantize_int8(x: TFloat, normalized_shape: Sequence[int], weight: TFloat | None = None,
+                                     bias: TFloat | None = None, eps: float = 1e-5, pre_scale: TFloat | None = None):
+        y = _layer_norm(x, normalized_shape, weight, bias, eps)
+        return (*quantize(y, pre_scale, None, "token"), y)
+
     def silu_mul_quantize_int8(gate: TFloat, up: TFloat, pre_scale: TFloat | None = None):
         return quantize(op.Mul(_activate(gate, "silu"), up), pre_scale, None, "token")
 
@@ -128,5 +139,6 @@ def translations(opset: int, int8_gemm: str) -> dict:
 
     return {getattr(fused, f.__name__).default: f for f in (
         rms_norm_quantize_int8, layer_norm_quantize_int8, add_rms_norm_quantize_int8, add_layer_norm_quantize_int8,
-        silu_mul_quantize_int8, activation_quantize_int8, int8_linear_epilogue, int8_linear_swiglu,
+        rms_norm_and_quantize_int8, layer_norm_and_quantize_int8, silu_mul_quantize_int8, activation_quantize_int8,
+        int8_linear_epilogue, int8_linear_swiglu,
         int8_linear_quantize, int8_linear_swiglu_quantize)}

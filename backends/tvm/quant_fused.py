@@ -3,6 +3,7 @@ through the existing converters (convert.py's norms, quant.py's quantize_int8 / 
 the same kernels it does for the unfused graph (and may fuse them itself).
 
     <norm>_quantize_int8(x, [r,] …, pre)  -> the norm's converter, then quantize_int8(y, pre, None, "token")
+    <norm>_and_quantize_int8(x, …, pre)   -> y = the norm's converter; (*quantize_int8(y, pre, …), y)
     silu_mul_quantize_int8(g, u, pre)     -> quantize_int8(astype(silu(g32), dt) · u, pre)
     activation_quantize_int8(x, act, pre) -> quantize_int8(act(x), pre)
     int8_linear_epilogue(…, act, r, dt)   -> act(int8_linear(…, dt)) [+ r]
@@ -64,14 +65,16 @@ def _quantize(imp: Any, y: relax.Expr, pre: Any) -> relax.Expr:
     return quant.quantize_int8(_Call(_bind(imp, y), pre, None, "token"), imp)
 
 
-def _norm_quantize(norm: Any, n_args: int, with_sum: bool):
+def _norm_quantize(norm: Any, n_args: int, with_sum: bool, with_output: bool = False):
+    """(codes, scales) of a norm's output; then the residual sum (with_sum) or the output itself (with_output)."""
     def convert(node: Any, imp: Any) -> relax.Expr:
         out = norm(_Call(*node.args[:n_args]), imp)
         pre = arg(node, n_args, "pre_scale")
-        if not with_sum:
+        if not (with_sum or with_output):
             return _quantize(imp, out, pre)
-        qs = _quantize(imp, _item(imp, out, 0), pre)
-        return emit(imp, relax.Tuple([_item(imp, qs, 0), _item(imp, qs, 1), _item(imp, out, 1)]))
+        y = _item(imp, out, 0) if with_sum else out
+        qs = _quantize(imp, y, pre)
+        return emit(imp, relax.Tuple([_item(imp, qs, 0), _item(imp, qs, 1), _item(imp, out, 1) if with_sum else y]))
     return convert
 
 
@@ -127,6 +130,8 @@ def converters() -> dict:
         f.layer_norm_quantize_int8.default: _norm_quantize(cv.layer_norm, 5, False),
         f.add_rms_norm_quantize_int8.default: _norm_quantize(cv.add_rms_norm, 5, True),
         f.add_layer_norm_quantize_int8.default: _norm_quantize(cv.add_layer_norm, 6, True),
+        f.rms_norm_and_quantize_int8.default: _norm_quantize(cv.rms_norm, 4, False, with_output=True),
+        f.layer_norm_and_quantize_int8.default: _norm_quantize(cv.layer_norm, 5, False, with_output=True),
         f.silu_mul_quantize_int8.default: silu_mul_quantize,
         f.activation_quantize_int8.default: activation_quantize,
         f.int8_linear_epilogue.default: int8_linear_epilogue,

@@ -5,6 +5,8 @@
                                                        W: Wg's and Wu's rows interleaved (swiglu.py)
     quantize(norm(x, …), pre)                      =>  <norm>_quantize_int8(x, …, pre)        (rms_norm, layer_norm)
     quantize(add_norm(x, r, …)[0], pre)            =>  q, s, x + r = add_<norm>_quantize_int8(x, r, …, pre)
+    quantize(y = norm(x, …), pre), y also read     =>  q, s, y = <norm>_and_quantize_int8(x, …, pre)   (post-LN)
+    add_norm(int8_linear(…), r)[0], x + r unread   =>  norm(int8_linear_epilogue(…, residual=r))  (post_norm.py)
     quantize(silu(g) · u, pre)                     =>  silu_mul_quantize_int8(g, u, pre)
     quantize(act(x), pre)                          =>  activation_quantize_int8(x, act, pre)  (gelu, silu, relu)
     [act](int8_linear(q, s, Wq, Ws, b)) [+ r]      =>  int8_linear_epilogue(q, s, Wq, Ws, b, act, r)
@@ -26,9 +28,9 @@ Requires: SHAPES.  Exactness: exact up to float rounding: each fused op's refere
 replaces (compiler/quant_fused.py), bitwise on the CPU. The CUDA kernels keep its roundings, but a norm's
 reduction order or an erf/exp ulp moves ~1e-5 of the codes by one and a deep network amplifies that, so on a GPU
 the pipeline checks this pass on the ops' references (`check_on_references`); benchmarks/int8_gpu.py the kernels.
-Near-misses, unchanged with a reason: a norm or activation output also read as a float (a post-LN residual), a
-per-tensor or static quantizer, a product or residual that broadcasts or mixes dtypes, a residual sum read before
-the quantizer's inputs exist.
+Near-misses, unchanged with a reason: an add+norm's output also read as a float where its add cannot move into a
+GEMM (its sum is read too), a per-tensor or static quantizer, a product or residual that broadcasts or mixes
+dtypes, a norm output or residual sum read before the quantizer's inputs exist.
 """
 
 from __future__ import annotations
@@ -48,10 +50,13 @@ from fxopt.rewrite import Rewriter
 from fxopt.rules import Rule, apply_rules
 
 from .patterns import check_codes, check_same_shape, quantize
+from .post_norm import POST_NORM_RULES
 from .requantize import REQUANT_RULES
 from .swiglu import SWIGLU_RULES
 
 aten, fused = torch.ops.aten, torch.ops.fxopt
+_KEEPING = {ops.rms_norm: fused.rms_norm_and_quantize_int8.default,
+            aten.layer_norm.default: fused.layer_norm_and_quantize_int8.default}
 _NORMS = {ops.rms_norm: fused.rms_norm_quantize_int8.default,
           aten.layer_norm.default: fused.layer_norm_quantize_int8.default,
           ops.add_rms_norm: fused.add_rms_norm_quantize_int8.default,
@@ -93,19 +98,22 @@ def _insertion_point(m) -> fx.Node:
     return max([m["norm"]] + ([pre] if isinstance(pre, fx.Node) else []), key=order.__getitem__)
 
 
+def _float_readers(m) -> list[fx.Node]:
+    """Readers of the quantized norm output other than the quantizer (a post-LN block's next residual)."""
+    return [u for u in m.get("norm_out", m["norm"]).users if u is not m.root]
+
+
 def check_norm_quant(m) -> str | None:
-    out = m.get("norm_out", m["norm"])
-    readers = [u for u in out.users if u is not m.root]
-    if readers:
-        return (f"the norm output {out.name} is also read as a float by {readers[0].name} (a post-LN residual): "
-                f"fusing would compute the norm twice")
+    out, readers, at, order = m.get("norm_out", m["norm"]), _float_readers(m), _insertion_point(m), _order(m.root)
+    if readers and "norm_out" in m:
+        return (f"the norm output {out.name} is also read as a float by {readers[0].name} (a post-LN residual), "
+                f"and the add of {m['norm'].name} cannot move into a GEMM's epilogue")
     if "norm_out" in m and any(g.target is not operator.getitem or g.args[1] not in (0, 1) for g in m["norm"].users):
         return f"{m['norm'].name}'s outputs are read other than through its (norm, sum) items"
-    at, order = _insertion_point(m), _order(m.root)
-    sum_readers = [u for g in m["norm"].users if g.target is operator.getitem and g.args[1] == 1 for u in g.users]
-    early = [u for u in sum_readers if order[u] <= order[at]]
+    sums = [u for g in m["norm"].users if g.target is operator.getitem and g.args[1] == 1 for u in g.users]
+    early = [u for u in readers + sums if order[u] <= order[at]]
     if early:
-        return f"the residual sum is read by {early[0].name} before the quantizer's pre-scale exists"
+        return f"{early[0].name} reads the norm's output or sum before the quantizer's pre-scale exists"
     return None
 
 
@@ -120,12 +128,16 @@ def rewrite_norm_quant(rw: Rewriter, m):
     at = _insertion_point(m).next
     args = node_args(norm)[:_ARITY[norm.target]]
     args[-1] = float(args[-1])
-    node = rw.call(_NORMS[norm.target], (*args, m["pre"]), before=at, like=m.root)
-    items = tuple(rw.getitem(node, i, before=at) for i in range(3 if "norm_out" in m else 2))
+    readers = _float_readers(m)
+    node = rw.call((_KEEPING if readers else _NORMS)[norm.target], (*args, m["pre"]), before=at, like=m.root)
+    items = tuple(rw.getitem(node, i, before=at) for i in range(3 if "norm_out" in m or readers else 2))
     if "norm_out" in m:
         for g in [g for g in norm.users if g.args[1] == 1]:
             rw.replace(g, items[2])
+    elif readers:  # the norm's output, for its float readers, from the fused kernel
+        rw.replace(norm, items[2])
     return items[:2]
+
 
 
 def rewrite_silu_mul(rw: Rewriter, m):
@@ -150,6 +162,7 @@ RULES = [
     *SWIGLU_RULES,
     Rule("quantize(norm(x)) => norm_quantize_int8(x)", NORM_QUANT, rewrite_norm_quant, check_norm_quant,
          anchor="norm", exclusive=False, stat="norm_quantize"),
+    *POST_NORM_RULES,
     Rule("quantize(silu(g)·u) => silu_mul_quantize_int8(g, u)", SILU_MUL_QUANT, rewrite_silu_mul,
          check_same_shape("gate", "up", "product silu(g)·u"), anchor="product", stat="silu_mul_quantize"),
     Rule("quantize(act(x)) => activation_quantize_int8(x)", ACT_QUANT, rewrite_act_quant, anchor="act",

@@ -49,6 +49,10 @@ def test_norm_quantizers_equal_norm_then_quantize(dtype, with_pre):
     _equal(f.add_rms_norm_quantize_int8(x, r, n, w, 1e-6, pre), (*_quant(y, pre), s))
     y, s = ops.add_layer_norm(x, r, n, None, b, 1e-5)
     _equal(f.add_layer_norm_quantize_int8(x, r, n, None, b, 1e-5, pre), (*_quant(y, pre), s))
+    y = ops.rms_norm(x, n, w, 1e-6)
+    _equal(f.rms_norm_and_quantize_int8(x, n, w, 1e-6, pre), (*_quant(y, pre), y))
+    y = F.layer_norm(x, n, w, b, 1e-5)
+    _equal(f.layer_norm_and_quantize_int8(x, n, w, b, 1e-5, pre), (*_quant(y, pre), y))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

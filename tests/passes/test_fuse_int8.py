@@ -71,6 +71,36 @@ class PostLN(nn.Module):
         return h + self.fc(h)
 
 
+class PostLNBlocks(nn.Module):
+    """Two post-LN blocks as BERT writes them: LayerNorm(sublayer(h) + h), each norm's output both the next
+    sublayer's input and the next residual."""
+
+    def __init__(self, d: int = 16, hidden: int = 32, norm=nn.LayerNorm):
+        super().__init__()
+        self.ln0, self.ln1, self.ln2 = norm(d), norm(d), norm(d)
+        self.mix, self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        h = self.ln0(x)
+        h = self.ln1(self.mix(h) + h)
+        return self.ln2(self.fc2(F.gelu(self.fc1(h))) + h)
+
+
+class PostRMSNormBlocks(PostLNBlocks):
+    def __init__(self):
+        super().__init__(norm=RMSNorm)
+
+
+class PostLNWithSum(PostLNBlocks):
+    """The residual sum is read as well (returned): the add stays in the norm, which says why it cannot fuse."""
+
+    def forward(self, x):
+        h = self.ln0(x)
+        s = self.mix(h) + h
+        h = self.ln1(s)
+        return self.fc1(h), h, s
+
+
 def quantized(model, x, fuse: bool, **options):
     g = torch.Generator().manual_seed(7)  # the same calibration for the fused and the unfused graph
     calib = [(torch.randn(x.shape, generator=g, dtype=x.dtype),) for _ in range(2)]
@@ -316,7 +346,7 @@ def test_a_gemm_read_by_two_quantizers_is_computed_once():
     assert c["int8_linear_epilogue"] == 3  # fc1 once, fc2 and fc3
 
 
-@pytest.mark.parametrize("block", [SwiGLUBlock, GeluBlock])
+@pytest.mark.parametrize("block", [SwiGLUBlock, GeluBlock, PostLNBlocks, PostRMSNormBlocks])
 @pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
 def test_requantizing_gemms_with_smoothing_pre_scales_lower_to_both_backends(block, backend):
     pytest.importorskip({"onnxruntime": "onnxruntime", "tvm": "tvm"}[backend])
@@ -333,12 +363,37 @@ def test_requantizing_gemms_with_smoothing_pre_scales_lower_to_both_backends(blo
     assert cos >= 1 - 1e-6, cos
 
 
-def test_a_post_ln_norm_stays_with_its_reason():
+def test_a_post_ln_norm_keeps_its_output_and_quantizes_in_the_same_kernel():
     torch.manual_seed(0)
     opt = assert_same_function(PostLN(), torch.randn(2, 6, 16))
     c = counts(opt)
-    assert "layer_norm_quantize_int8" not in c and c["activation_quantize_int8"] == 1  # a plain row quantizer
-    assert any("also read as a float" in r for r in opt.report["fuse_int8"].reasons)
+    assert c["layer_norm_and_quantize_int8"] == 1 and "activation_quantize_int8" not in c
+    assert "layer_norm" not in {getattr(n.target, "__name__", "") for n in opt.graph_module.graph.nodes}
+    assert not opt.report["fuse_int8"].reasons
+
+
+@pytest.mark.parametrize("blocks, norm", [(PostLNBlocks, "layer_norm"), (PostRMSNormBlocks, "rms_norm")])
+def test_post_ln_blocks_move_the_residual_add_into_the_gemm_and_fuse_every_norm_quantizer(blocks, norm):
+    torch.manual_seed(0)
+    opt = assert_same_function(blocks(), torch.randn(2, 6, 16))
+    c = counts(opt)
+    # ln0 and ln1 feed GEMMs and the next residual; mix + h and fc2 + h move into their GEMMs' epilogues (the
+    # norms' sums are read by nothing else); ln2 is the output (no quantizer) and stays a plain norm
+    assert c[f"{norm}_and_quantize_int8"] == 2 and f"add_{norm}" not in c
+    assert "activation_quantize_int8" not in c  # fc1 + GELU requantize for fc2 in fc1's epilogue
+    with_residual = [n for n in opt.graph_module.graph.nodes if n.target is f.int8_linear_epilogue.default
+                     and n.args[6] is not None]
+    assert len(with_residual) == 2
+    assert opt.report["fuse_int8"].stats["residual_into_epilogue"] == 2
+    assert not opt.report["fuse_int8"].reasons
+
+
+def test_a_post_ln_norm_whose_residual_sum_is_read_stays_with_its_reason():
+    torch.manual_seed(0)
+    opt = assert_same_function(PostLNWithSum(), torch.randn(2, 6, 16))
+    c = counts(opt)
+    assert c["add_layer_norm"] == 1 and c["layer_norm_and_quantize_int8"] == 1  # ln1 stays; ln0 fuses
+    assert any("also read as a float" in r and "cannot move into a GEMM" in r for r in opt.report["fuse_int8"].reasons)
 
 
 def test_per_tensor_codes_stay_with_int8_linear():
@@ -381,11 +436,14 @@ def test_hf_models_fuse_per_layer_and_compute_the_same_function(hf_fused):
         # the SwiGLU GEMM requantizes for down; o_proj's input (attention's output) is quantized alone
         assert c["int8_linear_swiglu_quantize"] == layers and c["activation_quantize_int8"] == layers
         assert c["int8_linear_epilogue"] == 5 * layers and "silu_mul_quantize_int8" not in c
-    else:  # BERT is post-LN: the norms stay (their output is the residual); fc1 + GELU requantize for fc2
-        assert not any("norm_quantize" in k for k in c)
-        assert c["activation_quantize_int8"] == 3 * layers and c["int8_linear_quantize"] == layers
+    else:  # BERT is post-LN: each norm keeps its output (the next residual) and quantizes it in one kernel, the
+        # residual adds before them move into the GEMMs' epilogues; fc1 + GELU requantize for fc2; attention's
+        # output is quantized alone
+        assert c["layer_norm_and_quantize_int8"] == 2 * layers  # the embeddings' norm and the attention block's
+        assert c["activation_quantize_int8"] == layers and c["int8_linear_quantize"] == layers
         assert c["int8_linear_epilogue"] == 5 * layers
-        assert any("also read as a float" in r for r in after.report["fuse_int8"].reasons)
+        assert after.report["fuse_int8"].stats["residual_into_epilogue"] == 2 * layers
+        assert not after.report["fuse_int8"].reasons
     assert "int8_linear" not in c and "quantize_int8" not in c
     with torch.no_grad():
         assert torch.equal(main(before(*args, **kwargs)), main(after(*args, **kwargs)))
@@ -406,4 +464,4 @@ def test_every_fused_op_is_in_the_registry():
     assert {"rms_norm_quantize_int8", "layer_norm_quantize_int8", "add_rms_norm_quantize_int8",
             "add_layer_norm_quantize_int8", "silu_mul_quantize_int8", "activation_quantize_int8",
             "int8_linear_epilogue", "int8_linear_swiglu", "int8_linear_quantize",
-            "int8_linear_swiglu_quantize"} <= names
+            "int8_linear_swiglu_quantize", "rms_norm_and_quantize_int8", "layer_norm_and_quantize_int8"} <= names
