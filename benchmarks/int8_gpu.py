@@ -86,6 +86,24 @@ def _compare(name: str, got, ref) -> dict:
     return row
 
 
+def _non_finite_rows(dtype) -> list[dict]:
+    """Rows holding a NaN or an infinity: the kernels' scales are NaN / inf where the reference's are (torch's
+    amax propagates NaN; a NaN-skipping max would make such a row finite codes), and their codes equal."""
+    from fxopt.quant_fused import REFERENCES
+
+    f, out = torch.ops.fxopt, []
+    x = torch.randn(4, 6000, device="cuda").to(dtype)
+    x[0, 5], x[1, :], x[2, 7] = float("nan"), float("inf"), -float("inf")
+    w = torch.ones(6000, device="cuda", dtype=dtype)
+    for name, args in (("activation_quantize_int8", (x, "none", None)), ("activation_quantize_int8", (x, "gelu", None)),
+                       ("rms_norm_quantize_int8", (x, [6000], w, 1e-6, None))):
+        got, ref = getattr(f, name)(*args), REFERENCES[name](*args)
+        out.append({"op": name, "case": "NaN / inf rows", "codes_equal": bool(torch.equal(got[0], ref[0])),
+                    "scales_nan_aware_equal": bool(torch.equal(got[1].isnan(), ref[1].isnan()) and torch.equal(
+                        torch.nan_to_num(got[1]), torch.nan_to_num(ref[1])))})
+    return out
+
+
 def check(dtype=torch.float16) -> list[dict]:
     from fxopt import ops  # noqa: F401 - registers the ops
     from fxopt.quant_fused import REFERENCES, interleave_gate_up
@@ -113,6 +131,7 @@ def check(dtype=torch.float16) -> list[dict]:
                  *[("activation_quantize_int8", (x, a, None)) for a in ("gelu", "gelu_tanh", "silu", "relu")]]
         for name, args in cases:
             rows.append({**_compare(name, getattr(f, name)(*args), REFERENCES[name](*args)), "n": n})
+    rows.extend(_non_finite_rows(dtype))
     for m, k, n in ((2048, 2048, 5632), (2048, 5632, 2048), (16, 2048, 5632), (77, 2000, 1000)):
         q, s = f.quantize_int8(torch.randn(m, k, device=dev, generator=g).to(dtype), None, None, "token")
         wq, ws = (t.to(dev) for t in quantize_weight_int8(torch.randn(n, k, device=dev, generator=g)))
@@ -612,7 +631,7 @@ def check_table(rows: list[dict]) -> str:
     out = ["| op | case | codes that differ | max code diff | scale max rel diff | outputs equal | max ulps |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
-        case = r.get("n", r.get("shape"))
+        case = r.get("n", r.get("shape", r.get("case")))
         extra = f" {r['act']}{' +bias' if r.get('bias') else ''}{' +res' if r.get('res') else ''}" if "act" in r else ""
         eq = [v for k, v in r.items() if k.endswith("_equal")] or ([r["exact"]] if "exact" in r else [])
         ulps = [v for k, v in r.items() if k.endswith("_max_ulps")]

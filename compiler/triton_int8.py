@@ -59,14 +59,26 @@ if triton is not None:
         return v
 
     @triton.jit
+    def _nan_max(a, b):
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def _peak(v, axis: tl.constexpr):
+        """max |v| along `axis`, NaN where a value is NaN, as torch's amax (tl.max would skip it, and a row
+        holding a NaN would quantize to finite codes)."""
+        return tl.reduce(tl.abs(v), axis, _nan_max)
+
+    @triton.jit
     def _scale(absmax):
-        """The per-token scale: max(abs-max, 1e-8) / 127, correctly rounded (quant_ops.scale_of)."""
-        return tl.math.div_rn(tl.maximum(absmax, 1e-8), 127.0)
+        """The per-token scale: max(abs-max, 1e-8) / 127, correctly rounded (quant_ops.scale_of); NaN stays NaN."""
+        return tl.math.div_rn(tl.maximum(absmax, 1e-8, propagate_nan=tl.PropagateNan.ALL), 127.0)
 
     @triton.jit
     def _codes(y, s):
-        """round-half-even(y / s) clamped to ±127, as int8 (quant_ops.codes)."""
-        return tl.minimum(tl.maximum(libdevice.rint(tl.math.div_rn(y, s)), -127.0), 127.0).to(tl.int8)
+        """round-half-even(y / s) clamped to ±127, as int8 (quant_ops.codes); NaN (a NaN or infinite row) as 0,
+        what the reference's cast makes of it."""
+        c = tl.minimum(tl.maximum(libdevice.rint(tl.math.div_rn(y, s)), -127.0), 127.0)
+        return tl.where(c == c, c, 0.0).to(tl.int8)
 
     @triton.jit
     def _elementwise_row(X, R, P, offs, cols, keep, MODE: tl.constexpr, ACT: tl.constexpr, HAS_P: tl.constexpr):
@@ -122,7 +134,7 @@ if triton is not None:
             if HAS_P:
                 y = y * tl.load(P + cols, mask=keep, other=0.0).to(tl.float32)
             y = tl.where(keep, y, 0.0)
-        s = _scale(tl.max(tl.abs(y), axis=0))
+        s = _scale(_peak(y, 0))
         tl.store(Q + offs, _codes(y, s), mask=keep)
         tl.store(S + row, s)
 
@@ -138,8 +150,8 @@ if triton is not None:
         for c0 in range(0, N, CHUNK):
             cols = c0 + tl.arange(0, CHUNK)
             keep = cols < N
-            peak = tl.maximum(peak, tl.abs(_elementwise_row(X, R, P, base + cols, cols, keep, MODE, ACT, HAS_P)))
-        s = _scale(tl.max(peak, axis=0))
+            peak = _nan_max(peak, tl.abs(_elementwise_row(X, R, P, base + cols, cols, keep, MODE, ACT, HAS_P)))
+        s = _scale(_peak(peak, 0))
         for c0 in range(0, N, CHUNK):
             cols = c0 + tl.arange(0, CHUNK)
             keep = cols < N
@@ -270,7 +282,7 @@ if triton is not None:
         if HAS_P:
             v = v * tl.load(P + rn, mask=in_n, other=0.0).to(tl.float32)[None, :]
         v = tl.where(in_m[:, None] & in_n[None, :], tl.abs(v), 0.0)
-        tl.atomic_max(PEAK + rm, tl.max(v, axis=1), mask=in_m)
+        tl.atomic_max(PEAK + rm, _peak(v, 1), mask=in_m)  # a NaN's bits exceed every float's: it stays
 
     @triton.jit
     def _tma_gemm_tile(a_desc, b_desc, c_desc, pid_m, pid_n, C, SA, SB, BIAS, RES, P, PEAK, M, N, K, sa_stride,
