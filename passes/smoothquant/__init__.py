@@ -156,6 +156,7 @@ class SmoothQuant(Pass):
             plan_tables(gm, {t.node for g in groups for t in g.quantized})
         rw = Rewriter(gm, self.name)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        made: dict = {}  # weight name -> its quantized constants so far (a tied weight's equal codes are shared)
         for g, act, s, alpha in plans:
             smoothed = alpha is not None  # α="auto" may leave a group unsmoothed: nothing folded, no multiply
             multiply = self.smooth_only and g.norm is None and g.v_fold is None
@@ -172,7 +173,7 @@ class SmoothQuant(Pass):
             elif self.smooth_only and smoothed and g.norm is None:
                 prescale_group(rw, g, s, order, rows)
             elif not self.smooth_only:
-                quantize_group(rw, g, act, s if smoothed else None, order, rows, self.act, weights)
+                quantize_group(rw, g, act, s if smoothed else None, order, rows, self.act, weights, made)
             a = (f", α={alpha:g}" if smoothed else
                  ", α=auto chose no smoothing" if self.smooth and self.alpha == "auto" else "")
             folded = g.norm is not None or g.v_fold is not None

@@ -114,14 +114,29 @@ def static_scale(act_max: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return scale_of((act_max.double() / s).amax())
 
 
+def _weight_constants(rw: Rewriter, site: LinearSite, wq: torch.Tensor, ws: torch.Tensor, made: dict) -> tuple:
+    """The (codes, scales) constants of `site`'s quantized weight: those made for another reader of the same weight
+    attribute where they are equal bit for bit (a layer tied across depth, not smoothed or smoothed alike), else
+    new ones. `made`: weight name -> [(wq, ws, nodes)], kept across the pass's sites."""
+    out = site.output
+    for q, s, nodes in made.get(site.weight_name, []):
+        if q.dtype == wq.dtype and torch.equal(q, wq) and s.dtype == ws.dtype and torch.equal(s, ws):
+            rw.hoist(nodes, before=out)
+            return nodes
+    nodes = (rw.constant(f"{site.weight_name}_int8", wq, before=out),
+             rw.constant(f"{site.weight_name}_scale", ws, before=out))
+    made.setdefault(site.weight_name, []).append((wq, ws, nodes))
+    return nodes
+
+
 def quantize_site(rw: Rewriter, site: LinearSite, codes: tuple[fx.Node, ...],
-                  weight: tuple[torch.Tensor, torch.Tensor], bias: fx.Node | None) -> None:
+                  weight: tuple[torch.Tensor, torch.Tensor], bias: fx.Node | None, made: dict) -> None:
     """Replace `site`'s output by an int8 linear of the codes and `weight` (int8 codes [out, in] and scales, of the
-    smoothed weight) plus `bias`: `int8_linear` of (codes, scale), `uint8_linear` of (codes, scale, zero point)."""
+    smoothed weight) plus `bias`: `int8_linear` of (codes, scale), `uint8_linear` of (codes, scale, zero point).
+    Readers of one weight whose codes come out equal share them (`_weight_constants`)."""
     wq, ws = weight
     out = site.output
-    wq_node = rw.constant(f"{site.weight_name}_int8", wq, before=out)
-    ws_node = rw.constant(f"{site.weight_name}_scale", ws, before=out)
+    wq_node, ws_node = _weight_constants(rw, site, wq, ws, made)
     dtype = val(out).dtype
     linear = UINT8_LINEAR if len(codes) == 3 else ops.int8_linear
     y = rw.call(linear, (*codes, wq_node, ws_node, bias, dtype), before=out, like=site.node)
@@ -156,7 +171,7 @@ def quantized_weights(gm: fx.GraphModule, g: Group, s: torch.Tensor, rows: dict,
 
 
 def quantize_group(rw: Rewriter, g: Group, act_max: torch.Tensor, s: torch.Tensor | None, order: dict, rows: dict,
-                   act: str, weights: dict) -> None:
+                   act: str, weights: dict, made: dict) -> None:
     """One quantizer per input node of the group (pre-scale 1/s where no norm or v absorbed it; `s` None: not
     smoothed), then each reader an int8 linear of its `weights` entry (quantized_weights)."""
     smoothed = s is not None
@@ -170,6 +185,6 @@ def quantize_group(rw: Rewriter, g: Group, act_max: torch.Tensor, s: torch.Tenso
             quantizer(rw, x, first, pre, static, "token" if act == "token" else "tensor")
         for t in readers:
             wq, ws, delta = weights[t]
-            quantize_site(rw, t, codes, (wq, ws), site_bias(rw, t, rows.pop(t, None), delta))
+            quantize_site(rw, t, codes, (wq, ws), site_bias(rw, t, rows.pop(t, None), delta), made)
             rw.counts["unsmoothed" if not smoothed else "smoothed_into_v" if g.v_fold is not None else
                       "smoothed_into_norm" if pre is None else "smoothed_in_quantizer"] += 1

@@ -500,3 +500,22 @@ def test_options_are_checked():
 def test_without_calibration_nothing_runs():
     with pytest.raises(fxopt.CalibrationError, match="smoothquant"):
         fxopt.optimize(PreNormBlock().eval(), (torch.randn(2, 3, 16),), passes=[SmoothQuant()])
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_albert_s_layer_shared_across_depth_is_quantized_once_unless_smoothing_makes_the_uses_differ(smooth):
+    from transformers import AlbertConfig, AlbertModel
+
+    torch.manual_seed(0)
+    config = AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                          num_attention_heads=4, intermediate_size=64, attn_implementation="eager")
+    model, ids = AlbertModel(config).eval(), torch.randint(0, 100, (2, 9))
+    calib = [(torch.randint(0, 100, (2, 9)),) for _ in range(2)]
+    opt = fxopt.optimize(model, (ids,), passes=[SmoothQuant(smooth=smooth, embeddings=False)], calibration=calib)
+    assert opt.report["smoothquant"].stats["quantized_linear"] == 6 * 3  # q, k, v, o, ffn, ffn_output, 3 times
+    shared = sum(p.numel() for n, p in model.named_parameters() if "albert_layer_groups" in n and p.dim() == 2)
+    codes = sum(t.numel() for t in opt.graph_module.buffers() if t.dtype == torch.int8)
+    # unsmoothed, the three uses quantize the one weight to the same codes: one copy. Smoothed, each use has its
+    # own activation statistics, so its own scales, so its own codes
+    assert codes == (3 * shared if smooth else shared)
+    assert opt.report["smoothquant"].numerics.ok
