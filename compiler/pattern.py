@@ -116,6 +116,7 @@ class MatchFailure:
     node: fx.Node | None = None
     depth: int = 0  # op nodes matched before the failure (the furthest failure is the one reported)
     bound: frozenset = frozenset()  # names bound when it failed
+    covered: tuple = ()  # a complete match's nodes, where its check failed
 
     def __str__(self) -> str:
         return f"{self.node.name}: {self.reason}" if isinstance(self.node, fx.Node) else self.reason

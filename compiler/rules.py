@@ -12,8 +12,9 @@ with `check`'s reason.
 
 The driver visits nodes users-first (the outermost match wins: `norm * γ + β` before `norm`), repeats until a
 sweep changes nothing, and stops after `max_sweeps` with a warning (every sweep leaves a correct graph).
-Near-misses are the failures of the last sweep: a check that failed, or a matcher failure after the rule's
-`anchor` variable was bound (a candidate, not any node). Counts are per rule name.
+Near-misses are a check that failed, or a matcher failure after the rule's `anchor` variable was bound (a candidate,
+not any node): those of the last sweep, and those of earlier sweeps at nodes that another rule's rewrite then
+erased (a lesser fusion took the nodes a failed one wanted: its reason still says why). Counts are per rule name.
 """
 
 from __future__ import annotations
@@ -95,9 +96,9 @@ def _try(rule: Rule, node: fx.Node, cache: dict) -> Match | MatchFailure | None:
     if isinstance(why, MatchFailure):
         return why
     if why:
-        return MatchFailure(why, node, len(found.nodes))
+        return MatchFailure(why, node, len(found.nodes), covered=tuple(found.nodes))
     if rule.rewrite is None:
-        return MatchFailure(rule.name, node, len(found.nodes))
+        return MatchFailure(rule.name, node, len(found.nodes), covered=tuple(found.nodes))
     return found
 
 
@@ -115,10 +116,20 @@ def _apply(rw: Rewriter, rule: Rule, m: Match) -> None:
     rw.erase_dead([*outputs, root, *reversed(m.nodes)])
 
 
+def _superseded(failure: MatchFailure, rule: str, erased_by: dict) -> bool:
+    """An earlier sweep's failure of `rule` whose nodes another rule's rewrite erased (and `rule` never did): the
+    nodes went to another fusion, so the reason still holds where the last sweep no longer sees the candidate."""
+    nodes = [n for n in (*failure.covered, failure.node) if isinstance(n, fx.Node)]
+    by = {erased_by.get(n) for n in nodes} - {None}
+    return bool(by) and rule not in by
+
+
 def apply_rules(rw: Rewriter, rules: Sequence[Rule], *, max_sweeps: int = 8) -> RuleResult:
     """Apply `rules` to `rw`'s graph to a fixed point (see the module docstring)."""
     result = RuleResult()
     start = Counter(rw.counts)
+    earlier: dict = {}  # (node name, reason) -> (failure, rule name), of the sweeps before the last
+    erased_by: dict = {}  # node -> the rule whose rewrite erased it
     for sweep in range(1, max_sweeps + 1):
         result.sweeps, changed, failures, cache = sweep, False, {}, {}
         for node in reversed(list(rw.graph.nodes)):
@@ -127,16 +138,22 @@ def apply_rules(rw: Rewriter, rules: Sequence[Rule], *, max_sweeps: int = 8) -> 
             for rule in rules:
                 found = _try(rule, node, cache)
                 if isinstance(found, Match):
+                    before = set(rw.graph.nodes)
                     _apply(rw, rule, found)
+                    erased_by.update(dict.fromkeys(before.difference(rw.graph.nodes), rule.name))
                     cache.clear()
                     changed = True
                     break
                 if found is not None:
-                    failures.setdefault((getattr(found.node, "name", None), found.reason), found)
+                    failures.setdefault((getattr(found.node, "name", None), found.reason), (found, rule.name))
         if not changed:
+            superseded = [f for key, (f, name) in earlier.items() if key not in failures
+                          and _superseded(f, name, erased_by)]
             order = {n: i for i, n in enumerate(rw.graph.nodes)}
-            result.failures = sorted(failures.values(), key=lambda f: order.get(f.node, -1))
+            result.failures = sorted([f for f, _ in failures.values()] + superseded,
+                                     key=lambda f: order.get(f.node, -1))
             break
+        earlier.update(failures)
     else:
         result.converged = False
         log.warning("rules %s stopped after %d sweeps without reaching a fixed point",

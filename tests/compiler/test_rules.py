@@ -147,3 +147,22 @@ def test_an_inner_node_shared_by_two_matches_of_one_rule_is_rewritten_in_both():
     gm = capture_graph(model, *inputs, canonical=False)
     assert run(gm, [SCALED_ADD]).counts == {SCALED_ADD.name: 2} and count_ops(gm)["aten.mul"] == 0
     assert compare(model(*inputs), gm(*inputs), ROUNDING).ok
+
+
+def test_a_failure_whose_nodes_a_later_rule_took_is_still_reported_and_one_its_own_rule_fixed_is_not():
+    # x * 2 + y: the scaled-add rule's check refuses; then TWICE rewrites x * 2 (inside that match) into x + x, so
+    # the last sweep no longer sees a * k + c at all. The refusal still says why the add stayed an add.
+    gm = graph(lambda x, y: x * 2 + y, x3, y3)
+    refused = Rule(SCALED_ADD.name, SCALED_ADD.pattern, _scaled_add, check=lambda m: "k is a power of two")
+    result = run(gm, [refused, TWICE])
+    assert result.counts == {TWICE.name: 1}
+    assert [f.reason for f in result.failures] == ["k is a power of two"]
+    # a refusal that a later sweep resolves at the same root (the rule applies once the inner node is rewritten)
+    # is not reported: after x * 3 => x * 3.0, the check passes
+    gm = graph(lambda x, y: x * 3 + y, x3, y3)
+    floats = Rule("x * int => x * float", Op(aten.mul.Tensor, X, Const("k", where=lambda k, m: type(k) is int)),
+                  lambda rw, m: rw.call(aten.mul.Tensor, (m["x"], float(m["k"])), before=m.root))
+    later = Rule(SCALED_ADD.name, SCALED_ADD.pattern, _scaled_add,
+                 check=lambda m: None if isinstance(m["k"], float) else "k is an int")
+    result = run(gm, [later, floats])
+    assert result.counts == {floats.name: 1, later.name: 1} and not result.failures

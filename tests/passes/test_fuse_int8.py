@@ -247,6 +247,27 @@ def test_swiglu_weights_that_are_not_constants_keep_two_gemms_and_say_why():
     assert any("not a constant" in r for r in opt.report["fuse_int8"].reasons), opt.report["fuse_int8"].reasons
 
 
+class SwiGLUOfWeightInputs(nn.Module):
+    """The SwiGLU product is the output, its int8 weights inputs: the GEMMs become plain epilogue GEMMs."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("ws", torch.full((8,), 0.01))
+
+    def forward(self, x, wq_gate, wq_up):
+        q, s = ops.quantize_int8(x, None, None, "token")
+        return F.silu(ops.int8_linear(q, s, wq_gate, self.ws, None, x.dtype)) * ops.int8_linear(q, s, wq_up,
+                                                                                                self.ws, None, x.dtype)
+
+
+def test_a_swiglu_that_a_lesser_fusion_took_still_says_why_it_stayed_two_gemms():
+    x = torch.randn(2, 3, 4)
+    wg, wu = (torch.randint(-127, 128, (8, 4), dtype=torch.int8) for _ in range(2))
+    opt = fxopt.optimize(SwiGLUOfWeightInputs(), (x, wg, wu), passes=[FuseInt8()])
+    assert counts(opt)["int8_linear_epilogue"] == 2 and "int8_linear_swiglu" not in counts(opt)
+    assert any("not a constant" in r for r in opt.report["fuse_int8"].reasons), opt.report["fuse_int8"].reasons
+
+
 def test_a_gate_read_elsewhere_keeps_two_gemms_and_says_why():
     torch.manual_seed(0)
     opt = assert_same_function(SwiGLUWithAProbe(), torch.randn(2, 6, 16))
