@@ -123,7 +123,10 @@ class ZeroQuant(Pass):
         rw.finish()
         rw.drop_unread_attributes()
         notes += [f"{p.site.weight_name}: int{p.bits} weights, {p.groups} group(s) of {p.group_size} row(s), "
-                  f"per-token int8 activations, {p.bytes_before()} → {p.bytes_after()} weight bytes" for p in plans]
+                  f"per-token int8 activations, {p.bytes_before()} → {p.bytes_after()} weight bytes"
+                  + ("" if p.placed or p.block is None else f" (in block {p.block}'s module, with no role the "
+                     "structure analysis understood: quantized as a block linear, attention_bits not applied)")
+                  for p in plans]
         measures.append(Measure("weight bytes per linear (codes + scales)", "bytes",
                                 {p.site.weight_name: p.bytes_before() for p in plans},
                                 {p.site.weight_name: p.bytes_after() for p in plans}))

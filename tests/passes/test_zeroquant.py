@@ -227,3 +227,26 @@ def test_albert_s_layer_shared_across_depth_keeps_one_copy_of_its_codes():
     codes = sum(t.numel() for t in opt.graph_module.buffers() if t.dtype == torch.int8)
     assert codes == shared  # one int8 copy of the one float layer, not one per use
     assert opt.report["zeroquant"].numerics.cosine >= ZeroQuant().min_cosine
+
+
+@pytest.mark.parametrize("family", ["Qwen3", "Phi3"])
+def test_every_linear_of_a_block_is_quantized_even_where_the_analysis_gives_it_no_role(family):
+    # Qwen3 normalizes q and k per head; Phi3 runs gate and up as one linear split by chunk: the structure analysis
+    # places neither, and those linears used to stay float with no word in the report
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=100, bos_token_id=0, eos_token_id=0, pad_token_id=0, attn_implementation="sdpa",
+        **({"head_dim": 8} if family == "Qwen3" else {}))
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    blocks = sum(isinstance(m, nn.Linear) for n, m in model.named_modules() if n.startswith("model.layers."))
+    opt = fxopt.optimize(model, (torch.randint(2, 100, (2, 8)),), example_kwargs={"use_cache": False},
+                         passes=[ZeroQuant()])
+    report = opt.report["zeroquant"]
+    assert report.stats == {"int8_linear": blocks}
+    left = [n.args[1].target for n in opt.graph_module.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert left == ["lm_head.weight"]  # the head is outside the blocks' module list
+    assert any("no role the structure analysis understood" in note for note in report.notes)
+    assert report.numerics.cosine >= ZeroQuant().min_cosine
