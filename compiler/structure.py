@@ -282,15 +282,42 @@ def _blocks(attentions: list[Attention], mlps: list[MLP], order: dict) -> list[B
     return [Block(i, a, m) for i, (a, m) in enumerate(blocks)]
 
 
-def block_linears(structure: Structure) -> list[LinearSite]:
-    """The q/k/v/o and MLP linears of every transformer block (not an LM head, a pooler or a classifier)."""
-    found = []
+def module_of_block(weight_name: str) -> str | None:
+    """The repeated module a parameter lives in: its name up to the first index ("model.layers.3" of
+    "model.layers.3.mlp.up_proj.weight"), or None where no module list holds it."""
+    parts = weight_name.split(".")
+    i = next((i for i, p in enumerate(parts[:-1]) if p.isdigit()), None)
+    return None if i is None else ".".join(parts[:i + 1])
+
+
+def role_linears(structure: Structure) -> dict[LinearSite, tuple[int, bool]]:
+    """(block index, is an attention projection) of each linear the analysis gave a role: q/k/v/o, gate/up/down."""
+    found: dict[LinearSite, tuple[int, bool]] = {}
     for b in structure.blocks:
-        if b.attention is not None:
-            found += [b.attention.q, b.attention.k, b.attention.v, b.attention.o]
-        if b.mlp is not None:
-            found += [s for s in (b.mlp.gate, b.mlp.up, b.mlp.down) if s is not None]
-    return list(dict.fromkeys(found))
+        for s in (b.attention.q, b.attention.k, b.attention.v, b.attention.o) if b.attention is not None else ():
+            found.setdefault(s, (b.index, True))
+        for s in (b.mlp.gate, b.mlp.up, b.mlp.down) if b.mlp is not None else ():
+            if s is not None:
+                found.setdefault(s, (b.index, False))
+    return found
+
+
+def unplaced_block_linears(structure: Structure) -> dict[LinearSite, int]:
+    """Block index of each linear with no role that lives in the module-list entry of a block's role linears (a
+    fused gate/up split by chunk, q/k normalized per head): still the block's. Heads, poolers and embedding
+    projections live outside the module list."""
+    roles, modules = role_linears(structure), {}
+    for s, (index, _) in roles.items():
+        if module_of_block(s.weight_name) is not None:
+            modules.setdefault(module_of_block(s.weight_name), index)
+    return {s: modules[module_of_block(s.weight_name)] for s in structure.linears
+            if s not in roles and module_of_block(s.weight_name) in modules}
+
+
+def block_linears(structure: Structure) -> list[LinearSite]:
+    """The linears of every transformer block (not an LM head, a pooler or a classifier): those with a role, then
+    the others of the blocks' modules (unplaced_block_linears)."""
+    return [*role_linears(structure), *unplaced_block_linears(structure)]
 
 
 def analyze(model: torch.nn.Module, example_inputs=None, example_kwargs=None) -> Structure:

@@ -15,7 +15,7 @@ from torch import fx
 from fxopt.errors import PassOptionError
 from fxopt.rewrite import get_attr
 from fxopt.sites import LinearSite, val
-from fxopt.structure import Structure
+from fxopt.structure import Structure, role_linears, unplaced_block_linears
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,38 +45,12 @@ def out_in(weight: torch.Tensor, layout: str) -> torch.Tensor:
     return weight if layout == "out_in" else weight.t()
 
 
-def _block_module(weight_name: str) -> str | None:
-    """The repeated module a parameter lives in: its name up to the first index ("model.layers.3" of
-    "model.layers.3.mlp.up_proj.weight"), or None where no module list holds it."""
-    parts = weight_name.split(".")
-    i = next((i for i, p in enumerate(parts[:-1]) if p.isdigit()), None)
-    return None if i is None else ".".join(parts[:i + 1])
-
-
 def chosen_sites(structure: Structure, layers: str) -> list[tuple[LinearSite, int | None, bool, bool]]:
     """(site, block index, is an attention projection, has a role) of the linears to quantize: the blocks'
-    (layers="blocks") or every linear ("all").
-
-    A block's linears are those the analysis gave a role (q/k/v/o, gate/up/down) and every other linear in the same
-    repeated module as one of those (the module list entry its parameter's name goes through): a projection the
-    analysis could not place (a fused gate/up split by chunk, q/k normalized per head) is still the block's, and a
-    block linear left in float would be a different model than asked. Heads and embedding projections live outside
-    the module list and stay out."""
-    block_of: dict[LinearSite, tuple[int, bool, bool]] = {}
-    for b in structure.blocks:
-        a, m = b.attention, b.mlp
-        for s in (a.q, a.k, a.v, a.o) if a is not None else ():
-            block_of.setdefault(s, (b.index, True, True))
-        for s in (m.gate, m.up, m.down) if m is not None else ():
-            if s is not None:
-                block_of.setdefault(s, (b.index, False, True))
-    modules: dict[str, int] = {}
-    for s, (index, *_) in block_of.items():
-        if _block_module(s.weight_name) is not None:
-            modules.setdefault(_block_module(s.weight_name), index)
-    for s in structure.linears:
-        if s not in block_of and _block_module(s.weight_name) in modules:
-            block_of[s] = (modules[_block_module(s.weight_name)], False, False)
+    (layers="blocks": with a role, and the others of the blocks' modules, structure.block_linears) or every linear
+    ("all"). A block linear left in float would be a different model than asked."""
+    block_of = {s: (index, attention, True) for s, (index, attention) in role_linears(structure).items()}
+    block_of.update({s: (index, False, False) for s, index in unplaced_block_linears(structure).items()})
     sites = [s for s in structure.linears if s in block_of] if layers == "blocks" else list(structure.linears)
     return [(s, *block_of.get(s, (None, False, False))) for s in sites]
 

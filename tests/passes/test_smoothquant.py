@@ -519,3 +519,23 @@ def test_albert_s_layer_shared_across_depth_is_quantized_once_unless_smoothing_m
     # own activation statistics, so its own scales, so its own codes
     assert codes == (3 * shared if smooth else shared)
     assert opt.report["smoothquant"].numerics.ok
+
+
+@pytest.mark.parametrize("family", ["Qwen3", "Phi3"])
+def test_every_linear_of_a_block_is_quantized_even_where_the_analysis_gives_it_no_role(family):
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=100, bos_token_id=0, eos_token_id=0, pad_token_id=0, attn_implementation="sdpa",
+        **({"head_dim": 8} if family == "Qwen3" else {}))
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    blocks = sum(isinstance(m, nn.Linear) for n, m in model.named_modules() if n.startswith("model.layers."))
+    calib = [((torch.randint(2, 100, (2, 8)),), {"use_cache": False}) for _ in range(2)]
+    opt = fxopt.optimize(model, (torch.randint(2, 100, (2, 8)),), example_kwargs={"use_cache": False},
+                         passes=[FuseLayerNorm(), SmoothQuant()], calibration=calib)
+    assert opt.report["smoothquant"].stats["quantized_linear"] == blocks
+    left = [n.args[1].target for n in opt.graph_module.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert left == ["lm_head.weight"]
+    assert opt.report["smoothquant"].numerics.ok
