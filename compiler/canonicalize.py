@@ -97,6 +97,8 @@ NOOPS = (
          _unchanged),
     Rule("x - 0 => x", Op(aten.sub.Tensor, _X, Const("zero", _unit(0))), lambda rw, m: m["x"], _unchanged),
     Rule("to(x, x.dtype) => x", Op(CAST_TARGETS, _X), lambda rw, m: m["x"], _noop_cast),
+    Rule("type_as(x, y) => x (y of x's dtype)", Op(aten.type_as.default, _X, Var("like")), lambda rw, m: m["x"],
+         _unchanged),
     Rule("clone(x) => x", Op(aten.clone.default, _X, None), lambda rw, m: m["x"]),
     Rule("dropout(x, p, train=False) => x", Op(_DROPOUTS, _X, Var("p"), Var("train")), lambda rw, m: m["x"],
          _eval_dropout),

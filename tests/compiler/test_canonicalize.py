@@ -59,6 +59,8 @@ CASES = {
     "to(x, x.dtype) => x": (lambda s, x: torch.relu(x.to(torch.float32, copy=True)), (_x(2, 3, 8),),
                             ["aten._to_copy"], [], False),
     "clone(x) => x": (lambda s, x: torch.relu(x).clone(), (_x(2, 3, 8),), ["aten.clone"], [], False),
+    "type_as(x, y) => x (y of x's dtype)": (lambda s, x: torch.relu(x.float()).type_as(x), (_x(2, 3, 8),),
+                                            ["aten.type_as"], [], False),
     "dropout(x, p, train=False) => x": (lambda s, x: F.dropout(torch.relu(x), 0.1, training=s.training),
                                         (_x(2, 3, 8),), ["aten.dropout"], [], True),
     "var(x, unbiased) => var(x, correction)": (lambda s, x: torch.var(x, dim=-1, unbiased=False), (_x(2, 3, 8),),
