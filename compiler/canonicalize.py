@@ -37,7 +37,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 from .pattern import CAST_TARGETS, Const, Op, Var, is_call, node_args
-from .rewrite import Rewriter
+from .rewrite import Rewriter, get_attr
 from .rules import Rule, apply_rules
 
 aten = torch.ops.aten
@@ -300,6 +300,49 @@ def cse(rw: Rewriter) -> int:
     return merged
 
 
+FOLD_MAX_NUMEL = 1 << 16
+
+
+def fold_constants(rw: Rewriter) -> int:
+    """Replace each vector computed from constants alone (Gemma's RMSNorm weight `1 + w`, a weight cast to fp32)
+    by a new constant holding its value, computed by the same op on the same tensors; returns how many. Only
+    results of at most one dimension: a matrix stays as the graph computes it, so every linear keeps its own
+    parameter (and name)."""
+    values: dict[fx.Node, torch.Tensor] = {}
+    folded = 0
+    for n in list(rw.graph.nodes):
+        if n.op == "get_attr":
+            v = get_attr(rw.gm, n.target)
+            if isinstance(v, torch.Tensor):
+                values[n] = v
+            continue
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        schema = n.target._schema
+        inputs = n.all_input_nodes
+        if schema.is_mutable or any(w in schema.name for w in _NOT_CSE) or not inputs \
+                or not all(i in values for i in inputs):
+            continue
+        try:
+            with torch.no_grad():
+                out = n.target(*fx.node.map_arg(n.args, values.__getitem__),
+                               **fx.node.map_arg(n.kwargs, values.__getitem__))
+        except Exception:  # noqa: BLE001 - what cannot be evaluated here stays in the graph
+            continue
+        if not isinstance(out, torch.Tensor):
+            continue
+        values[n] = out
+        # fold where the constant part ends: at a vector read by something that is not itself all constant
+        if out.dim() <= 1 and out.numel() <= FOLD_MAX_NUMEL and any(
+                u.op == "output" or not all(i in values or i is n for i in u.all_input_nodes) for u in n.users):
+            const = rw.constant(f"{n.name}_folded", out.detach().clone(), before=n)
+            rw.replace(n, const, "f(constants) => constant")
+            rw.graph.erase_node(n)
+            values[const] = out
+            folded += 1
+    return folded
+
+
 def _key(a):
     if isinstance(a, (list, tuple)):
         return tuple(_key(x) for x in a)
@@ -321,7 +364,7 @@ def canonicalize(rw: Rewriter, rules: tuple[Rule, ...] = RULES, max_rounds: int 
     """Apply `rules` to a fixed point, with CSE between rounds. Every round leaves a correct graph, so after
     `max_rounds` it stops where it is (logged): matching then sees a partly canonical graph."""
     for _ in range(max_rounds):
-        merged = cse(rw)
+        merged = cse(rw) + fold_constants(rw)
         if not apply_rules(rw, rules).changed and not merged:
             return
     log.warning("canonicalization stopped after %d rounds without reaching a fixed point", max_rounds)

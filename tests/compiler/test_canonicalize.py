@@ -251,3 +251,28 @@ def test_population_variance_in_half_precision_is_aten_var_and_stays_finite(dtyp
     reference = HalfLayerNorm(64, written_out).double()(x.double()).to(dtype)
     result = compare(reference, got, ROUNDING)
     assert result.ok, result.detail
+
+
+class GemmaStyleRMSNorm(nn.Module):
+    """An RMSNorm scaled by (1 + w), in fp32, cast back: the weight the norm multiplies by is computed from a
+    parameter; a second, matrix-shaped constant expression (w.t()) stays."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.weight, self.proj = nn.Parameter(torch.randn(d) * 0.1), nn.Parameter(torch.randn(d, d))
+
+    def forward(self, x):
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (h * (1.0 + self.weight.float())).type_as(x) @ self.proj.t()
+
+
+def test_a_vector_computed_from_constants_alone_becomes_one_constant_and_a_matrix_stays():
+    model = GemmaStyleRMSNorm().eval()
+    x = _x(2, 3, 8)
+    gm = graph_of(model, x)
+    counts = canonicalize_graph(gm)
+    assert counts["f(constants) => constant"] == 1
+    folded = [n for n in gm.graph.nodes if n.op == "get_attr" and "folded" in n.target]
+    assert len(folded) == 1 and torch.equal(getattr(gm, folded[0].target), 1.0 + model.weight.detach())
+    assert [str(n.args[0].target) for n in gm.graph.nodes if n.target is torch.ops.aten.t.default] == ["proj"]
+    assert torch.equal(model(x), gm(x))

@@ -486,3 +486,22 @@ def test_every_fused_op_is_in_the_registry():
             "add_layer_norm_quantize_int8", "silu_mul_quantize_int8", "activation_quantize_int8",
             "int8_linear_epilogue", "int8_linear_swiglu", "int8_linear_quantize",
             "int8_linear_swiglu_quantize", "rms_norm_and_quantize_int8", "layer_norm_and_quantize_int8"} <= names
+
+
+def test_gemma_s_norms_scaled_by_one_plus_w_in_fp32_fuse_their_quantizers():
+    # Gemma's RMSNorm multiplies by (1 + w) in fp32 and casts back with type_as: canonicalization folds the
+    # weight's expression into a constant and drops the same-dtype cast, so the norm and its quantizer fuse
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GemmaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=8, intermediate_size=64, vocab_size=100, bos_token_id=0,
+                                      eos_token_id=0, hidden_activation="gelu_pytorch_tanh", attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.GemmaForCausalLM(config).eval()
+    ids = torch.randint(2, 100, (2, 8))
+    passes = [FuseLayerNorm(), ZeroQuant(weight_bits=8)]
+    before = fxopt.optimize(model, (ids,), example_kwargs={"use_cache": False}, passes=passes)
+    after = fxopt.optimize(model, (ids,), example_kwargs={"use_cache": False}, passes=[*passes, FuseInt8()])
+    assert after.report["fuse_int8"].stats["norm_quantize"] == 2 * 2 and not after.report["fuse_int8"].reasons
+    fresh = torch.randint(2, 100, (3, 9))
+    with torch.no_grad():
+        assert torch.equal(main(before(fresh, use_cache=False)), main(after(fresh, use_cache=False)))
