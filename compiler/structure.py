@@ -302,16 +302,31 @@ def role_linears(structure: Structure) -> dict[LinearSite, tuple[int, bool]]:
     return found
 
 
+_SELECTIONS = ("topk", "argmax", "argmin", "argsort", "sort", "max.dim", "min.dim")
+
+
+def selects(site: LinearSite, hops: int = 6) -> bool:
+    """Whether the linear's output decides a selection (top-k, arg-max, a sort) within a few ops: a mixture of
+    experts' router, whose every rounding can send a token to another expert."""
+    frontier, seen = [site.output], set()
+    for _ in range(hops):
+        frontier = [u for n in frontier for u in n.users if u not in seen]
+        seen.update(frontier)
+        if any(u.op == "call_function" and any(w in str(u.target) for w in _SELECTIONS) for u in frontier):
+            return True
+    return False
+
+
 def unplaced_block_linears(structure: Structure) -> dict[LinearSite, int]:
     """Block index of each linear with no role that lives in the module-list entry of a block's role linears (a
     fused gate/up split by chunk, q/k normalized per head): still the block's. Heads, poolers and embedding
-    projections live outside the module list."""
+    projections live outside the module list; a router (its output chooses experts: `selects`) is not counted."""
     roles, modules = role_linears(structure), {}
     for s, (index, _) in roles.items():
         if module_of_block(s.weight_name) is not None:
             modules.setdefault(module_of_block(s.weight_name), index)
     return {s: modules[module_of_block(s.weight_name)] for s in structure.linears
-            if s not in roles and module_of_block(s.weight_name) in modules}
+            if s not in roles and module_of_block(s.weight_name) in modules and not selects(s)}
 
 
 def block_linears(structure: Structure) -> list[LinearSite]:

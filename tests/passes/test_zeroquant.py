@@ -250,3 +250,21 @@ def test_every_linear_of_a_block_is_quantized_even_where_the_analysis_gives_it_n
     assert left == ["lm_head.weight"]  # the head is outside the blocks' module list
     assert any("no role the structure analysis understood" in note for note in report.notes)
     assert report.numerics.cosine >= ZeroQuant().min_cosine
+
+
+def test_a_mixture_of_experts_router_in_a_block_stays_float():
+    # the router is a linear of the block's module whose output only chooses experts (top-k): a rounding there
+    # sends tokens to other experts, so it is not quantized with the block
+    import transformers
+
+    config = transformers.MixtralConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64, num_local_experts=4,
+                                        num_experts_per_tok=2, vocab_size=100, bos_token_id=0, eos_token_id=0,
+                                        attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    opt = fxopt.optimize(model, (torch.randint(2, 100, (2, 8)),), example_kwargs={"use_cache": False},
+                         passes=[ZeroQuant()])
+    names = {str(n.args[1].target) for n in opt.graph_module.graph.nodes if n.target is torch.ops.aten.linear.default}
+    assert {"model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"} <= names
+    assert opt.report["zeroquant"].stats == {"int8_linear": 4 * 2}  # q, k, v, o per block
