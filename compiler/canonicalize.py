@@ -304,16 +304,21 @@ FOLD_MAX_NUMEL = 1 << 16
 
 
 def fold_constants(rw: Rewriter) -> int:
-    """Replace each vector computed from constants alone (Gemma's RMSNorm weight `1 + w`, a weight cast to fp32)
-    by a new constant holding its value, computed by the same op on the same tensors; returns how many. Only
+    """Replace each vector computed from parameters alone (Gemma's RMSNorm weight `1 + w`, a weight cast to fp32)
+    by a new constant holding its value, computed by the same op on the same tensors; returns how many. Buffers
+    (forward may update them: a counter, a cache) and parameters the graph writes are not constants here. Only
     results of at most one dimension: a matrix stays as the graph computes it, so every linear keeps its own
     parameter (and name)."""
+    params = {name for name, _ in rw.gm.named_parameters(remove_duplicate=False)}
+    written = {a.target for n in rw.graph.nodes if n.op == "call_function"
+               and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+               for a in n.all_input_nodes if a.op == "get_attr"}
     values: dict[fx.Node, torch.Tensor] = {}
     folded = 0
     for n in list(rw.graph.nodes):
-        if n.op == "get_attr":
+        if n.op == "get_attr":  # parameters only, and none the graph writes: a buffer may be state (a counter)
             v = get_attr(rw.gm, n.target)
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, torch.Tensor) and n.target in params and n.target not in written:
                 values[n] = v
             continue
         if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
