@@ -49,7 +49,7 @@ from fxopt.pattern import AnyOf, Op, Var, node_args
 from fxopt.rewrite import Rewriter
 from fxopt.rules import Rule, apply_rules
 
-from .patterns import check_codes, check_same_shape, quantize
+from .patterns import NORM_ARITY, check_codes, check_same_shape, quantize
 from .post_norm import POST_NORM_RULES
 from .requantize import REQUANT_RULES
 from .swiglu import SWIGLU_RULES
@@ -61,7 +61,6 @@ _NORMS = {ops.rms_norm: fused.rms_norm_quantize_int8.default,
           aten.layer_norm.default: fused.layer_norm_quantize_int8.default,
           ops.add_rms_norm: fused.add_rms_norm_quantize_int8.default,
           ops.add_layer_norm: fused.add_layer_norm_quantize_int8.default}
-_ARITY = {ops.rms_norm: 4, aten.layer_norm.default: 5, ops.add_rms_norm: 5, ops.add_layer_norm: 6}  # less cudnn
 _ACTS = (aten.gelu.default, aten.silu.default, aten.relu.default)
 
 
@@ -126,7 +125,7 @@ def check_epilogue(m) -> str | None:
 def rewrite_norm_quant(rw: Rewriter, m):
     norm = m["norm"]
     at = _insertion_point(m).next
-    args = node_args(norm)[:_ARITY[norm.target]]
+    args = node_args(norm)[:NORM_ARITY[norm.target]]
     args[-1] = float(args[-1])
     readers = _float_readers(m)
     node = rw.call((_KEEPING if readers else _NORMS)[norm.target], (*args, m["pre"]), before=at, like=m.root)

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import operator
 
+import torch
 from torch import fx
 
 from fxopt import ops
 from fxopt.pattern import Op, Var, node_args
+
+aten = torch.ops.aten
+# arguments of each norm up to its eps (aten.layer_norm's cudnn_enable left out): x, [residual,] shape, weight,
+# [bias,] eps
+NORM_ARITY = {ops.rms_norm: 4, aten.layer_norm.default: 5, ops.add_rms_norm: 5, ops.add_layer_norm: 6}
 
 
 def quantize(producer) -> Op:

@@ -21,11 +21,10 @@ from fxopt.pattern import Op, Var, node_args
 from fxopt.rewrite import Rewriter
 from fxopt.rules import Rule
 
-from .patterns import check_codes, check_same_shape
+from .patterns import NORM_ARITY, check_codes, check_same_shape
 
 aten, fused = torch.ops.aten, torch.ops.fxopt
 PLAIN_NORM = {ops.add_rms_norm: ops.rms_norm, ops.add_layer_norm: aten.layer_norm.default}
-_ARITY = {ops.add_rms_norm: 5, ops.add_layer_norm: 6}  # x, r, shape, weight, [bias,] eps
 
 
 def _sum_unread(node: fx.Node, m) -> bool:
@@ -48,7 +47,7 @@ def rewrite(rw: Rewriter, m):
     norm = m["norm"]
     epilogue = rw.call(fused.int8_linear_epilogue.default, (m["q"], m["s"], m["wq"], m["ws"], m["bias"], "none",
                                                             m["residual"], m["dtype"]), before=norm, like=m["linear"])
-    rest = node_args(norm)[2:_ARITY[norm.target]]
+    rest = node_args(norm)[2:NORM_ARITY[norm.target]]
     return rw.call(PLAIN_NORM[norm.target], (epilogue, *rest), before=norm, like=norm), None  # the sum: unread
 
 

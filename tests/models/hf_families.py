@@ -153,3 +153,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                           "down": layer.layer[1].DenseReluDense.wo},
            mlp="gated", encoder=True, attn=("eager",)),
 )}
+
+
+def tiny_causal_lm(family: str, **extra) -> tuple[torch.nn.Module, int]:
+    """A `{family}ForCausalLM` from a tiny config (random weights, seed 0) for the families the structure analysis
+    only partly places (Qwen3, Phi3, Mixtral), and how many nn.Linear its blocks (`model.layers.*`) hold."""
+    config = getattr(T, f"{family}Config")(num_hidden_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                                           num_key_value_heads=HEADS // 2, intermediate_size=2 * HIDDEN,
+                                           attn_implementation="sdpa", pad_token_id=0, **_common, **extra)
+    torch.manual_seed(0)
+    model = getattr(T, f"{family}ForCausalLM")(config).eval()
+    return model, sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n.startswith("model.layers."))

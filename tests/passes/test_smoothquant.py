@@ -11,7 +11,7 @@ from fxopt.calibration import ChannelAbsMax, calibrate
 from fxopt.passes import FuseLayerNorm, SmoothQuant
 from fxopt.structure import analyze_graph
 from fxopt.testing import assert_within, count_ops
-from tests.models.hf_families import FAMILIES
+from tests.models.hf_families import FAMILIES, tiny_causal_lm
 
 torch.manual_seed(0)
 
@@ -523,15 +523,7 @@ def test_albert_s_layer_shared_across_depth_is_quantized_once_unless_smoothing_m
 
 @pytest.mark.parametrize("family", ["Qwen3", "Phi3"])
 def test_every_linear_of_a_block_is_quantized_even_where_the_analysis_gives_it_no_role(family):
-    import transformers
-
-    config = getattr(transformers, f"{family}Config")(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-        vocab_size=100, bos_token_id=0, eos_token_id=0, pad_token_id=0, attn_implementation="sdpa",
-        **({"head_dim": 8} if family == "Qwen3" else {}))
-    torch.manual_seed(0)
-    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
-    blocks = sum(isinstance(m, nn.Linear) for n, m in model.named_modules() if n.startswith("model.layers."))
+    model, blocks = tiny_causal_lm(family, **({"head_dim": 8} if family == "Qwen3" else {}))
     calib = [((torch.randint(2, 100, (2, 8)),), {"use_cache": False}) for _ in range(2)]
     opt = fxopt.optimize(model, (torch.randint(2, 100, (2, 8)),), example_kwargs={"use_cache": False},
                          passes=[FuseLayerNorm(), SmoothQuant()], calibration=calib)

@@ -16,7 +16,7 @@ from fxopt.passes.zeroquant.regions import block_regions
 from fxopt.quant_ops import QMAX, quantize_weight_groups
 from fxopt.structure import analyze_graph
 from fxopt.testing import count_ops
-from tests.models.hf_families import FAMILIES
+from tests.models.hf_families import FAMILIES, tiny_causal_lm
 from tests.models.toy import HandWrittenLM
 
 torch.manual_seed(0)
@@ -233,15 +233,7 @@ def test_albert_s_layer_shared_across_depth_keeps_one_copy_of_its_codes():
 def test_every_linear_of_a_block_is_quantized_even_where_the_analysis_gives_it_no_role(family):
     # Qwen3 normalizes q and k per head; Phi3 runs gate and up as one linear split by chunk: the structure analysis
     # places neither, and those linears used to stay float with no word in the report
-    import transformers
-
-    config = getattr(transformers, f"{family}Config")(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-        vocab_size=100, bos_token_id=0, eos_token_id=0, pad_token_id=0, attn_implementation="sdpa",
-        **({"head_dim": 8} if family == "Qwen3" else {}))
-    torch.manual_seed(0)
-    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
-    blocks = sum(isinstance(m, nn.Linear) for n, m in model.named_modules() if n.startswith("model.layers."))
+    model, blocks = tiny_causal_lm(family, **({"head_dim": 8} if family == "Qwen3" else {}))
     opt = fxopt.optimize(model, (torch.randint(2, 100, (2, 8)),), example_kwargs={"use_cache": False},
                          passes=[ZeroQuant()])
     report = opt.report["zeroquant"]
@@ -255,14 +247,7 @@ def test_every_linear_of_a_block_is_quantized_even_where_the_analysis_gives_it_n
 def test_a_mixture_of_experts_router_in_a_block_stays_float():
     # the router is a linear of the block's module whose output only chooses experts (top-k): a rounding there
     # sends tokens to other experts, so it is not quantized with the block
-    import transformers
-
-    config = transformers.MixtralConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=64, num_local_experts=4,
-                                        num_experts_per_tok=2, vocab_size=100, bos_token_id=0, eos_token_id=0,
-                                        attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(config).eval()
+    model, _ = tiny_causal_lm("Mixtral", num_local_experts=4, num_experts_per_tok=2)
     opt = fxopt.optimize(model, (torch.randint(2, 100, (2, 8)),), example_kwargs={"use_cache": False},
                          passes=[ZeroQuant()])
     names = {str(n.args[1].target) for n in opt.graph_module.graph.nodes if n.target is torch.ops.aten.linear.default}
