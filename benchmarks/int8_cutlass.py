@@ -1,7 +1,7 @@
-"""CUTLASS's warp-specialized sm90a GEMM (benchmarks/cutlass/gemm_sm90.cu) beside fxopt's Triton GEMM, same run.
+"""fxopt's CUTLASS sm90a GEMM (compiler/kernels/gemm_sm90.cu) beside its Triton GEMM, every tile config, same run.
 
-  bash benchmarks/cutlass/build.sh DIR                      # here or on the GPU machine: nvcc, no GPU needed
-  python benchmarks/int8_cutlass.py --lib DIR/libgemm_sm90.so --out OUT
+  fxopt build-kernels -o LIB                                # here or on the GPU machine: nvcc, no GPU needed
+  python benchmarks/int8_cutlass.py --lib LIB --out OUT     # default --lib: the library fxopt itself loads
 
 The question it answers: is the Triton int8 GEMM (about 950 TOP/s in the Llama-1B forward, 48 % of an H100's
 int8 peak) what keeps fused W8A8 at 1.2x fp16 end to end, and would CUTLASS's ping-pong / cooperative kernels,
@@ -22,7 +22,6 @@ through weight copies beyond L2, CUDA-event medians (benchmarks/int8_gpu.graph_t
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import sys
@@ -47,25 +46,16 @@ SHAPES = [(2048, 2048, 6144, "plain"), (2048, 2048, 2048, "residual"), (2048, 20
 
 
 class Cutlass:
-    """libgemm_sm90.so through ctypes, on torch's current stream (so CUDA graphs capture it)."""
+    """The library (fxopt.cutlass_gemm.Library) with a chosen tile config."""
 
     def __init__(self, path: Path):
-        self.lib = ctypes.CDLL(str(path))
-        p, i = ctypes.c_void_p, ctypes.c_int
-        self.lib.fxopt_cutlass_gemm.restype = i
-        self.lib.fxopt_cutlass_gemm.argtypes = [i, i, p, p, p, p, p, p, p, i, i, i, p, ctypes.c_size_t, p]
-        self.workspace = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+        from fxopt.cutlass_gemm import Library
+
+        self.lib = Library(path, torch.cuda.current_device())
 
     def __call__(self, cfg: int, q, s, wq, ws, bias=None, residual=None):
-        m, k = q.shape
-        n = wq.shape[0]
-        out = torch.empty(m, n, dtype=torch.float16, device="cuda")
-        rc = self.lib.fxopt_cutlass_gemm(int(q.dtype != torch.int8), cfg, q.data_ptr(), wq.data_ptr(),
-                                         out.data_ptr(), s.data_ptr(), ws.data_ptr(),
-                                         None if bias is None else bias.data_ptr(),
-                                         None if residual is None else residual.data_ptr(), m, n, k,
-                                         self.workspace.data_ptr(), self.workspace.numel(),
-                                         torch.cuda.current_stream().cuda_stream)
+        out = torch.empty(q.shape[0], wq.shape[0], dtype=torch.float16, device="cuda")
+        rc = self.lib.run(cfg, q, s, wq, ws, bias, residual, out)
         if rc:
             raise RuntimeError(f"CUTLASS config {cfg} returned {rc}")
         return out
@@ -92,7 +82,9 @@ def gemm_row(cut: Cutlass, m: int, k: int, n: int, epilogue: str) -> dict:
     def triton(i, qq=q, ss=s, w=w8, cfg=None):
         return triton_int8.launch_gemm(qq, ss, w[i][0], w[i][1], bias, "none", res, torch.float16, cfg)
 
-    row = {"m": m, "k": k, "n": n, "epilogue": epilogue,
+    from fxopt.cutlass_gemm import tile
+
+    row = {"m": m, "k": k, "n": n, "epilogue": epilogue, "fxopt's cutlass tile": INT8_CONFIGS[tile(m, n)],
            "fp16 F.linear": graph_time(lambda i: F.linear(x, w16[i], bias) + (0 if res is None else res), copies),
            "triton int8": graph_time(triton, copies)}
     want = triton(0)
@@ -171,11 +163,13 @@ def swiglu_row(cut: Cutlass, m: int = 2048, k: int = 2048, n: int = 5632) -> dic
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lib", type=Path, default=Path(__file__).parent / "cutlass/build/libgemm_sm90.so")
+    p.add_argument("--lib", type=Path, help="the built library (default: fxopt's, cutlass_gemm.library_path())")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cut = Cutlass(a.lib)
+    from fxopt.cutlass_gemm import library_path
+
+    cut = Cutlass(a.lib or library_path())
     result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "gemm": [], "swiglu": []}
     a.out.mkdir(parents=True, exist_ok=True)
     for shape in SHAPES:

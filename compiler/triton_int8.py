@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 
+from . import cutlass_gemm
+
 try:
     import triton
     import triton.language as tl
@@ -539,13 +541,20 @@ def gemm_covers(q, scale, wq, w_scale, bias, activation, residual, out_dtype) ->
             and _dense(residual, q, out_shape, out_dtype))
 
 
+def _epilogue_gemm(q2, scale, wq, w_scale, bias, activation, res2, out_dtype) -> torch.Tensor:
+    """The CUTLASS GEMM where it is built and covers the call (the same values: compiler/cutlass_gemm.py), else
+    the Triton GEMM."""
+    out = cutlass_gemm.gemm(q2, scale, wq, w_scale, bias, activation, res2, out_dtype)
+    return out if out is not None else launch_gemm(q2, scale, wq, w_scale, bias, activation, res2, out_dtype)
+
+
 def int8_linear_epilogue_cuda(q, scale, wq, w_scale, bias, activation, residual, out_dtype):
     if not gemm_covers(q, scale, wq, w_scale, bias, activation, residual, out_dtype):
         return _reference("int8_linear_epilogue")(q, scale, wq, w_scale, bias, activation, residual, out_dtype)
     k, n = q.shape[-1], wq.shape[0]
     res2 = residual.reshape(-1, n) if residual is not None else None
-    out = launch_gemm(q.reshape(-1, k), scale, wq, w_scale, bias, activation, res2, out_dtype)
-    return out.view(*q.shape[:-1], n)
+    return _epilogue_gemm(q.reshape(-1, k), scale, wq, w_scale, bias, activation, res2, out_dtype).view(
+        *q.shape[:-1], n)
 
 
 def int8_linear_cuda(q, scale, wq, w_scale, bias, out_dtype):
@@ -553,7 +562,7 @@ def int8_linear_cuda(q, scale, wq, w_scale, bias, out_dtype):
     if not gemm_covers(q, scale, wq, w_scale, bias, "none", None, out_dtype):
         return None
     k, n = q.shape[-1], wq.shape[0]
-    return launch_gemm(q.reshape(-1, k), scale, wq, w_scale, bias, "none", None, out_dtype).view(*q.shape[:-1], n)
+    return _epilogue_gemm(q.reshape(-1, k), scale, wq, w_scale, bias, "none", None, out_dtype).view(*q.shape[:-1], n)
 
 
 def _swiglu_covers(q, scale, wq, ws, bias, out_dtype, pre=None) -> bool:
