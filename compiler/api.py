@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -12,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from .capture import SIGNATURE, capture, export_graph_module, quiet
-from .errors import BackendMismatchError, InferenceOnlyError, MissingInputsError, PassOptionError
+from .errors import BackendMismatchError, ConversionError, InferenceOnlyError, MissingInputsError, PassOptionError
 from .pass_base import Pass, PassContext
 from .pipeline import run_pipeline
 from .report import Report
@@ -65,6 +66,11 @@ class OptimizedModule(nn.Module):
         return cached
 
     def _apply(self, fn, recurse: bool = True):  # every conversion (half, double, to, cuda) goes through here
+        fixed = _dtype_fixing_node(self.graph_module)
+        if fixed is not None and _changes_float_dtype(fn):
+            raise ConversionError(f"this optimized module cannot change its float dtype: {fixed.name} "
+                                  f"({fixed.target}) computes in the dtypes fixed when it was quantized, with fp32 "
+                                  "scales; convert the model first (model.half()), then fxopt.optimize it")
         self.__dict__["_converted"] = True
         return super()._apply(fn, recurse)
 
@@ -86,6 +92,24 @@ class OptimizedModule(nn.Module):
         every dim static at the example inputs' sizes (`dynamic=False`)."""
         return export_graph_module(self.graph_module, self.example_inputs, self.example_kwargs,
                                    self.dynamic_shapes if dynamic else None)
+
+
+def _dtype_fixing_node(gm: fx.GraphModule) -> fx.Node | None:
+    """The first call of an fxopt op that takes a dtype (`out_dtype`: the quantized linears), if any."""
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is not None and node.target.namespace == "fxopt" and any(
+                a.name.endswith("dtype") for a in schema.arguments):  # a ScalarType argument
+            return node
+    return None
+
+
+def _changes_float_dtype(fn) -> bool:
+    """Whether a module conversion function maps a float32 tensor to another dtype (half, double, to(dtype))."""
+    try:
+        return fn(torch.zeros(1)).dtype != torch.float32
+    except Exception:  # noqa: BLE001 - a probe: the conversion itself will raise what it raises
+        return False
 
 
 @quiet
@@ -117,6 +141,11 @@ def optimize(model: nn.Module, example_inputs: Any = None, passes: Sequence[str 
     kwargs = dict(example_kwargs or {})
     if isinstance(passes, (str, Pass)):
         passes = [passes]
+    if not isinstance(passes, Iterable):
+        raise PassOptionError("optimize", "passes", f"must be a list of pass names or Pass instances, got {passes!r}")
+    for name, flag in (("check_numerics", check_numerics), ("share_weights", share_weights)):
+        if not isinstance(flag, bool):
+            raise PassOptionError("optimize", name, f"must be True or False, got {flag!r}")
     resolved = [registry.get(p) if isinstance(p, str) else p for p in passes]
     for p in resolved:
         if not isinstance(p, Pass):
@@ -140,9 +169,30 @@ def _backend(function: str, name: str):
     return BACKENDS[name]
 
 
+def _check_opt(function: str, opt: Any) -> None:
+    if not isinstance(opt, OptimizedModule):
+        raise PassOptionError(function, "opt", f"must be the module fxopt.optimize (or fxopt.load) returned, got "
+                              f"{type(opt).__name__}")
+
+
+def _check_options(function: str, options: Mapping[str, Any], *functions: Any) -> None:
+    """Every keyword in `options` is a keyword-only option of one of `functions` (the backend's own), else a
+    PassOptionError naming it and listing the options there are."""
+    known = [name for f in functions for name, p in inspect.signature(f).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for name in options:
+        if name not in known:
+            raise PassOptionError(function, name, f"is not an option of {function} (its options: "
+                                  f"{', '.join(dict.fromkeys(known))})")
+
+
 @quiet
 def export_onnx(opt: OptimizedModule, path: str | Path, **options: Any) -> Path:
     """Write `opt` as an ONNX file (see fxopt.backends.onnxruntime.export for the options); returns the path."""
+    from fxopt.backends import onnxruntime
+
+    _check_opt("export_onnx", opt)
+    _check_options("export_onnx", options, onnxruntime.export)
     return _backend("export_onnx", "onnxruntime").export(opt, path, **options)
 
 
@@ -151,6 +201,7 @@ def export_tvm(opt: OptimizedModule, path: str | Path, target: str = "cpu", **op
     """Write a TVM artifact directory for `target` (see fxopt.backends.tvm.export); returns the path."""
     chosen = _backend("export_tvm", "tvm")
     _check_target("export_tvm", chosen, target)
+    _check_opt("export_tvm", opt)
     return chosen.export(opt, path, target=target, **options)
 
 
@@ -172,8 +223,13 @@ def compile(opt: OptimizedModule, backend: str = "onnxruntime", target: str = "c
     such pass promised. A difference raises `BackendMismatchError` naming the backend and the first output."""
     chosen = _backend("compile", backend)
     _check_target("compile", chosen, target)
+    _check_opt("compile", opt)
+    if backend == "onnxruntime":  # TVM passes the rest on to its build
+        from fxopt.backends import onnxruntime
+
+        _check_options("compile", options, onnxruntime.compile, onnxruntime.export)
     run = chosen.compile(opt, target, **options)
-    if check_numerics and isinstance(opt, OptimizedModule):
+    if check_numerics:
         _check_compiled(opt, run, backend, target)
     return run
 

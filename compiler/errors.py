@@ -129,6 +129,11 @@ class InferenceOnlyError(FxoptError, RuntimeError):
     """A training-mode request to an optimized (inference) module: `opt.train()`."""
 
 
+class ConversionError(FxoptError, TypeError):
+    """A dtype conversion (`opt.half()`, `.to(torch.bfloat16)`) the optimized graph cannot follow: its quantized
+    ops fix their output dtypes and keep fp32 scales, so the conversion is refused before anything changes."""
+
+
 class DeviceUnavailableError(FxoptError, RuntimeError):
     """A backend target needs a device this machine does not have (`target="cuda"` without a GPU); raised before
     anything is built."""

@@ -56,3 +56,52 @@ def test_training_mode_is_refused_with_a_typed_error():
     with pytest.raises(fxopt.FxoptError, match="no training mode"):
         opt.train()
     assert opt.eval() is opt and not opt.training
+
+
+@pytest.mark.parametrize("passes", [None, 5])
+def test_passes_that_are_not_a_list_are_named(passes):
+    with pytest.raises(fxopt.PassOptionError, match="'passes' must be a list"):
+        fxopt.optimize(toy.HandWrittenBlock(16), (X,), passes=passes)
+
+
+@pytest.mark.parametrize("option", ["check_numerics", "share_weights"])
+def test_a_flag_that_is_not_a_bool_is_refused_not_read_as_truthy(option):
+    with pytest.raises(fxopt.PassOptionError, match=f"'{option}' must be True or False, got 'no'"):
+        fxopt.optimize(toy.HandWrittenBlock(16), (X,), passes=["fuse_layernorm"], **{option: "no"})
+
+
+@pytest.mark.parametrize("call", ["compile", "export_onnx", "export_tvm"])
+def test_backends_take_the_optimized_module_and_say_so_when_given_the_original(call, tmp_path):
+    model = toy.HandWrittenBlock(16).eval()
+    args = () if call == "compile" else (tmp_path / "out",)
+    with pytest.raises(fxopt.PassOptionError, match="'opt' must be the module fxopt.optimize.*HandWrittenBlock"):
+        getattr(fxopt, call)(model, *args)
+
+
+def test_an_unknown_export_option_is_named_with_the_options_there_are(tmp_path):
+    pytest.importorskip("onnx")
+    opt = fxopt.optimize(toy.HandWrittenBlock(16).eval(), (X,), passes=["fuse_layernorm"])
+    with pytest.raises(fxopt.PassOptionError, match="'opset_version' is not an option of export_onnx.*opset"):
+        fxopt.export_onnx(opt, tmp_path / "m.onnx", opset_version=17)
+    with pytest.raises(fxopt.PassOptionError, match="'thread' is not an option of compile.*intra_op_num_threads"):
+        fxopt.compile(opt, thread=2)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_quantized_module_refuses_a_dtype_conversion_and_still_runs():
+    from fxopt.passes import ZeroQuant
+
+    model = toy.HandWrittenBlock(16).eval()
+    opt = fxopt.optimize(model, (X,), passes=[ZeroQuant()])
+    before = opt(X)
+    for convert in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.double()):
+        with pytest.raises(fxopt.ConversionError, match="int8_linear.*convert the model first"):
+            convert(opt)
+    assert opt.to("cpu")(X).dtype == torch.float32  # a device move is no dtype change
+    assert torch.equal(opt(X), before)
+
+
+def test_an_exact_pipeline_follows_a_dtype_conversion():
+    model = toy.HandWrittenBlock(16).eval()
+    opt = fxopt.optimize(model, (X,), passes=["fuse_layernorm"]).double()
+    fxopt.testing.assert_within(opt(X.double()), model.double()(X.double()))
