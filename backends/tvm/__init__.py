@@ -123,6 +123,7 @@ def _manifest(lowered: Lowered, target: str, extern: bool) -> dict[str, Any]:
         "notes": list(lowered.notes),
         "param_names": lowered.param_names,
         "narrow_outputs": {str(i): n for i, n in lowered.narrow_outputs.items()},
+        "index_bounds": [list(b) for b in lowered.index_bounds],
         "rewrites": [{"name": r.name, "applied": r.applied, "stats": dict(r.stats), "why_not": r.why_not,
                       "max_abs_err": r.numerics.max_abs if r.numerics else None} for r in lowered.rewrites],
     }

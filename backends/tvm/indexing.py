@@ -12,7 +12,9 @@ each index is first wrapped, i ↦ i + x.shape[d] where i < 0. Here: the indexed
 front, ``index_tensor`` (NumPy's zipped indexing) takes them, and for adjacent dims B moves back to d_1.
 
 Indices still outside the tensor after wrapping (which torch refuses with an IndexError) are clamped to it
-(``take(mode="clip")``, also for ``embedding``): never a read out of bounds, and no "fast mode" warning.
+(``take(mode="clip")``, also for ``embedding``): never a read out of bounds, and no "fast mode" warning. The
+runner refuses, before the VM runs, the calls whose embedding ids it can see are outside their tables
+(index_bounds.py: token ids that are an input, positions that are an input's length).
 """
 
 from __future__ import annotations

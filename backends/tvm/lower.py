@@ -20,6 +20,7 @@ from fxopt.errors import FxoptError, UnsupportedOpError, first_line
 from fxopt.signature import Signature
 
 from .convert import padded_output_width
+from .index_bounds import index_bounds
 from .masks import FoldConstantMasks
 from .table import builtin_map, importer_map, lowerings, supported
 
@@ -69,6 +70,7 @@ class Lowered:
     signature: Signature | None = None  # binds the model's (args, kwargs); shapes its outputs
     rewrites: tuple = ()             # PassReports of the rewrites run before import (masks.FoldConstantMasks)
     notes: tuple[str, ...] = ()      # what the lowering chose (static shapes after a failed dynamic import)
+    index_bounds: tuple = ()         # what the inputs must satisfy for embeddings to stay in their tables
 
 
 def decompose(ep: ExportedProgram) -> ExportedProgram:
@@ -130,6 +132,7 @@ def to_relax(ep: ExportedProgram, *, extern: bool = False, module: Any = None) -
     if missing:
         raise UnsupportedOpError("tvm", missing)
     ep, positions, names = _drop_constant_inputs(ep)
+    bounds = index_bounds(ep, names)
     try:
         mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
                                     custom_convert_map=importer_map(table))
@@ -146,4 +149,4 @@ def to_relax(ep: ExportedProgram, *, extern: bool = False, module: Any = None) -
         narrow = {i: n for i, o in enumerate(outputs) if (n := padded_output_width(o)) is not None}
     log.info("imported %d user inputs, %d params", num_input, len(param_names))
     return Lowered(mod, names, positions, param_names, {k: state[k] for k in param_names},
-                   in_spec, out_spec, narrow, signature, (masks,))
+                   in_spec, out_spec, narrow, signature, (masks,), index_bounds=tuple(bounds))

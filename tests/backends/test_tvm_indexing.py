@@ -107,3 +107,40 @@ def test_an_importer_failure_is_an_unsupported_op_error_naming_the_node(monkeypa
                                                         r"\(TypeError: Mismatched type") as info:
         fxopt.backends.tvm.legalize(opt)
     assert isinstance(info.value.__cause__, TypeError)
+
+
+class TinyLM(nn.Module):
+    """Token and learned position embeddings, the way GPT-2-style models index them."""
+
+    def __init__(self, vocab: int = 50, positions: int = 16, width: int = 8):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, width), nn.Embedding(positions, width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        where = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        return self.head(self.tokens(ids) + self.positions(where))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_on_tvm():
+    model = TinyLM().eval()
+    opt = fxopt.optimize(model, (torch.randint(0, 50, (2, 6)),), passes=["fuse_layernorm"])
+    return model, fxopt.compile(opt, backend="tvm")
+
+
+@pytest.mark.parametrize("ids", [torch.full((2, 6), 50), torch.full((2, 6), -1), torch.randint(0, 50, (2, 17))],
+                         ids=["an id past the vocabulary", "a negative id", "more positions than the table"])
+def test_ids_outside_an_embedding_table_are_refused_as_torch_refuses_them(tiny_lm_on_tvm, ids):
+    model, run = tiny_lm_on_tvm
+    with pytest.raises(IndexError):
+        model(ids)
+    with pytest.raises(fxopt.InputMismatchError, match="'ids'.*(rows of the embedding table|table of 16 rows)"):
+        run(ids)
+
+
+def test_ids_inside_the_tables_run_at_any_length_up_to_the_positions(tiny_lm_on_tvm):
+    model, run = tiny_lm_on_tvm
+    for ids in (torch.randint(0, 50, (3, 16)), torch.tensor([[0, 49]])):
+        with torch.no_grad():
+            assert_within(run(ids), model(ids))
