@@ -27,6 +27,7 @@ from torch import fx
 
 from fxopt import ops
 from fxopt.api import OptimizedModule
+from fxopt.backends.index_bounds import index_bounds
 from fxopt.capture import export_graph_module, quiet
 from fxopt.decompositions import backend_decompositions, for_backends, without_constant_outputs
 from fxopt.errors import FxoptError, PassOptionError, UnsupportedOpError, first_line
@@ -66,6 +67,7 @@ class ExportResult:
     io: Signature | None = None  # how the model's inputs/outputs map onto the file's
     fusion_error: str | None = None  # why onnxscript's ORT fusions were dropped (ORT rejected their graph)
     notes: tuple[str, ...] = ()  # what the export chose (bfloat16 computed in float32: fxopt.widen)
+    index_bounds: tuple = ()  # what the inputs must satisfy for embeddings to stay in their tables
 
 
 # -- legalize ----------------------------------------------------------------------------------------------
@@ -376,6 +378,7 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
         ep = export_graph_module(gm, opt.example_inputs, opt.example_kwargs, None)
     ep = for_backends(ep)
     signature = Signature.of_module(ep, opt)  # with the constant outputs, which the file does not have
+    bounds = tuple(index_bounds(ep, list(signature.input_names)))
     if ep is not opt:  # a program fxopt re-exported (not the caller's own): torch's zeros for keyless rows
         ep = without_constant_outputs(zero_rows_without_keys(ep))
     program = _translate(ep, gm, opset, table)
@@ -402,7 +405,8 @@ def export_file(opt: Any, path: str | Path, *, dynamic: bool = True, opset: int 
                                   f"export with check=False to write it anyway") from e
     counts = op_counts(path)
     log.info("exported %s (opset %d): %s", path, opset, dict(counts))
-    return ExportResult(path, opset, dict(counts), fusion_counts, external_data, signature, fusion_error, notes)
+    return ExportResult(path, opset, dict(counts), fusion_counts, external_data, signature, fusion_error, notes,
+                        bounds)
 
 
 def _save(program: Any, path: Path, external_data: bool) -> None:

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxopt.errors import BackendError, FxoptError
-from fxopt.signature import CONSTANT, InputMismatchError, Signature
+from fxopt.errors import BackendError, FxoptError, PassOptionError
+from fxopt.signature import CONSTANT, InputMismatchError, Signature, check_index_bounds
 
 __all__ = ["InputMismatchError", "OrtModule", "RuntimeUnavailableError", "providers_for", "session_options"]
 
@@ -47,9 +47,10 @@ def session_options(graph_optimization_level: str = "all", intra_op_num_threads:
     import onnxruntime as ort
 
     if graph_optimization_level not in _LEVELS:
-        raise ValueError(f"graph_optimization_level must be one of {list(_LEVELS)}, "
-                         f"got {graph_optimization_level!r}")
+        raise PassOptionError("compile", "graph_optimization_level", f"must be one of {list(_LEVELS)}, "
+                              f"got {graph_optimization_level!r}")
     so = ort.SessionOptions()
+    so.log_severity_level = 4  # fatal only: what fails reaches the caller as an exception, not a stderr line
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[graph_optimization_level])
     if intra_op_num_threads is not None:
         so.intra_op_num_threads = intra_op_num_threads
@@ -128,14 +129,19 @@ class OrtModule:
         return self.session.get_providers()
 
     def run_numpy(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, dict(feeds))
+        try:
+            return self.session.run(None, dict(feeds))
+        except Exception as e:  # noqa: BLE001 - ORT's own (a shape or value its kernels refuse)
+            raise BackendError("onnxruntime", f"running {self.onnx_path.name}", e) from e
 
     def feeds(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         # the exporter drops inputs the graph does not read, and renames an input that is also an output
         # ("x" -> "x_orig", feeding an Identity)
         wanted = set(self.input_names)
         names = {n: n if n in wanted else f"{n}_orig" for n in self._io.input_names}
-        return {names[name]: _to_numpy(value) for name, value in zip(self._io.input_names, self._io.bind(args, kwargs))
+        flat = self._io.bind(args, kwargs)
+        check_index_bounds(getattr(self.export_info, "index_bounds", ()), flat)  # ONNX's Gather wraps -1
+        return {names[name]: _to_numpy(value) for name, value in zip(self._io.input_names, flat)
                 if names[name] in wanted}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -15,12 +15,12 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
+from fxopt.backends.index_bounds import index_bounds
 from fxopt.decompositions import backend_decompositions, without_constant_outputs
 from fxopt.errors import FxoptError, UnsupportedOpError, first_line
 from fxopt.signature import Signature
 
 from .convert import padded_output_width
-from .index_bounds import index_bounds
 from .masks import FoldConstantMasks
 from .table import builtin_map, importer_map, lowerings, supported
 

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 if __package__:  # inside fxopt
-    from fxopt.signature import InputMismatchError, Signature
+    from fxopt.signature import Signature, check_index_bounds
 
     from . import convention
 else:  # loader.py of an artifact: the copies beside it
     import fxopt_convention as convention  # type: ignore[no-redef]
-    from fxopt_signature import InputMismatchError, Signature  # type: ignore[no-redef]
+    from fxopt_signature import Signature, check_index_bounds  # type: ignore[no-redef]
 
 log = logging.getLogger(__name__)
 
@@ -132,20 +132,8 @@ class Module:
 
     def _flat_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         flat = self.signature.bind(args, kwargs)
-        self._check_index_bounds(flat)
+        check_index_bounds(self.manifest.get("index_bounds", []), flat)
         return flat
-
-    def _check_index_bounds(self, flat: list[Any]) -> None:
-        """torch's IndexError where an embedding would read outside its table (the VM's take clamps instead):
-        the manifest's bounds (fxopt's backends/tvm/index_bounds.py)."""
-        for kind, i, *rest in self.manifest.get("index_bounds", []):
-            t, name, rows = flat[i], rest[-1], rest[-2]
-            if kind == "size" and t.shape[rest[0]] > rows:
-                raise InputMismatchError(name, f"dim {rest[0]} is {t.shape[rest[0]]}, and the model indexes a "
-                                         f"table of {rows} rows by position along it (torch raises IndexError)")
-            if kind == "values" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= rows):
-                raise InputMismatchError(name, f"holds ids from {int(t.min())} to {int(t.max())}, outside the "
-                                         f"{rows} rows of the embedding table it indexes (torch raises IndexError)")
 
     def run_flat(self, inputs: list[Any]) -> list[Any]:
         import torch

@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 import fxopt
+import fxopt.testing
 from fxopt import ops, passes
 from fxopt.numerics import compare
 from fxopt.pass_base import ROUNDING, Pass, PassContext, PassResult
@@ -389,3 +390,26 @@ def test_a_file_onnx_checker_rejects_is_an_export_error_naming_the_node():
     opt = fxopt.optimize(AddsBools(), (torch.rand(2, 3) > 0.5,))
     with pytest.raises(ort_backend.OnnxExportError, match=r"fails onnx.checker .*node_add"):
         fxopt.compile(opt, backend="onnxruntime")
+
+
+@pytest.mark.parametrize("ids", [torch.full((2, 6), 50), torch.full((2, 6), -1), torch.randint(0, 50, (2, 17))],
+                         ids=["an id past the vocabulary", "a negative id (Gather would wrap it)",
+                              "more positions than the table"])
+def test_ids_outside_an_embedding_table_are_refused_as_torch_refuses_them(ids):
+    model = toy.TinyLM().eval()
+    run = fxopt.compile(fxopt.optimize(model, (torch.randint(0, 50, (2, 6)),), passes=["fuse_layernorm"]))
+    with pytest.raises(IndexError):
+        model(ids)
+    with pytest.raises(fxopt.InputMismatchError, match="'ids'.*(rows of the embedding table|table of 16 rows)"):
+        run(ids)
+    inside = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        fxopt.testing.assert_within(run(inside), model(inside))
+
+
+def test_a_failed_run_is_a_backend_error_naming_the_file(monkeypatch):
+    run = fxopt.compile(fxopt.optimize(toy.TinyLM().eval(), (torch.randint(0, 50, (2, 6)),)))
+    monkeypatch.setattr(type(run), "feeds", lambda self, *a, **k: {"ids": torch.zeros(2, 6).numpy()})  # float ids
+    with pytest.raises(fxopt.BackendError, match="onnxruntime: running model.onnx failed") as e:
+        run(torch.zeros(2, 6, dtype=torch.long))
+    assert e.value.__cause__ is not None

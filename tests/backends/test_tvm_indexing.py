@@ -13,6 +13,7 @@ import fxopt  # noqa: E402
 import fxopt.backends.tvm  # noqa: E402
 from fxopt.backends.tvm import table  # noqa: E402
 from fxopt.testing import assert_within  # noqa: E402
+from tests.models import toy  # noqa: E402
 
 ROWS, COLS = torch.tensor([-1, 0, 3]), torch.tensor([1, -2, 5])
 
@@ -109,22 +110,9 @@ def test_an_importer_failure_is_an_unsupported_op_error_naming_the_node(monkeypa
     assert isinstance(info.value.__cause__, TypeError)
 
 
-class TinyLM(nn.Module):
-    """Token and learned position embeddings, the way GPT-2-style models index them."""
-
-    def __init__(self, vocab: int = 50, positions: int = 16, width: int = 8):
-        super().__init__()
-        self.tokens, self.positions = nn.Embedding(vocab, width), nn.Embedding(positions, width)
-        self.head = nn.Linear(width, vocab)
-
-    def forward(self, ids):
-        where = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-        return self.head(self.tokens(ids) + self.positions(where))
-
-
 @pytest.fixture(scope="module")
 def tiny_lm_on_tvm():
-    model = TinyLM().eval()
+    model = toy.TinyLM().eval()
     opt = fxopt.optimize(model, (torch.randint(0, 50, (2, 6)),), passes=["fuse_layernorm"])
     return model, fxopt.compile(opt, backend="tvm")
 

@@ -114,3 +114,16 @@ class HandWrittenLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         return {"logits": self.head(self.norm(x)), "hidden": x}
+
+
+class TinyLM(nn.Module):
+    """Token and learned position embeddings, the way GPT-2-style models index them."""
+
+    def __init__(self, vocab: int = 50, positions: int = 16, width: int = 8):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, width), nn.Embedding(positions, width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        where = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        return self.head(self.tokens(ids) + self.positions(where))

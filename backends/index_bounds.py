@@ -1,14 +1,15 @@
 """What a call's inputs must satisfy so that no embedding row is read out of its table.
 
-torch raises IndexError for an id outside an embedding's table; TVM's ``take`` clamps it (indexing.py: never a
-read out of bounds, but a wrong row, silently). So the runner checks, before the VM runs, the inputs that reach
-an embedding's ids directly (through views and casts):
+torch raises IndexError for an id outside an embedding's table; TVM's ``take`` clamps it (tvm/indexing.py) and
+ONNX's Gather wraps a negative id: a wrong row, silently. So both runners check, before the backend runs
+(fxopt.signature.check_index_bounds), the inputs that reach an embedding's ids directly (through views and
+casts):
 
     ids = input i                        every value of input i in [0, rows)         ("values", i, rows)
     ids = arange(input i's dim d)        input i's dim d at most rows (positions)    ("size", i, d, rows)
 
-Ids computed otherwise (offsets into a cache, gathered ids) are not checked. The bounds go into the manifest
-(with the input's name), so an exported artifact's loader checks them too (runtime.Module).
+Ids computed otherwise (offsets into a cache, gathered ids) are not checked. TVM's manifest carries the bounds
+(with the input's name), so an exported artifact's loader checks them too.
 """
 
 from __future__ import annotations
