@@ -84,7 +84,8 @@ def gemm_row(cut: Cutlass, m: int, k: int, n: int, epilogue: str) -> dict:
 
     from fxopt.cutlass_gemm import tile
 
-    row = {"m": m, "k": k, "n": n, "epilogue": epilogue, "fxopt's cutlass tile": INT8_CONFIGS[tile(m, n)],
+    row = {"m": m, "k": k, "n": n, "epilogue": epilogue,
+           "fxopt's cutlass tile": INT8_CONFIGS.get(tile(m, n), "none: Triton"),
            "fp16 F.linear": graph_time(lambda i: F.linear(x, w16[i], bias) + (0 if res is None else res), copies),
            "triton int8": graph_time(triton, copies)}
     want = triton(0)

@@ -41,7 +41,7 @@ NVCC_FLAGS = ("-std=c++17", "-O3", "-arch=sm_90a", "--expt-relaxed-constexpr", "
               "-Xcompiler", "-fPIC", "-shared")
 WORKSPACE_BYTES = 4 << 20
 # cfg ids of gemm_sm90.cu's CFGS: (tile M x N, schedule)
-PINGPONG_128x128, COOPERATIVE_128x256, PINGPONG_64x128 = 0, 1, 4
+PINGPONG_128x128, COOPERATIVE_128x256, PINGPONG_128x128_CLUSTER_2x1, PINGPONG_64x128 = 0, 1, 2, 4
 
 
 def cache_dir() -> Path:
@@ -131,11 +131,24 @@ def library(device: int) -> Library | None:
         return None
 
 
-def tile(m: int, n: int) -> int:
-    """The library's tile config for an [m, n] output (benchmarks/int8_cutlass.py times them all)."""
-    if m <= 256:
-        return PINGPONG_64x128
-    return COOPERATIVE_128x256 if m * n >= 2048 * 4096 else PINGPONG_128x128
+# (cfg id, tile rows, tile columns, relative throughput of a full wave): measured on an H100 (benchmarks/
+# int8_cutlass.py, 2026-12-08): at 2048 rows the 128x256 cooperative and the 128x128 ping-pong (cluster 2x1) tile
+# run a full wave alike; the 64x128 tile only wins where the bigger ones leave SMs idle
+TILES = [(COOPERATIVE_128x256, 128, 256, 1.0), (PINGPONG_128x128_CLUSTER_2x1, 128, 128, 1.0),
+         (PINGPONG_64x128, 64, 128, 0.8)]
+MIN_ROWS = 65  # up to 64 rows, Triton's small-M tiles are faster (16 rows: 8.0 us vs CUTLASS's 9.4 at N = 6144)
+
+
+def tile(m: int, n: int, sms: int = 132) -> int | None:
+    """The library's tile config for an [m, n] output, or None where the Triton kernel is faster (few rows):
+    the fewest waves of tiles over the SMs, weighted by a tile's size and throughput (ties: the larger tile)."""
+    if m < MIN_ROWS:
+        return None
+
+    def cost(entry):
+        _, bm, bn, speed = entry
+        return -(-(-(-m // bm) * -(-n // bn)) // sms) * bm * bn / speed
+    return min(TILES, key=cost)[0]
 
 
 def _aligned(*tensors) -> bool:
@@ -159,8 +172,15 @@ def gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype) -> torch.Tensor
     the call (the caller runs the Triton kernel)."""
     if not covers(q2, sa, wq, ws, bias, activation, res2, out_dtype):
         return None
-    lib = library(q2.device.index if q2.device.index is not None else torch.cuda.current_device())
-    if lib is None:
+    device = q2.device.index if q2.device.index is not None else torch.cuda.current_device()
+    lib = library(device)
+    cfg = None if lib is None else tile(q2.shape[0], wq.shape[0], _sm_count(device))
+    if cfg is None:
         return None
     out = torch.empty((q2.shape[0], wq.shape[0]), dtype=torch.float16, device=q2.device)
-    return out if lib.run(tile(*out.shape), q2, sa, wq, ws, bias, res2, out) == 0 else None
+    return out if lib.run(cfg, q2, sa, wq, ws, bias, res2, out) == 0 else None
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
