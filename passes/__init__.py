@@ -30,5 +30,5 @@ def get(name: str, **options: Any) -> Pass:
     return PASSES[name].configure(**options)
 
 
-__all__ = ["EXACT_PIPELINE", "PASSES", "ConvertToGQA", "FuseLayerNorm", "PermuteForNM", "PruneNM", "SmoothQuant",
-           "StabilizeSoftmax", "ZeroQuant", "get"]
+__all__ = ["EXACT_PIPELINE", "PASSES", "ConvertToGQA", "FuseInt8", "FuseLayerNorm", "PermuteForNM", "PruneNM",
+           "SmoothQuant", "StabilizeSoftmax", "ZeroQuant", "get"]

@@ -27,6 +27,7 @@ reference within the op family's bound (2 output scales).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -56,6 +57,14 @@ from .rewrite import quantize_linear, quantizer
 _INF = float("inf")
 
 
+def _bits(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v in WEIGHT_BITS  # not 8.0: a count of bits
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class ZeroQuant(Pass):
     """Group-wise int8/int4 weights and per-token dynamic int8 activations on the transformer blocks' linears."""
@@ -73,15 +82,15 @@ class ZeroQuant(Pass):
     name: ClassVar[str] = "zeroquant"
     exactness: ClassVar = Exactness.APPROXIMATE
     option_checks: ClassVar = {
-        "weight_bits": (lambda v: v in WEIGHT_BITS and not isinstance(v, bool), "8 or 4"),
+        "weight_bits": (lambda v: _bits(v), "8 or 4"),
         "group_size": (int_at_least(1), "an int >= 1 (output rows per scale)"),
-        "attention_bits": (lambda v: v is None or (v in WEIGHT_BITS and not isinstance(v, bool)), "None, 8 or 4"),
+        "attention_bits": (lambda v: v is None or _bits(v), "None, 8 or 4"),
         "act": (lambda v: v == "token", "'token' (dynamic per-token int8)"),
         "lkd_steps": (int_at_least(0), "an int >= 0"),
-        "lkd_lr": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
+        "lkd_lr": (lambda v: _number(v) and 0 < v < math.inf, "a finite number > 0"),
         "lkd_batches": (int_at_least(1), "an int >= 1"),
         "layers": (lambda v: v in ("blocks", "all"), "'blocks' or 'all'"),
-        "min_cosine": (lambda v: isinstance(v, (int, float)) and -1 <= v <= 1, "a number in [-1, 1]")}
+        "min_cosine": (lambda v: _number(v) and -1 <= v <= 1, "a number in [-1, 1]")}
 
     @property
     def requires(self) -> frozenset[Requirement]:  # type: ignore[override]

@@ -132,7 +132,9 @@ def test_a_group_size_dividing_every_linear_gives_one_scale_per_group():
 
 def test_options_are_checked():
     for options, name in (({"weight_bits": 3}, "weight_bits"), ({"group_size": 0}, "group_size"),
-                          ({"act": "tensor"}, "act"), ({"lkd_steps": -1}, "lkd_steps"), ({"layers": "x"}, "layers")):
+                          ({"act": "tensor"}, "act"), ({"lkd_steps": -1}, "lkd_steps"), ({"layers": "x"}, "layers"),
+                          ({"weight_bits": 8.0}, "weight_bits"), ({"attention_bits": 4.0}, "attention_bits"),
+                          ({"min_cosine": True}, "min_cosine"), ({"lkd_lr": float("inf")}, "lkd_lr")):
         with pytest.raises(fxopt.PassOptionError, match=name):
             ZeroQuant(**options)
 
