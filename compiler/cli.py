@@ -113,10 +113,13 @@ def _optimize(ns: argparse.Namespace, argv: list[str]) -> None:
     import fxopt
 
     from .calibration import show_progress
+    from .errors import FxoptError
 
     names = [p.strip() for p in ns.passes.split(",") if p.strip()]
-    loaded, opt, calibration = _run(ns, names)
     out = Path(ns.out)
+    if out.exists() and not out.is_dir():  # said before the (slow) run, not after it
+        raise FxoptError(f"-o {ns.out}: exists and is not a directory")
+    loaded, opt, calibration = _run(ns, names)
     out.mkdir(parents=True, exist_ok=True)
     run = {"model": loaded.description, "command": shlex.join(["fxopt", *argv]), "passes": names,
            "calibration": calibration}

@@ -100,6 +100,8 @@ def load_model(spec: str, shape: tuple[int, int]) -> Loaded:
 
 
 def _from_factory(spec: str, shape: tuple[int, int]) -> Loaded:
+    import torch
+
     file, factory = spec.split(":", 1)
     if not Path(file).is_file():
         raise FxoptError(f"MODEL {spec!r}: no file {file}")
@@ -109,9 +111,18 @@ def _from_factory(spec: str, shape: tuple[int, int]) -> Loaded:
     if not callable(getattr(module, factory, None)):
         raise FxoptError(f"MODEL {spec!r}: {file} has no function {factory!r}")
     made = getattr(module, factory)()
+    expected = "an nn.Module, or (module, example args[, example kwargs])"
     if isinstance(made, tuple):
-        model, args, kwargs = (*made, {})[:3] if len(made) == 2 else made
+        if len(made) not in (2, 3):
+            raise FxoptError(f"MODEL {spec!r}: {factory}() returned a tuple of {len(made)}; it must return {expected}")
+        model, args, kwargs = (*made, {})[:3]
+        if not isinstance(model, torch.nn.Module) or not isinstance(args, (tuple, list)) or not isinstance(
+                kwargs, dict):
+            raise FxoptError(f"MODEL {spec!r}: {factory}() returned ({', '.join(type(v).__name__ for v in made)}); "
+                             f"it must return {expected}")
         return Loaded(model.eval(), tuple(args), dict(kwargs), f"{factory}() from {file}", own_inputs=True)
+    if not isinstance(made, torch.nn.Module):
+        raise FxoptError(f"MODEL {spec!r}: {factory}() returned {type(made).__name__}; it must return {expected}")
     return Loaded(made.eval(), *random_inputs(made, shape), f"{factory}() from {file}")
 
 

@@ -87,6 +87,21 @@ def test_bad_input_is_one_line_naming_what_is_wrong_with_exit_code_3(capsys, arg
     assert err.startswith("fxopt: error: ") and named in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("returns, named", [("42", "returned int"), ("(torch.nn.Linear(4, 4),)", "tuple of 1"),
+                                             ("(torch.nn.Linear(4, 4), 'x')", "returned (Linear, str)")])
+def test_a_factory_returning_something_else_than_a_model_is_refused_with_what_it_returned(capsys, tmp_path, returns,
+                                                                                          named):
+    (tmp_path / "odd.py").write_text(f"import torch\n\n\ndef make():\n    return {returns}\n")
+    code, _, err = run(capsys, "optimize", f"{tmp_path / 'odd.py'}:make", "-o", str(tmp_path / "out"))
+    assert code == cli.EXIT_REFUSED and named in err and "it must return an nn.Module" in err
+
+
+def test_an_output_path_that_is_a_file_is_refused_before_the_run(capsys, tmp_path):
+    (tmp_path / "taken").write_text("")
+    code, _, err = run(capsys, "optimize", "NoSuchModelForAnything", "-o", str(tmp_path / "taken"))
+    assert code == cli.EXIT_REFUSED and "exists and is not a directory" in err
+
+
 def test_a_reader_that_stops_early_is_not_an_error():
     # `true` exits without reading: fxopt writes into a closed pipe
     res = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m fxopt.cli passes | true"],
