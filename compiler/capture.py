@@ -9,6 +9,18 @@ The program is then functionalized (`run_decompositions({})`: in-place ops becom
 decomposed), so that passes may assume pure nodes. The result is `ExportedProgram.module()`: parameters are
 get_attr nodes, the forward has the model's own signature and returns the model's own output structure
 (ModelOutput, tuple, dict).
+
+Capture runs the user's forward (non-strict export runs its Python code), so forward's side effects land on the
+user's objects; none may stay behind. Attributes forward assigns (`self.cache = x`) are put back as they were.
+State forward changes in place is snapshotted first and put back in place (the same objects, so references the
+user holds stay valid) after every attempt, only where it changed: in each module's `__dict__`, the mutable
+containers (list, dict, set, bytearray, deque; nested ones and containers inside tuples too) and plain tensor
+attributes. Tensors inside are cloned, except parameters and buffers (export never writes those, and models are
+large) and any tensor over `_LARGEST_SNAPSHOT` bytes: such a tensor is left as forward leaves it. Other objects
+inside containers are kept by reference: their own attributes are not snapshotted. An attribute that cannot be
+snapshotted (a tensor that cannot be cloned, nesting deeper than the recursion limit) is left alone. A plain tensor
+attribute that forward writes cannot be captured (export takes it as a constant): that CaptureError names it and
+says to register it as a buffer.
 """
 
 from __future__ import annotations
@@ -18,8 +30,10 @@ import functools
 import inspect
 import io
 import logging
+import re
 import sys
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,23 +93,11 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
     """`progress`: a bar over the capture attempts (None: when stderr is a terminal)."""
     import time
 
-    from tqdm.auto import tqdm
-
-    from .calibration import show_progress
-
-    if not isinstance(model, nn.Module):
-        raise CaptureError(type(model).__name__, [("type check", "fxopt.optimize takes a torch.nn.Module")])
-    if isinstance(model, torch.jit.ScriptModule):
-        raise CaptureError(type(model).__name__, [("type check", "a TorchScript module (torch.jit.trace/script) "
-                                                   "cannot be captured by torch.export; pass the nn.Module it was "
-                                                   "made from")])
-    if not args and not kwargs:
-        raise MissingInputsError(
-            "example inputs are required: pass example_inputs=(tensor, ...) and/or example_kwargs={...}")
+    _check_capturable(model, args, kwargs)
     name = type(model).__name__
-    # what forward assigns to the model while it is traced (`self.cache = x`) must not stay behind: fake
-    # tensors and SymInts in the user's model. Each module's attributes are put back as they were.
-    attributes = {m: dict(vars(m)) for m in model.modules()}
+    # what forward does to the model while it is traced (`self.cache = x`, `self.seen.append(x.shape[0])`) must
+    # not stay behind: fake tensors and SymInts in the user's model. It is put back as it was.
+    original = _ModelState.of(model)
     attempts: list[tuple[str, str]] = []
     start = time.perf_counter()
     named = _named_var_kwargs(model, kwargs)
@@ -113,32 +115,264 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, share_weights: bool = F
         if dyn is None:
             attempts.append(("dynamic shapes", "could not bind the example inputs to forward's signature"))
             tries = tries[1:]
-        with tqdm(total=len(tries), desc=f"fxopt capture {name}", unit="try", leave=False,
-                  disable=not show_progress(progress)) as bar:
-            for how, fn in tries:
-                bar.set_postfix_str(how)
-                try:
-                    ep = _without_graph_dump(fn)
-                except Exception as e:
-                    log.debug("capture attempt %s failed", how, exc_info=True)
-                    attempts.append((how, _first_line(e)))
-                    bar.update()
-                    continue
-                info = CaptureInfo(method=how, failed_attempts=attempts)
-                functional = ep.run_decompositions({})
-                gm = own_state(functional.module(), share_weights)
-                _drop_unread_attributes(gm)
-                gm.meta[SIGNATURE] = Signature.of(functional, forward=model.forward)
-                _describe_dims(gm, info, dynamic_requested="dynamic" in how)
-                info.seconds = time.perf_counter() - start
-                return gm, info, dyn if "dynamic" in how else None
+        prepared = _ModelState(_attributes(model), original.in_place)  # as each attempt is to find the model
+        how, functional = _first_capture(model, tries, attempts, progress, prepared)
+        info = CaptureInfo(method=how, failed_attempts=attempts)
+        gm = own_state(functional.module(), share_weights)
+        _drop_unread_attributes(gm)
+        gm.meta[SIGNATURE] = Signature.of(functional, forward=model.forward)
+        _describe_dims(gm, info, dynamic_requested="dynamic" in how)
+        info.seconds = time.perf_counter() - start
+        return gm, info, dyn if "dynamic" in how else None
     finally:
-        for m, saved in attributes.items():  # also the training flags and the instance `forward` for **kwargs
-            now = vars(m)
+        original.put_back()  # also the training flags and the instance `forward` for **kwargs
+
+
+def _check_capturable(model: Any, args: tuple, kwargs: dict) -> None:
+    if not isinstance(model, nn.Module):
+        raise CaptureError(type(model).__name__, [("type check", "fxopt.optimize takes a torch.nn.Module")])
+    if isinstance(model, torch.jit.ScriptModule):
+        raise CaptureError(type(model).__name__, [("type check", "a TorchScript module (torch.jit.trace/script) "
+                                                   "cannot be captured by torch.export; pass the nn.Module it was "
+                                                   "made from")])
+    if not args and not kwargs:
+        raise MissingInputsError(
+            "example inputs are required: pass example_inputs=(tensor, ...) and/or example_kwargs={...}")
+
+
+def _first_capture(model: nn.Module, tries: list, attempts: list[tuple[str, str]], progress: bool | None,
+                   state: _ModelState) -> tuple[str, Any]:
+    """The first of `tries` that captures, as (how, functional ExportedProgram); each failure is recorded in
+    `attempts`, and the last one is chained to the CaptureError when none captures. The model is put back to
+    `state` after every attempt, so that each one runs forward on the user's state."""
+    from tqdm.auto import tqdm
+
+    from .calibration import show_progress
+
+    name = type(model).__name__
+    error: Exception | None = None
+    with tqdm(total=len(tries), desc=f"fxopt capture {name}", unit="try", leave=False,
+              disable=not show_progress(progress)) as bar:
+        for how, fn in tries:
+            bar.set_postfix_str(how)
+            try:
+                return how, _functional(_without_graph_dump(fn), model, how, attempts, state.in_place)
+            except CaptureError:
+                raise
+            except Exception as e:
+                log.debug("capture attempt %s failed", how, exc_info=True)
+                attempts.append((how, _first_line(e)))
+                error = e
+                bar.update()
+            finally:
+                state.put_back()
+    raise CaptureError(name, attempts) from error
+
+
+_MUTATED_CONSTANT = re.compile(r"Constant (\S+) is mutated")  # torch.export's message (run_decompositions)
+
+
+def _functional(ep: Any, model: nn.Module, how: str, attempts: list[tuple[str, str]],
+                in_place: list[_SavedAttribute]) -> Any:
+    """`ep` functionalized (in-place ops made out-of-place, nothing decomposed). A tensor that is neither a
+    parameter nor a buffer and that forward writes in place fails here, for every attempt alike: a CaptureError
+    naming it, at once."""
+    try:
+        return ep.run_decompositions({})
+    except RuntimeError as e:
+        mutated = _MUTATED_CONSTANT.search(str(e))
+        if mutated is None:
+            raise
+        tensor = ep.constants.get(mutated[1])
+        where, name = _locate(tensor, model, in_place) or (f"the tensor constant {mutated[1]!r}", "name")
+        why = (f"forward writes in place {where}: torch.export captures a tensor that is neither a parameter nor a "
+               f"buffer as a constant, which a graph cannot write; register it as a buffer instead "
+               f"(`self.register_buffer({name!r}, tensor, persistent=False)` in __init__)")
+        raise CaptureError(type(model).__name__, [*attempts, (how, why)]) from e
+
+
+def _locate(tensor: Any, model: nn.Module, in_place: list[_SavedAttribute]) -> tuple[str, str] | None:
+    """Where the snapshot saw `tensor`, in words, and the attribute that holds it."""
+    for attribute in in_place:
+        path = _find(attribute.saved, tensor, attribute.name, set())
+        if path is None:
+            continue
+        owner = type(model.get_submodule(attribute.module)).__name__
+        of = f"submodule {attribute.module!r} ({owner})" if attribute.module else f"the model ({owner})"
+        if path == attribute.name:
+            return f"the plain tensor attribute {path!r} of {of}", attribute.name
+        return f"the tensor held at {path!r} of {of}", "name"
+    return None
+
+
+def _find(saved: Any, tensor: Any, path: str, seen: set[int]) -> str | None:
+    if not isinstance(saved, _Saved) or id(saved.obj) in seen:
+        return None
+    seen.add(id(saved.obj))
+    if saved.obj is tensor:
+        return path
+    if isinstance(saved.obj, torch.Tensor) or saved.held is None:
+        return None
+    elements = saved.held if isinstance(saved.obj, dict) else enumerate(saved.held)
+    return next((p for k, v in elements if (p := _find(v, tensor, f"{path}[{k!r}]", seen)) is not None), None)
+
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, the hooks, training
+_LARGEST_SNAPSHOT = 64 * 2**20  # bytes: a larger plain tensor is not cloned, and not put back if forward writes it
+
+
+@dataclass
+class _Saved:
+    """A container or tensor forward could change in place, and what it held: for a container its elements
+    (`_Saved` where they are containers or tensors themselves, else the element), for a tensor its clone. `held` is
+    None where nothing is to be put back (a parameter, a buffer, a tensor too large or that cannot be cloned)."""
+
+    obj: Any
+    held: Any = None
+
+
+@dataclass
+class _SavedAttribute:
+    module: str
+    name: str
+    saved: _Saved
+
+
+@dataclass
+class _ModelState:
+    """What capture puts back in the user's model: each module's attributes as they were (forward reassigned
+    them), and the state forward changed in place."""
+
+    attributes: dict[nn.Module, dict[str, Any]]
+    in_place: list[_SavedAttribute]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _ModelState:
+        return cls(_attributes(model), _save_in_place_state(model))
+
+    def put_back(self) -> None:
+        _restore_in_place_state(self.in_place)
+        for module, saved in self.attributes.items():
+            now = vars(module)
             for key in [k for k in now if k not in saved]:
                 del now[key]
             now.update({k: v for k, v in saved.items() if now.get(k) is not v})
-    raise CaptureError(name, attempts)
+
+
+def _attributes(model: nn.Module) -> dict[nn.Module, dict[str, Any]]:
+    return {m: dict(vars(m)) for m in model.modules()}
+
+
+def _save_in_place_state(model: nn.Module) -> list[_SavedAttribute]:
+    """Snapshot of the state in `model`'s modules that forward could change in place (module docstring)."""
+    owned = {id(t) for t in (*model.parameters(), *model.buffers())}
+    memo: dict[int, _Saved] = {}  # shared and self-containing containers are snapshotted once
+    saved = []
+    for path, module in model.named_modules(remove_duplicate=True):
+        for name, value in vars(module).items():
+            if name in _MODULE_INTERNALS or not _may_change_in_place(value):
+                continue
+            try:
+                saved.append(_SavedAttribute(path, name, _save(value, owned, memo)))
+            except Exception:  # noqa: BLE001 - what cannot be snapshotted is left alone
+                log.debug("%s of %r is not snapshotted for capture", name, path, exc_info=True)
+    return saved
+
+
+def _restore_in_place_state(saved: list[_SavedAttribute]) -> None:
+    """Put back in place, where it changed, what `_save_in_place_state` saw. Never raises: it runs in `finally`."""
+    done: set[int] = set()
+    for attribute in saved:
+        try:
+            _restore(attribute.saved, done)
+        except Exception:  # noqa: BLE001 - a failure must not hide the capture's own outcome
+            log.warning("could not put back %s of module %r after capture; forward changed it in place",
+                        attribute.name, attribute.module, exc_info=True)
+
+
+def _may_change_in_place(value: Any) -> bool:
+    return isinstance(value, (list, dict, set, bytearray, deque, tuple, torch.Tensor))
+
+
+def _save(value: Any, owned: set[int], memo: dict[int, _Saved]) -> Any:
+    if not _may_change_in_place(value):
+        return value
+    if id(value) in memo:
+        return memo[id(value)]
+    saved = memo[id(value)] = _Saved(value)
+    if isinstance(value, torch.Tensor):
+        saved.held = None if id(value) in owned else _clone(value)
+    elif isinstance(value, dict):
+        saved.held = [(k, _save(v, owned, memo)) for k, v in value.items()]
+    elif isinstance(value, (list, tuple, deque)):
+        saved.held = [_save(v, owned, memo) for v in value]
+    elif isinstance(value, set):
+        saved.held = list(value)  # hashable elements: immutable in practice
+    else:
+        saved.held = bytes(value)
+    return saved
+
+
+def _clone(t: torch.Tensor) -> torch.Tensor | None:
+    if t.numel() * t.element_size() > _LARGEST_SNAPSHOT:
+        log.debug("a plain tensor attribute of %s is too large to snapshot for capture", tuple(t.shape))
+        return None
+    try:
+        return t.detach().clone()
+    except Exception:  # noqa: BLE001 - a tensor subclass that cannot be cloned is left alone
+        return None
+
+
+def _original(element: Any) -> Any:
+    return element.obj if isinstance(element, _Saved) else element
+
+
+def _restore(saved: _Saved, done: set[int]) -> None:
+    """`saved.obj` and, first, what it held, put back in place where they changed."""
+    if saved.held is None or id(saved.obj) in done:
+        return
+    done.add(id(saved.obj))
+    if isinstance(saved.obj, torch.Tensor):
+        _restore_tensor(saved.obj, saved.held)
+        return
+    elements = [v for _, v in saved.held] if isinstance(saved.obj, dict) else saved.held
+    for element in elements:
+        if isinstance(element, _Saved):
+            _restore(element, done)
+    _refill(saved.obj, saved.held)
+
+
+def _refill(value: Any, held: Any) -> None:
+    """A container cleared and filled with what it held, unless it holds those very objects still. A tuple is
+    not refilled: it cannot change, only what it holds can."""
+    if isinstance(value, dict):
+        items = [(k, _original(v)) for k, v in held]
+        if not _same([x for kv in value.items() for x in kv], [x for kv in items for x in kv]):
+            value.clear()
+            value.update(items)
+    elif isinstance(value, (list, deque)):
+        elements = [_original(v) for v in held]
+        if not _same(list(value), elements):
+            value.clear()
+            value.extend(elements)
+    elif isinstance(value, set):
+        if {id(v) for v in value} != {id(v) for v in held}:
+            value.clear()
+            value.update(held)
+    elif isinstance(value, bytearray) and value != held:
+        value[:] = held
+
+
+def _same(now: list, then: list) -> bool:
+    return len(now) == len(then) and all(a is b for a, b in zip(now, then))
+
+
+def _restore_tensor(t: torch.Tensor, held: torch.Tensor) -> None:
+    with torch.inference_mode() if t.is_inference() else torch.no_grad():
+        if (t.shape, t.dtype, t.device) != (held.shape, held.dtype, held.device):
+            t.data = held  # reshaped or retyped through `.data`: the same Python object, its data as it was
+        elif not torch.equal(t, held):
+            t.copy_(held)
 
 
 def _without_graph_dump(fn):

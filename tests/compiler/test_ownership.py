@@ -1,11 +1,14 @@
 """The optimized module owns its state: optimizing, calling and converting it never changes the user's model, and
 changes to the user's model never reach it."""
 
+from collections import deque
+
 import pytest
 import torch
 from torch import nn
 
 import fxopt
+from fxopt import capture as capture_module
 from fxopt.passes import EXACT_PIPELINE
 from fxopt.testing import assert_within
 from tests.models import hf
@@ -172,3 +175,200 @@ def test_attributes_the_forward_assigns_while_traced_do_not_stay_on_the_model():
     before = dict(vars(model))
     fxopt.optimize(model, (torch.randn(2, 4),))
     assert model.cache is None and "last_shape" not in vars(model) and vars(model).keys() == before.keys()
+
+
+def plain_state(model: nn.Module) -> dict:
+    """Each module's attributes other than its parameters, buffers and submodules, as plain Python: every container
+    and tensor with its identity, so that a list emptied again but replaced by a new one is a difference."""
+    def plain(value, seen):
+        if id(value) in seen:
+            return ("seen", id(value))
+        if isinstance(value, torch.Tensor):
+            return ("tensor", id(value), value.data_ptr(), value.dtype, value.tolist())
+        if isinstance(value, (list, tuple, deque, dict, set, bytearray)):
+            seen = seen | {id(value)}
+        if isinstance(value, dict):
+            return ("dict", id(value), [(repr(k), plain(v, seen)) for k, v in value.items()])
+        if isinstance(value, (list, tuple, deque)):
+            return (type(value).__name__, id(value), [plain(v, seen) for v in value])
+        if isinstance(value, (set, bytearray)):
+            return (type(value).__name__, id(value), sorted(map(repr, value)))
+        return (type(value).__name__, repr(value))  # a SymInt left in a list shows as one
+
+    internals = set(vars(nn.Module()))
+    return {(path, name): plain(value, set()) for path, module in model.named_modules()
+            for name, value in vars(module).items() if name not in internals}
+
+
+class CountsCalls(nn.Module):
+    """Review finding: a list of the batch sizes seen and a call counter, both changed in place by forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+        self.seen_batch_sizes = []
+        self.stats = {"calls": 0}
+
+    def forward(self, x):
+        self.seen_batch_sizes.append(x.shape[0])
+        self.stats["calls"] += 1
+        return self.norm(self.proj(x))
+
+
+def test_a_call_counter_and_a_list_of_seen_batch_sizes_are_as_they_were_after_optimize():
+    model = CountsCalls().eval()
+    seen, stats, before = model.seen_batch_sizes, model.stats, plain_state(model)
+    fxopt.optimize(model, (torch.randn(2, 8),), passes=["fuse_layernorm"])
+    assert model.seen_batch_sizes is seen and seen == [] and model.stats is stats and stats == {"calls": 0}
+    assert plain_state(model) == before
+
+
+def test_a_cache_forward_fills_and_reads_is_left_empty_in_the_same_list():
+    class CachesKeys(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.key, self.value = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.cache = []  # the keys of every step so far
+
+        def forward(self, x):
+            self.cache.append(self.key(x))
+            keys = torch.cat(self.cache, dim=1)
+            return (x @ keys.transpose(-1, -2)).softmax(-1) @ self.value(keys)
+
+    model = CachesKeys().eval()
+    before = plain_state(model)
+    opt = fxopt.optimize(model, (torch.randn(2, 3, 8),), passes=["stabilize_softmax"])
+    assert plain_state(model) == before and model.cache == []
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        assert_within(opt(x), model(x))  # the model's first step, as captured
+
+
+class Decoder(nn.Module):
+    """Nested state written by forward: a history dict of lists, a deque of recent shapes, a set of seen dtypes, a
+    list inside a tuple, and a log shared with its parent."""
+
+    def __init__(self, log: dict):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.history = {"steps": [[0]], "by_layer": {"proj": []}}
+        self.recent_shapes = deque(maxlen=4)
+        self.dtypes_seen = {torch.float64}
+        self.limits = ([1.0], "clamp")
+        self.log = log
+
+    def forward(self, x):
+        self.history["steps"][0].append(1)
+        self.history["steps"].append([x.shape[0]])
+        self.history["by_layer"]["proj"].append(x.shape)
+        self.history["last"] = x.shape[-1]
+        self.recent_shapes.append(tuple(x.shape))
+        self.dtypes_seen.add(x.dtype)
+        self.limits[0].append(2.0)
+        self.log["decoder"].append("called")
+        return self.proj(x)
+
+
+def test_nested_containers_forward_changes_are_put_back_into_the_same_objects():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.log = {"decoder": [], "model": bytearray(b"")}
+            self.decoder, self.norm = Decoder(self.log), nn.LayerNorm(8)
+
+        def forward(self, x):
+            self.log["model"].extend(b"called")
+            return self.norm(self.decoder(x))
+
+    model = Model().eval()
+    steps, by_layer = model.decoder.history["steps"][0], model.decoder.history["by_layer"]
+    before = plain_state(model)
+    fxopt.optimize(model, (torch.randn(2, 8),), passes=["fuse_layernorm"])
+    assert plain_state(model) == before
+    assert model.decoder.history["steps"][0] is steps and model.decoder.history["by_layer"] is by_layer
+    assert model.decoder.log is model.log
+
+
+class RunningScale(nn.Module):
+    """Scales its inputs by a running variance, an exponential moving average kept in a plain tensor attribute (not
+    a buffer), the way BatchNorm keeps its statistics."""
+
+    def __init__(self, as_buffer: bool = False):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        if as_buffer:
+            self.register_buffer("running_var", torch.ones(8), persistent=False)
+        else:
+            self.running_var = torch.ones(8)
+
+    def forward(self, x):
+        self.running_var.mul_(0.9).add_(x.var(0), alpha=0.1)
+        return self.proj(x / torch.sqrt(self.running_var + 1e-5))
+
+
+class Normalized(nn.Module):
+    def __init__(self, as_buffer: bool = False):
+        super().__init__()
+        self.scale, self.head = RunningScale(as_buffer), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.scale(x))
+
+
+def test_a_tensor_attribute_forward_updates_in_place_is_a_capture_error_naming_it_and_is_left_as_it_was():
+    model = Normalized().eval()
+    var, before = model.scale.running_var, plain_state(model)
+    with pytest.raises(fxopt.CaptureError, match=r"'running_var' of submodule 'scale' \(RunningScale\).*"
+                                                 r"register it as a buffer") as e:
+        fxopt.optimize(model, (torch.randn(4, 8),), passes=["fuse_layernorm"])
+    assert isinstance(e.value.__cause__, RuntimeError)  # torch.export's own error, chained
+    assert model.scale.running_var is var and plain_state(model) == before
+    assert torch.equal(var, torch.ones(8))  # export ran `mul_(0.9)` on it for real
+
+
+def test_the_same_tensor_registered_as_a_buffer_captures_and_the_users_buffer_is_unchanged():
+    """What the error above advises works: export carries a buffer as state, and the user's stays as it was."""
+    model, x = Normalized(as_buffer=True).eval(), torch.randn(4, 8)
+    before = snapshot(model)
+    opt = fxopt.optimize(model, (x,), passes=["fuse_layernorm"])
+    assert_unchanged(model, before)
+    assert torch.equal(model.scale.running_var, torch.ones(8))
+    with torch.no_grad():
+        assert_within(opt(x), model(x))  # both from the initial variance: the optimized module's own state
+
+
+def test_every_capture_attempt_finds_the_model_as_the_user_left_it(monkeypatch):
+    """The dynamic attempt runs forward, then fails (as it does for some models); the static attempt that follows
+    must not see what the first one did to the model."""
+    export, found = capture_module._export, []
+
+    def dynamic_fails(model, args, kwargs, dynamic_shapes):
+        found.append((list(model.seen_batch_sizes), dict(model.stats), "last_input" in vars(model)))
+        program = export(model, args, kwargs, dynamic_shapes)
+        model.last_input = args[0]  # an attribute the attempt left behind
+        if dynamic_shapes is not None:
+            raise RuntimeError("dynamic capture failed")
+        return program
+
+    monkeypatch.setattr(capture_module, "_export", dynamic_fails)
+    model = CountsCalls().eval()
+    before = plain_state(model)
+    opt = fxopt.optimize(model, (torch.randn(2, 8),), passes=["fuse_layernorm"])
+    assert opt.report.capture.method == "torch.export(strict=False, static shapes)"
+    assert found == [([], {"calls": 0}, False)] * 2
+    assert plain_state(model) == before
+
+
+def test_a_program_that_cannot_be_functionalized_is_a_capture_error_with_the_cause_chained(monkeypatch):
+    failure = NotImplementedError("no functionalization rule for an op")
+
+    def run_decompositions(self, table):
+        raise failure
+
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", run_decompositions)
+    model = CountsCalls().eval()
+    before = plain_state(model)
+    with pytest.raises(fxopt.CaptureError, match=r"static shapes\): NotImplementedError: no functionalization") as e:
+        fxopt.optimize(model, (torch.randn(2, 8),), passes=["fuse_layernorm"])
+    assert e.value.__cause__ is failure
+    assert plain_state(model) == before
