@@ -183,3 +183,16 @@ def declarations():
                _int4_linear_ref, doc="int8 activations x int4 weights packed two per byte -> exact integer "
                "product with a dequantize (+ bias) epilogue"),
     )
+
+
+def no_linear_reason(gm: torch.fx.GraphModule, layers: str) -> str:
+    """Why a quantizing pass found no linear to take: none of a block (or none at all), or those there are quantized
+    already, by an earlier pass (fxopt's quantized linear ops: int8_linear, int4_linear, their fused forms)."""
+    quantized = [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "namespace", None)
+                 == "fxopt" and "linear" in n.target.name()]
+    where = "of a transformer block " if layers == "blocks" else ""
+    if not quantized:
+        return f"no linear {where}in the graph"
+    kinds = sorted({n.target.name().split("::")[-1] for n in quantized})
+    return (f"no float linear {where}in the graph: {len(quantized)} linears are quantized already "
+            f"({', '.join(kinds)}), by an earlier pass")

@@ -44,6 +44,7 @@ from torch import fx
 
 from fxopt.calibration import BlockIO, ChannelAbsMax
 from fxopt.pass_base import ROUNDING, Exactness, Measure, Pass, PassContext, PassResult, Requirement, Tolerance, is_bool
+from fxopt.quant_ops import no_linear_reason
 from fxopt.rewrite import Rewriter, get_attr
 from fxopt.structure import analyze_graph, block_linears
 
@@ -146,8 +147,7 @@ class SmoothQuant(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         groups = self._groups(gm)
         if not groups:
-            return PassResult(gm, False, reasons=("no linear of a transformer block in the graph"
-                                                  if self.layers == "blocks" else "no linear in the graph",))
+            return PassResult(gm, False, reasons=(no_linear_reason(gm, self.layers),))
         plans = [(g, *self._scale(gm, g, ctx)) for g in groups]  # everything computed before the first edit
         rows = v_rows(plans)
         weights = {} if self.smooth_only else {t: w for g, act, s, _ in plans for t, w in quantized_weights(

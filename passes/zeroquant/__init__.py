@@ -45,7 +45,7 @@ from fxopt.pass_base import (
     Tolerance,
     int_at_least,
 )
-from fxopt.quant_ops import WEIGHT_BITS
+from fxopt.quant_ops import WEIGHT_BITS, no_linear_reason
 from fxopt.rewrite import Rewriter
 from fxopt.structure import analyze_graph
 
@@ -110,8 +110,7 @@ class ZeroQuant(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         plans = self._plans(gm)  # refuses a group size that does not divide, before any edit
         if not plans:
-            return PassResult(gm, False, reasons=("no linear of a transformer block in the graph"
-                                                  if self.layers == "blocks" else "no linear in the graph",))
+            return PassResult(gm, False, reasons=(no_linear_reason(gm, self.layers),))
         weights = {p: p.weight for p in plans}
         notes, measures = [], []
         if self.lkd_steps:  # trained latents, computed on copies of the blocks: the graph is still untouched

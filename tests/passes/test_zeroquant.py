@@ -139,6 +139,13 @@ def test_options_are_checked():
             ZeroQuant(**options)
 
 
+def test_a_second_quantizer_says_the_linears_are_quantized_already():
+    model, ids = HandWrittenLM().eval(), torch.randint(0, 50, (2, 9))
+    opt = fxopt.optimize(model, (ids,), passes=[*lm_passes(), ZeroQuant()])
+    second = opt.report.passes[-1]
+    assert not second.applied and "quantized already (int8_linear), by an earlier pass" in second.reasons[0]
+
+
 def test_a_model_without_transformer_blocks_is_left_as_it_is_with_the_reason():
     model, x = nn.Sequential(nn.Linear(32, 8)).eval(), torch.randn(2, 3, 32)  # a linear, neither MLP nor attention
     opt = fxopt.optimize(model, (x,), passes=[ZeroQuant()])
