@@ -104,3 +104,11 @@ def test_the_library_builds_and_exports_its_gemm(tmp_path):
     path = cutlass_gemm.build(tmp_path / "gemm.so")
     assert path == tmp_path / "gemm.so" and path.stat().st_size > 100_000
     assert hasattr(ctypes.CDLL(str(path)), "fxopt_cutlass_gemm")
+
+
+def test_the_tile_is_the_one_with_the_fewest_waves_and_few_rows_stay_on_triton():
+    c = cutlass_gemm
+    assert c.tile(16, 6144) is None and c.tile(64, 2048) is None  # Triton's small-M tiles are faster there
+    assert c.tile(2048, 2048) == c.COOPERATIVE_128x256  # 128 tiles: one wave on 132 SMs
+    assert c.tile(2048, 11264) == c.PINGPONG_128x128_CLUSTER_2x1  # 10.7 waves of 128x128 against 5.3 of 128x256
+    assert c.tile(512, 2048) == c.PINGPONG_64x128  # 32 tiles of 128x256 would leave 100 SMs idle
