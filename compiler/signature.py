@@ -204,7 +204,8 @@ class Signature:
 
         known = sorted(a.name for a in self.arguments)
         if key not in self.defaults:
-            raise InputMismatchError(key, f"unexpected keyword argument; the graph takes {known}")
+            raise InputMismatchError(key, f"unexpected keyword argument; the graph takes {known} (where forward "
+                                     f"takes it through **kwargs, capture with {key} in the example inputs)")
         if isinstance(value, torch.Tensor) or not _same_constant(value, self.defaults[key]):
             raise InputMismatchError(key, f"was not given at capture, so the graph computes forward's default "
                                      f"{self.defaults[key]!r}; capture (fxopt.optimize) with {key} in the "
