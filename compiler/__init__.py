@@ -2,7 +2,7 @@
 
 from . import ops  # noqa: F401  (defines the fxopt:: torch.library ops the optimized graphs use)
 from .api import OptimizedModule, compile, export_onnx, export_tvm, optimize
-from .artifact import ArtifactError, load, save
+from .artifact import ArtifactArgumentError, ArtifactError, load, save
 from .errors import (
                      BackendError,
                      BackendMismatchError,
@@ -29,6 +29,7 @@ from .signature import InputMismatchError
 from .structure import Structure, analyze, analyze_graph
 
 __all__ = [
+                     "ArtifactArgumentError",
                      "ArtifactError",
                      "BackendError",
                      "BackendMismatchError",
