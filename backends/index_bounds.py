@@ -6,7 +6,7 @@ ONNX's Gather wraps a negative id: a wrong row, silently. So both runners check,
 casts):
 
     ids = input i                        every value of input i in [0, rows)         ("values", i, rows)
-    ids = arange(input i's dim d)        input i's dim d at most rows (positions)    ("size", i, d, rows)
+    ids = arange(input i's dim d) [+ c]  input i's dim d at most rows - c (positions)  ("size", i, d, rows - c)
 
 Ids computed otherwise (offsets into a cache, gathered ids) are not checked. TVM's manifest carries the bounds
 (with the input's name), so an exported artifact's loader checks them too.
@@ -32,6 +32,17 @@ def _source(node: Any) -> Any:
     return node
 
 
+def _offset(node: Any) -> tuple[Any, int]:
+    """(x, c) where `node` is x + c for a constant int c >= 0 (GPT-2's `arange(length) + past_length`, with 0
+    past), through views and casts; else (node, 0)."""
+    node = _source(node)
+    if node.op == "call_function" and node.target in (aten.add.Tensor, aten.add.Scalar) and len(node.args) == 2:
+        x, c = node.args
+        if isinstance(c, int) and not isinstance(c, bool) and c >= 0:
+            return _source(x), c
+    return node, 0
+
+
 def _arange_of_dim(node: Any) -> tuple[Any, int] | None:
     """(input node, dim) where `node` is arange(0, that input's size at dim)."""
     if node.op != "call_function" or node.target not in (aten.arange.default, aten.arange.start,
@@ -53,8 +64,9 @@ def index_bounds(ep: ExportedProgram, input_names: list[str]) -> list[list]:
         table = node.args[0].meta.get("val")
         if table is None:
             continue
-        rows, ids = int(table.shape[0]), _source(node.args[1])
-        if ids.op == "placeholder" and ids.name in input_names:
+        ids, offset = _offset(node.args[1])
+        rows = int(table.shape[0]) - offset  # ids + offset < rows
+        if ids.op == "placeholder" and ids.name in input_names and offset == 0:
             key = ("values", input_names.index(ids.name))
         elif (dim := _arange_of_dim(ids)) is not None and _source(dim[0]).name in input_names:
             key = ("size", input_names.index(_source(dim[0]).name), dim[1])

@@ -50,14 +50,18 @@ def check_index_bounds(bounds: Sequence[Sequence[Any]], flat: Sequence[Any]) -> 
     """torch's IndexError where an embedding would read outside its table, as InputMismatchError naming the input:
     `bounds` from fxopt.backends.index_bounds (["values", i, rows, name] or ["size", i, dim, rows, name]), `flat`
     the bound tensors. For runners whose backend clamps or wraps such ids instead of refusing them."""
+    import torch
+
     for kind, i, *rest in bounds:
         t, rows, name = flat[i], rest[-2], rest[-1]
         if kind == "size" and t.shape[rest[0]] > rows:
             raise InputMismatchError(name, f"dim {rest[0]} is {t.shape[rest[0]]}, and the model indexes a table of "
                                      f"{rows} rows by position along it (torch raises IndexError)")
-        if kind == "values" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= rows):
-            raise InputMismatchError(name, f"holds ids from {int(t.min())} to {int(t.max())}, outside the {rows} "
-                                     "rows of the embedding table it indexes (torch raises IndexError)")
+        if kind == "values" and t.numel():
+            low, high = (int(v) for v in torch.aminmax(t))  # one reduction (one device sync on a GPU)
+            if low < 0 or high >= rows:
+                raise InputMismatchError(name, f"holds ids from {low} to {high}, outside the {rows} rows of the "
+                                         "embedding table it indexes (torch raises IndexError)")
 
 
 TENSOR, SYMINT, CONSTANT = "tensor", "symint", "constant"

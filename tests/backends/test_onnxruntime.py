@@ -413,3 +413,16 @@ def test_a_failed_run_is_a_backend_error_naming_the_file(monkeypatch):
     with pytest.raises(fxopt.BackendError, match="onnxruntime: running model.onnx failed") as e:
         run(torch.zeros(2, 6, dtype=torch.long))
     assert e.value.__cause__ is not None
+
+
+def test_positions_past_gpt2s_table_are_refused_as_torch_refuses_them():
+    """GPT-2 numbers its positions `arange(length) + past length` along the attention mask's length."""
+    tf = pytest.importorskip("transformers")
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)).eval()
+    ids, mask = torch.randint(0, 64, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    run = fxopt.compile(fxopt.optimize(model, (ids,), example_kwargs={"attention_mask": mask, "use_cache": False}))
+    long_ids, long_mask = torch.randint(0, 64, (2, 17)), torch.ones(2, 17, dtype=torch.long)
+    with pytest.raises(IndexError):
+        model(long_ids, attention_mask=long_mask, use_cache=False)
+    with pytest.raises(fxopt.InputMismatchError, match="'attention_mask': dim 1 is 17.*table of 16 rows"):
+        run(long_ids, attention_mask=long_mask, use_cache=False)
