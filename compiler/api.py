@@ -67,7 +67,7 @@ class OptimizedModule(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # every conversion (half, double, to, cuda) goes through here
         fixed = _dtype_fixing_node(self.graph_module)
-        if fixed is not None and _changes_float_dtype(fn):
+        if fixed is not None and _changes_float_dtype(fn, self.graph_module):
             raise ConversionError(f"this optimized module cannot change its float dtype: {fixed.name} "
                                   f"({fixed.target}) computes in the dtypes fixed when it was quantized, with fp32 "
                                   "scales; convert the model first (model.half()), then fxopt.optimize it")
@@ -104,10 +104,12 @@ def _dtype_fixing_node(gm: fx.GraphModule) -> fx.Node | None:
     return None
 
 
-def _changes_float_dtype(fn) -> bool:
-    """Whether a module conversion function maps a float32 tensor to another dtype (half, double, to(dtype))."""
+def _changes_float_dtype(fn, gm: fx.GraphModule) -> bool:
+    """Whether a module conversion function changes the dtype of a float tensor the module holds (half, double,
+    to(dtype); not a device move, nor a no-op such as .bfloat16() on a bfloat16 module)."""
+    dtypes = {t.dtype for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()}
     try:
-        return fn(torch.zeros(1)).dtype != torch.float32
+        return any(fn(torch.zeros(1, dtype=d)).dtype != d for d in dtypes)
     except Exception:  # noqa: BLE001 - a probe: the conversion itself will raise what it raises
         return False
 

@@ -71,8 +71,9 @@ def _cutlass_headers(work: Path) -> Path:
 
 
 def build(out: Path | str | None = None, cutlass: Path | str | None = None, nvcc: str | None = None) -> Path:
-    """Compiles gemm_sm90.cu (about 3 minutes on 2 cores; no GPU needed) to `out` (default: library_path()).
-    `cutlass`: a CUTLASS 3.5+ source tree (with include/ and tools/util/include/); default: the pinned wheel's."""
+    """Compiles gemm_sm90.cu (about 3 minutes on 2 cores; no GPU needed) to `out` (default: library_path(), the
+    one file fxopt loads; another `out` is for benchmarks/int8_cutlass.py --lib). `cutlass`: a CUTLASS 3.5+ source
+    tree (with include/ and tools/util/include/); default: the pinned wheel's."""
     compiler = nvcc or shutil.which("nvcc")
     if compiler is None:
         raise FxoptError("building the CUTLASS GEMM needs nvcc (CUDA 12.3 or newer) on PATH, or nvcc=PATH")
@@ -82,16 +83,24 @@ def build(out: Path | str | None = None, cutlass: Path | str | None = None, nvcc
         root = Path(cutlass) if cutlass is not None else _cutlass_headers(Path(tmp))
         if not (root / "include" / "cutlass" / "cutlass.h").is_file():
             raise FxoptError(f"cutlass={str(root)!r} holds no include/cutlass/cutlass.h: not a CUTLASS source tree")
-        part = Path(tmp) / target.name
+        # written beside the target, then renamed over it: a process that has the old library mapped keeps it,
+        # and none ever loads a half-written one
+        handle, part = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        os.close(handle)
         cmd = [compiler, *NVCC_FLAGS, f"-I{root / 'include'}", f"-I{root / 'tools' / 'util' / 'include'}",
-               str(SOURCE), "-o", str(part)]
+               str(SOURCE), "-o", part]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True)
-        except OSError as e:
-            raise FxoptError(f"could not run nvcc={compiler!r}: {e}") from e
-        if done.returncode:
-            raise FxoptError(f"nvcc failed on {SOURCE.name} (exit {done.returncode}): {done.stderr.strip()[-800:]}")
-        shutil.move(str(part), target)  # whole or not at all: a half-written library is never loaded
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True)
+            except OSError as e:
+                raise FxoptError(f"could not run nvcc={compiler!r}: {e}") from e
+            if done.returncode:
+                raise FxoptError(f"nvcc failed on {SOURCE.name} (exit {done.returncode}): "
+                                 f"{done.stderr.strip()[-800:]}")
+            os.replace(part, target)
+        finally:
+            if os.path.exists(part):
+                os.unlink(part)
     library.cache_clear()
     return target
 
@@ -160,7 +169,8 @@ def covers(q2, sa, wq, ws, bias, activation: str, res2, out_dtype) -> bool:
     m, k = q2.shape
     n = wq.shape[0]
     return (q2.is_cuda and q2.dtype == torch.int8 and wq.dtype == torch.int8 and activation == "none"
-            and out_dtype == torch.float16 and k % 16 == 0 and n % 8 == 0 and m > 0
+            and out_dtype == torch.float16 and k % 16 == 0 and n % 8 == 0 and 0 < m < 2**31 and n < 2**31
+            and m * n < 2**31 and m * k < 2**31 and n * k < 2**31  # the library's int sizes and offsets
             and sa.dtype == torch.float32 and sa.numel() == m and ws.dtype == torch.float32 and ws.numel() == n
             and (bias is None or (bias.dtype == torch.float16 and bias.numel() == n))
             and (res2 is None or (res2.dtype == torch.float16 and tuple(res2.shape) == (m, n)))

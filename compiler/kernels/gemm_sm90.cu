@@ -1,8 +1,9 @@
-// An experiment beside fxopt's Triton GEMM (compiler/triton_int8.py): CUTLASS 3's warp-specialized sm90a GEMM on
+// fxopt's CUTLASS GEMM beside its Triton GEMM (compiler/triton_int8.py): CUTLASS 3's warp-specialized sm90a GEMM on
 // int8 (int32 accumulation) or e4m3 (fp32 accumulation) operands, with fxopt's dequantize epilogue as an epilogue
 // visitor tree: fp16(((float(acc) * s_tok[m]) * s_w[n]) + bias[n]) [then + residual, rounded again]: the order of
 // roundings of quant_ops._dequantize (built with --fmad=false, so no contraction the reference does not do).
-// Built by build.sh; timed and checked against the Triton kernel by ../int8_cutlass.py. Not called by fxopt.
+// Built by `fxopt build-kernels` (compiler/cutlass_gemm.py), which also loads and calls it; timed and checked
+// against the Triton kernel by benchmarks/int8_cutlass.py.
 #include <cstdint>
 #include <cuda_runtime.h>
 #include "cutlass/cutlass.h"

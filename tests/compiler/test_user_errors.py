@@ -105,3 +105,19 @@ def test_an_exact_pipeline_follows_a_dtype_conversion():
     model = toy.HandWrittenBlock(16).eval()
     opt = fxopt.optimize(model, (X,), passes=["fuse_layernorm"]).double()
     fxopt.testing.assert_within(opt(X.double()), model.double()(X.double()))
+
+
+def test_a_bfloat16_quantized_module_moves_but_keeps_its_fp32_scales():
+    from fxopt.passes import ZeroQuant
+
+    model = toy.HandWrittenBlock(16).to(torch.bfloat16).eval()
+    x = X.to(torch.bfloat16)
+    opt = fxopt.optimize(model, (x,), passes=[ZeroQuant()])
+    torch.set_default_dtype(torch.float64)  # the probe follows the module's dtypes, not the default one
+    try:
+        assert opt.cpu().to("cpu")(x).dtype == torch.bfloat16
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for convert in (lambda m: m.float(), lambda m: m.bfloat16(), lambda m: m.to("cpu", torch.bfloat16)):
+        with pytest.raises(fxopt.ConversionError):  # .bfloat16() too: it would make the fp32 scales bfloat16
+            convert(opt)
