@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import pickle
+import sys
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -209,6 +210,8 @@ def _restore(described: dict[str, dict[str, Any]]) -> dict[str, type]:
     for name, d in described.items():
         cls: Any = None
         with contextlib.suppress(Exception):
+            if not _may_import(d["module"]):  # a file's names never pick code to run: a namedtuple stands in
+                raise ImportError(d["module"])
             cls = importlib.import_module(d["module"])
             for part in d["qualname"].split("."):
                 cls = getattr(cls, part)
@@ -371,9 +374,21 @@ def _report(text: bytes) -> Any:
     return Report.from_dict(json.loads(text))
 
 
+# packages whose modules an artifact may name for import (their output containers register pytree nodes when
+# imported); any other module must already be imported by the caller: a file's names never pick code to run
+IMPORTABLE_PACKAGES = frozenset({"torch", "transformers", "diffusers", "timm", "sentence_transformers", "collections"})
+
+
+def _may_import(module: str) -> bool:
+    return module in sys.modules or module.split(".")[0] in IMPORTABLE_PACKAGES
+
+
 def _import_container_modules(name: str, files: dict[str, bytes]) -> None:
     """The modules defining the program's containers register their pytree nodes when imported."""
     for module in _parsed(name, _MODULES, lambda: _strings(json.loads(files[_MODULES]))):
+        if not _may_import(module):
+            raise ArtifactError(f"{name}: its outputs are {module} containers; fxopt.load imports only modules of "
+                                f"{sorted(IMPORTABLE_PACKAGES)} by itself: import {module} first")
         try:
             importlib.import_module(module)
         except ImportError as e:

@@ -349,3 +349,18 @@ def test_loading_what_is_not_a_path_is_refused_naming_the_argument():
 def test_loading_a_directory_is_refused_naming_it(tmp_path):
     with pytest.raises(fxopt.ArtifactError, match=f"{tmp_path}: a directory, not an fxopt artifact file"):
         fxopt.load(tmp_path)
+
+
+def test_a_module_a_forged_archive_names_is_never_imported(saved, tmp_path):
+    """A forger can rewrite the digests; the names in the file still never choose code to run."""
+    path, _, _ = saved
+    (tmp_path / "planted_by_the_archive.py").write_text("raise SystemExit('planted module ran')\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        names = json.dumps(["planted_by_the_archive"]).encode()
+        forged = edited(path, tmp_path / "t.pt2", {"fxopt/modules.json": names}, forge_digests=True)
+        with pytest.raises(fxopt.ArtifactError, match="import planted_by_the_archive first"):
+            fxopt.load(forged)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert "planted_by_the_archive" not in sys.modules
