@@ -16,7 +16,8 @@ State forward changes in place is snapshotted first and put back in place (the s
 user holds stay valid) after every attempt, only where it changed: in each module's `__dict__`, the mutable
 containers (list, dict, set, bytearray, deque; nested ones and containers inside tuples too) and plain tensor
 attributes. Tensors inside are cloned, except parameters and buffers (export never writes those, and models are
-large) and any tensor over `_LARGEST_SNAPSHOT` bytes: such a tensor is left as forward leaves it. Other objects
+large), any tensor over `_LARGEST_SNAPSHOT` bytes and those past `_SNAPSHOT_BUDGET` bytes in all: such a tensor
+is left as forward leaves it. A tensor is put back only where its version counter moved (it was written). Other objects
 inside containers are kept by reference: their own attributes are not snapshotted. An attribute that cannot be
 snapshotted (a tensor that cannot be cloned, nesting deeper than the recursion limit) is left alone. A plain tensor
 attribute that forward writes cannot be captured (export takes it as a constant): that CaptureError names it and
@@ -219,6 +220,8 @@ def _find(saved: Any, tensor: Any, path: str, seen: set[int]) -> str | None:
 
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, the hooks, training
 _LARGEST_SNAPSHOT = 64 * 2**20  # bytes: a larger plain tensor is not cloned, and not put back if forward writes it
+_SNAPSHOT_BUDGET = 512 * 2**20  # bytes cloned at most per capture; tensors beyond it are left alone likewise
+_SPENT = "fxopt bytes cloned"  # the memo's entry that counts them
 
 
 @dataclass
@@ -229,6 +232,7 @@ class _Saved:
 
     obj: Any
     held: Any = None
+    version: int | None = None  # a tensor's version counter when saved: unchanged means not written
 
 
 @dataclass
@@ -301,7 +305,8 @@ def _save(value: Any, owned: set[int], memo: dict[int, _Saved]) -> Any:
         return memo[id(value)]
     saved = memo[id(value)] = _Saved(value)
     if isinstance(value, torch.Tensor):
-        saved.held = None if id(value) in owned else _clone(value)
+        saved.held = None if id(value) in owned else _clone(value, memo)
+        saved.version = _version(value)
     elif isinstance(value, dict):
         saved.held = [(k, _save(v, owned, memo)) for k, v in value.items()]
     elif isinstance(value, (list, tuple, deque)):
@@ -313,13 +318,24 @@ def _save(value: Any, owned: set[int], memo: dict[int, _Saved]) -> Any:
     return saved
 
 
-def _clone(t: torch.Tensor) -> torch.Tensor | None:
-    if t.numel() * t.element_size() > _LARGEST_SNAPSHOT:
+def _clone(t: torch.Tensor, memo: dict) -> torch.Tensor | None:
+    size = t.numel() * t.element_size()
+    spent = memo.setdefault(_SPENT, [0])  # bytes cloned so far for this capture
+    if size > _LARGEST_SNAPSHOT or spent[0] + size > _SNAPSHOT_BUDGET:
         log.debug("a plain tensor attribute of %s is too large to snapshot for capture", tuple(t.shape))
         return None
     try:
-        return t.detach().clone()
+        copy = t.detach().clone()
     except Exception:  # noqa: BLE001 - a tensor subclass that cannot be cloned is left alone
+        return None
+    spent[0] += size
+    return copy
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except Exception:  # noqa: BLE001 - an inference tensor has no version counter
         return None
 
 
@@ -333,7 +349,7 @@ def _restore(saved: _Saved, done: set[int]) -> None:
         return
     done.add(id(saved.obj))
     if isinstance(saved.obj, torch.Tensor):
-        _restore_tensor(saved.obj, saved.held)
+        _restore_tensor(saved.obj, saved.held, saved.version)
         return
     elements = [v for _, v in saved.held] if isinstance(saved.obj, dict) else saved.held
     for element in elements:
@@ -367,11 +383,14 @@ def _same(now: list, then: list) -> bool:
     return len(now) == len(then) and all(a is b for a, b in zip(now, then))
 
 
-def _restore_tensor(t: torch.Tensor, held: torch.Tensor) -> None:
+def _restore_tensor(t: torch.Tensor, held: torch.Tensor, version: int | None) -> None:
+    same_layout = (t.shape, t.dtype, t.device) == (held.shape, held.dtype, held.device)
+    if same_layout and version is not None and _version(t) == version:
+        return  # not written (no comparison: meta tensors and NaNs compare as they are)
     with torch.inference_mode() if t.is_inference() else torch.no_grad():
-        if (t.shape, t.dtype, t.device) != (held.shape, held.dtype, held.device):
+        if not same_layout:
             t.data = held  # reshaped or retyped through `.data`: the same Python object, its data as it was
-        elif not torch.equal(t, held):
+        elif version is not None or not torch.equal(t, held):
             t.copy_(held)
 
 

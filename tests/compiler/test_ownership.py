@@ -372,3 +372,23 @@ def test_a_program_that_cannot_be_functionalized_is_a_capture_error_with_the_cau
         fxopt.optimize(model, (torch.randn(2, 8),), passes=["fuse_layernorm"])
     assert e.value.__cause__ is failure
     assert plain_state(model) == before
+
+
+def test_tensor_attributes_forward_never_writes_are_not_touched(monkeypatch):
+    """Put back only where written (the version counter moved): never compared, so a meta tensor, which cannot
+    be compared, and NaNs, which compare unequal to themselves, are not written to."""
+    class Holds(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.shape_only, self.unknown = torch.empty(3, device="meta"), torch.full((2,), float("nan"))
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = Holds().eval()
+    written, copy = [], torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda t, *a, **k: written.append(t) or copy(t, *a, **k))
+    fxopt.optimize(model, (torch.randn(2, 8),), passes=["fuse_layernorm"])
+    assert not [t for t in written if t is model.unknown or t is model.shape_only]
+    assert torch.isnan(model.unknown).all() and model.shape_only.is_meta
