@@ -42,7 +42,9 @@ FP8_CONFIGS = {0: "128x128 ping-pong", 1: "128x256 cooperative", 2: "128x128 pin
 SHAPES = [(2048, 2048, 6144, "plain"), (2048, 2048, 2048, "residual"), (2048, 2048, 11264, "plain"),
           (2048, 5632, 2048, "residual"), (512, 2048, 6144, "plain"), (512, 5632, 2048, "residual"),
           (16, 2048, 6144, "plain"), (16, 5632, 2048, "residual"), (1024, 768, 2304, "bias"),
-          (1024, 3072, 768, "residual")]
+          (1024, 3072, 768, "residual"),
+          # residue tiles (M, N not multiples of the tile; what a prefill of odd length gives): values first
+          (777, 2048, 6152, "residual"), (100, 768, 2312, "bias"), (1000, 5632, 2056, "residual")]
 
 
 class Cutlass:
