@@ -177,20 +177,15 @@ def covers(q2, sa, wq, ws, bias, activation: str, res2, out_dtype) -> bool:
             and _aligned(q2, sa, wq, ws, bias, res2))
 
 
-def gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype) -> torch.Tensor | None:
-    """The epilogue GEMM [M, K] x [N, K]ᵀ through the library, or None where it is not built or does not cover
-    the call (the caller runs the Triton kernel)."""
+def gemm(q2, sa, wq, ws, bias, activation: str, res2, out_dtype, sms: int) -> torch.Tensor | None:
+    """The epilogue GEMM [M, K] x [N, K]ᵀ through the library on a device of `sms` SMs, or None where it is not
+    built or does not cover the call (the caller runs the Triton kernel)."""
     if not covers(q2, sa, wq, ws, bias, activation, res2, out_dtype):
         return None
     device = q2.device.index if q2.device.index is not None else torch.cuda.current_device()
     lib = library(device)
-    cfg = None if lib is None else tile(q2.shape[0], wq.shape[0], _sm_count(device))
+    cfg = None if lib is None else tile(q2.shape[0], wq.shape[0], sms)
     if cfg is None:
         return None
     out = torch.empty((q2.shape[0], wq.shape[0]), dtype=torch.float16, device=q2.device)
     return out if lib.run(cfg, q2, sa, wq, ws, bias, res2, out) == 0 else None
-
-
-@functools.cache
-def _sm_count(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count

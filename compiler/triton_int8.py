@@ -544,7 +544,8 @@ def gemm_covers(q, scale, wq, w_scale, bias, activation, residual, out_dtype) ->
 def _epilogue_gemm(q2, scale, wq, w_scale, bias, activation, res2, out_dtype) -> torch.Tensor:
     """The CUTLASS GEMM where it is built and covers the call (the same values: compiler/cutlass_gemm.py), else
     the Triton GEMM."""
-    out = cutlass_gemm.gemm(q2, scale, wq, w_scale, bias, activation, res2, out_dtype)
+    out = cutlass_gemm.gemm(q2, scale, wq, w_scale, bias, activation, res2, out_dtype,
+                            _sm_count(q2.device.index or 0))
     return out if out is not None else launch_gemm(q2, scale, wq, w_scale, bias, activation, res2, out_dtype)
 
 

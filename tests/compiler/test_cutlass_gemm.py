@@ -77,7 +77,7 @@ def _operands(m=64, k=64, n=32, device="cpu"):
 def test_it_covers_nothing_off_the_gpu_so_cpu_calls_never_reach_it():
     q, s, w, ws = _operands()
     assert not cutlass_gemm.covers(q, s, w, ws, None, "none", None, torch.float16)
-    assert cutlass_gemm.gemm(q, s, w, ws, None, "none", None, torch.float16) is None
+    assert cutlass_gemm.gemm(q, s, w, ws, None, "none", None, torch.float16, 132) is None
 
 
 @pytest.mark.parametrize("change", ["activation", "bf16 out", "fp32 bias", "K not a multiple of 16",
